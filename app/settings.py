@@ -1,0 +1,63 @@
+"""The service's one configuration object; every field is an env variable with the NEXTACT_ prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All service settings. Read once at start-up (see get_settings) and passed to create_app()."""
+
+    model_config = SettingsConfigDict(env_prefix="NEXTACT_", extra="ignore", frozen=True)
+
+    # model
+    artifact_dir: Path = Field(Path("artifacts/demo"), description="Directory holding model.onnx + manifest.json.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime device: auto uses CUDA when the provider really loads, else CPU."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default).")
+
+    # redis
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss://, unix:// or redis+cluster:// URL. Unset: start an embedded Redis.",
+    )
+    data_dir: Path = Field(Path("data"), description="Embedded Redis: directory for its append-only file.")
+    embedded_redis_port: int = Field(
+        6399, ge=0, le=65535, description="Embedded Redis: loopback port (0 = pick a free one)."
+    )
+    redis_timeout_seconds: float = Field(1.0, gt=0, description="Socket connect/read timeout for Redis calls.")
+    redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size per process.")
+    key_prefix: str = Field("nextact", min_length=1, max_length=64, description="Prefix of every Redis key.")
+
+    # windows
+    window_size: int | None = Field(
+        None, ge=1, le=10_000, description="Events kept per user (default: the model's window length)."
+    )
+    window_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="A user's window expires after this idle time.")
+
+    # request limits
+    max_events_per_request: int = Field(1000, ge=1, description="More events in one request gives 413.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies give 413.")
+    max_id_length: int = Field(256, ge=1, description="Longest user_id / event_id accepted.")
+    max_action_length: int = Field(256, ge=1, description="Longest action string accepted.")
+    default_k: int = Field(10, ge=1, description="Predictions returned when k is not given.")
+
+    # micro-batching
+    batch_max_size: int = Field(64, ge=1, description="Most predictions coalesced into one ONNX Runtime call.")
+    batch_max_wait_ms: float = Field(
+        1.5, ge=0, description="Longest a prediction waits for others to join its batch."
+    )
+
+    log_level: str = Field("info", description="Python log level.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, built once per process."""
+    return Settings()
