@@ -15,6 +15,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="NEXTACT_", extra="ignore", frozen=True)
 
+    # HTTP server (python -m app)
+    host: str = Field("127.0.0.1", description="Interface uvicorn binds (0.0.0.0 in the container).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each opens its own Redis pool and model).")
+
     # model
     artifact_dir: Path = Field(Path("artifacts/demo"), description="Directory holding model.onnx + manifest.json.")
     device: Literal["auto", "cpu", "cuda"] = Field(
