@@ -6,14 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """All service settings. Read once at start-up (see get_settings) and passed to create_app()."""
 
-    model_config = SettingsConfigDict(env_prefix="NEXTACT_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="NEXTACT_", extra="ignore", frozen=True, populate_by_name=True)
 
     # HTTP server (python -m app)
     host: str = Field("127.0.0.1", description="Interface uvicorn binds (0.0.0.0 in the container).")
@@ -21,7 +21,11 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each opens its own Redis pool and model).")
 
     # model
-    artifact_dir: Path = Field(Path("artifacts/demo"), description="Directory holding model.onnx + manifest.json.")
+    artifact_dir: Path = Field(
+        Path("artifacts/demo"),
+        validation_alias=AliasChoices("NEXTACT_ARTIFACT_DIR", "NEXTACT_MODEL_DIR"),
+        description="Directory holding model.onnx + manifest.json (NEXTACT_MODEL_DIR is accepted too).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime device: auto uses CUDA when the provider really loads, else CPU."
     )
@@ -37,8 +41,16 @@ class Settings(BaseSettings):
         6399, ge=0, le=65535, description="Embedded Redis: loopback port (0 = pick a free one)."
     )
     redis_timeout_seconds: float = Field(1.0, gt=0, description="Socket connect/read timeout for Redis calls.")
-    redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size per process.")
-    key_prefix: str = Field("nextact", min_length=1, max_length=64, description="Prefix of every Redis key.")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connection pool size per process (per cluster node with redis+cluster://)."
+    )
+    redis_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a Redis call after a connection error or timeout (short backoff)."
+    )
+    key_prefix: str = Field(
+        "nextact", min_length=1, max_length=64, pattern=r"^[^{}]+$",
+        description="Prefix of every Redis key (no braces: the user id is the key's cluster hash tag).",
+    )
 
     # windows
     window_size: int | None = Field(
@@ -49,7 +61,7 @@ class Settings(BaseSettings):
     # request limits
     max_events_per_request: int = Field(1000, ge=1, description="More events in one request gives 413.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies give 413.")
-    max_id_length: int = Field(256, ge=1, description="Longest user_id / event_id accepted.")
+    max_id_length: int = Field(256, ge=1, le=4096, description="Longest user_id / event_id accepted.")
     max_action_length: int = Field(256, ge=1, description="Longest action string accepted.")
     default_k: int = Field(10, ge=1, description="Predictions returned when k is not given.")
 
@@ -60,6 +72,33 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="Python log level.")
+
+    # security, limits, operations (issue 6)
+    api_keys: str | None = Field(
+        None,
+        description="Comma-separated API keys, or the path of a file with one per line. Set: every /v1 route "
+        "needs 'Authorization: Bearer <key>' or 'X-API-Key'. Unset: no authentication (logged at start-up).",
+    )
+    rate_limit_requests: int = Field(
+        0, ge=0, description="Requests allowed per key (or client address) per rate-limit window; 0 = no limit."
+    )
+    rate_limit_window_seconds: int = Field(60, ge=1, le=86_400, description="Length of the rate-limit window.")
+    rate_limit_algorithm: Literal["sliding", "fixed"] = Field(
+        "sliding", description="sliding: weighted sliding-window counter; fixed: calendar windows."
+    )
+    min_event_timestamp: float = Field(
+        0.0, description="Earliest event timestamp accepted (epoch seconds); earlier ones give 422."
+    )
+    max_future_seconds: float = Field(
+        86_400.0, ge=0, description="Latest event timestamp accepted, as seconds past the server's clock."
+    )
+    artifact_watch_seconds: float = Field(
+        0.0, ge=0, description="Poll the artifact directory this often and hot-reload a changed model; 0 = off."
+    )
+    shutdown_timeout_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM, how long in-flight requests get to finish before the process exits."
+    )
+    retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 while Redis is unreachable.")
 
 
 @lru_cache

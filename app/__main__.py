@@ -1,0 +1,54 @@
+"""`python -m app`: serve with uvicorn (uvloop and httptools where installed), configured by NEXTACT_* variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from app.manifest import MODEL_FILE, ManifestError, read_manifest
+from app.redis_server import EmbeddedRedis, EmbeddedRedisError
+from app.settings import get_settings
+
+log = logging.getLogger("nextact")
+
+
+def main() -> int:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # fail before forking workers when the artifact is obviously unusable (the lifespan checks it fully)
+    try:
+        read_manifest(settings.artifact_dir)
+    except ManifestError as e:
+        log.critical("cannot start: %s", e)
+        return 2
+    if not (settings.artifact_dir / MODEL_FILE).is_file():
+        log.critical("cannot start: %s: model file not found", settings.artifact_dir / MODEL_FILE)
+        return 2
+    embedded = None
+    if settings.redis_url is None and settings.workers > 1:
+        # one embedded server for all workers, owned by this parent process
+        embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_redis_port)
+        try:
+            embedded.start()
+        except EmbeddedRedisError as e:
+            log.critical("cannot start: %s", e)
+            return 2
+        os.environ["NEXTACT_REDIS_URL"] = embedded.url
+    log.info("nextact serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    try:
+        uvicorn.run(
+            "app.main:create_app", factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Micro-batching: concurrent predictions in one process become one model call, run off the event loop.
+
+Policy, per batch:
+- the worker takes what is queued (up to max_size);
+- a lone request runs at once (no added latency when the service is idle or lightly used);
+- when several are already queued, the batch waits for more until the oldest has waited max_wait
+  or max_size are queued, whichever comes first;
+- the batch runs in a dedicated thread, and each caller's future gets its own row, in order;
+- an exception fails that batch's callers only (as BatchError naming the cause); the worker carries on.
+
+While a batch runs, new requests queue up, so under load batches grow by themselves and the wait rarely
+applies. max_size == 1 turns batching off: every request is its own call in the same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchError(Exception):
+    """A batch's model call failed; every request in that batch gets one of these."""
+
+
+class BatcherClosed(BatchError):
+    """The batcher was shut down before this request ran."""
+
+
+class Batcher(Generic[T, R]):
+    """Coalesces `submit(item)` calls into `run(items) -> results` calls made in a worker thread."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Sequence[R]],
+        max_size: int = 64,
+        max_wait_s: float = 0.0015,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "nextact-infer",
+    ) -> None:
+        if max_size < 1 or max_wait_s < 0:
+            raise ValueError(f"batcher needs max_size >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self._run = run
+        self._on_batch = on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its own result (or its batch's BatchError)."""
+        if self._closed:
+            raise BatcherClosed("the inference batcher is shut down")
+        if self.max_size == 1:
+            return (await self._call([item]))[0]
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="nextact-batcher")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future, time.monotonic()))
+        self._arrived.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop the worker, fail whatever has not run, and wait for the running batch's thread to finish."""
+        self._closed = True
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+        _fail([f for _, f, _ in self._queue], BatcherClosed("the service shut down before the prediction ran"))
+        self._queue.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+
+    async def _call(self, items: list[T]) -> Sequence[R]:
+        start = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
+        except Exception as e:
+            raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
+        if len(results) != len(items):
+            raise BatchError(f"inference returned {len(results)} results for a batch of {len(items)}")
+        if self._on_batch is not None:
+            self._on_batch(len(items), time.perf_counter() - start)
+        return results
+
+    async def _work(self) -> None:
+        queue = self._queue
+        while True:
+            while not queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if 1 < len(queue) < self.max_size and self.max_wait_s > 0:
+                await self._fill(deadline=queue[0][2] + self.max_wait_s)
+            batch = [queue.popleft() for _ in range(min(self.max_size, len(queue)))]
+            batch = [entry for entry in batch if not entry[1].done()]  # callers that gave up (cancelled)
+            if not batch:
+                continue
+            futures = [future for _, future, _ in batch]
+            try:
+                results = await self._call([item for item, _, _ in batch])
+            except BatchError as e:
+                log.error("%s", e)
+                _fail(futures, e)
+            except asyncio.CancelledError:
+                _fail(futures, BatcherClosed("the service shut down while the prediction was running"))
+                raise
+            else:
+                for future, result in zip(futures, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+
+    async def _fill(self, deadline: float) -> None:
+        """Wait until max_size are queued or the deadline passes."""
+        while len(self._queue) < self.max_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+
+def _fail(futures: list[asyncio.Future[R]], error: BatchError) -> None:
+    """Give each waiting caller its own copy of the error (one exception object must not be raised twice)."""
+    for future in futures:
+        if not future.done():
+            copy = type(error)(str(error))
+            copy.__cause__ = error.__cause__
+            future.set_exception(copy)

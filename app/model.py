@@ -1,0 +1,205 @@
+"""The artifact at serving time: one ONNX Runtime session, the execution-provider choice, encode/pad/top-k.
+
+Everything the request path needs per prediction is built once here (the action -> id index, the token
+array, the input names), so a request allocates only its own id row and its top-k result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from app.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ModelLoadError(Exception):
+    """The artifact cannot be served; the message names the file (or the device) and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One window's top-k, decoded, plus what the window looked like to the model."""
+
+    model_version: str
+    unknown_actions: int
+    actions: list[str]
+    probabilities: list[float]
+
+
+class ServingModel:
+    """A loaded artifact: manifest, ONNX Runtime session and the lookup tables for encoding and decoding."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device) -> None:
+        self.artifact_dir = artifact_dir
+        self.manifest = manifest
+        self.session = session
+        self.device = device
+        self.providers: list[str] = list(session.get_providers())
+        self.provider = self.providers[0]
+        special = {manifest.pad_id, manifest.unk_id}
+        # "<pad>"/"<unk>" sent as action strings are unknown actions, never padding
+        self._index = {a: i for i, a in enumerate(manifest.vocabulary) if i not in special}
+        self._tokens = np.array(manifest.vocabulary, dtype=object)
+        self._special = np.array(sorted(special), dtype=np.int64)
+        self._inputs = (manifest.io.action_ids, manifest.io.lengths)
+        self._outputs = [manifest.io.probabilities]
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def encode(self, actions: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Ids of the last `window` actions (unknown ones -> unk id) and how many of them were unknown."""
+        window = self.manifest.window
+        if len(actions) > window:
+            actions = actions[-window:]
+        unk, index = self.manifest.unk_id, self._index
+        ids = np.fromiter((index.get(a, unk) for a in actions), dtype=np.int64, count=len(actions))  # (T,)
+        return ids, int(np.count_nonzero(ids == unk))
+
+    def probabilities(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """Pad the id rows to the longest one and run the graph: (B, V) float32."""
+        longest = max(1, max((len(r) for r in rows), default=0))  # a (B, 0) input is not a valid graph input
+        ids = np.full((len(rows), longest), self.manifest.pad_id, dtype=np.int64)  # (B, T)
+        lengths = np.empty(len(rows), dtype=np.int64)  # (B,)
+        right = self.manifest.padding_side == "right"
+        for i, row in enumerate(rows):
+            n = len(row)
+            lengths[i] = n
+            if n:
+                if right:
+                    ids[i, :n] = row
+                else:
+                    ids[i, longest - n :] = row
+        (probs,) = self.session.run(self._outputs, {self._inputs[0]: ids, self._inputs[1]: lengths})
+        return np.asarray(probs)  # (B, V)
+
+    def top_k(self, row: np.ndarray, k: int) -> tuple[list[str], list[float]]:
+        """The k most probable actions of one (V,) row, descending, ties by id; never pad or unk."""
+        row[self._special] = -1.0  # the graph gives them 0 already; -1 keeps them out of any top-k
+        k = min(k, self.vocab_size - len(self._special))
+        if k < len(row):
+            top = np.argpartition(-row, k - 1)[:k]
+        else:
+            top = np.arange(len(row))
+        top = top[np.lexsort((top, -row[top]))]
+        return self._tokens[top].tolist(), row[top].astype(np.float64).tolist()
+
+    def predict(self, requests: Sequence[tuple[Sequence[str], int]]) -> list[Prediction]:
+        """Score a batch of (window actions, k) in one session run; one Prediction per request, in order."""
+        encoded = [self.encode(actions) for actions, _ in requests]
+        probs = self.probabilities([ids for ids, _ in encoded])
+        out = []
+        for i, ((_, k), (_, unknown)) in enumerate(zip(requests, encoded, strict=True)):
+            actions, p = self.top_k(probs[i], k)
+            out.append(Prediction(self.version, unknown, actions, p))
+        return out
+
+
+class ModelHolder:
+    """The model being served; `install` swaps it with one reference assignment (hot reload slots in here)."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self.current = model
+
+    def install(self, model: ServingModel) -> None:
+        self.current = model
+
+
+def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
+    import onnxruntime as ort  # noqa: PLC0415  (heavy; only when a model is loaded)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.inter_op_num_threads = 1
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ModelLoadError(
+            f"NEXTACT_DEVICE=cuda but this onnxruntime ({ort.__version__}) has no {CUDA}; "
+            f"available: {', '.join(available)} (install onnxruntime-gpu)"
+        )
+    want_cuda = device == "cuda" or (device == "auto" and CUDA in available)
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    if device == "auto" and want_cuda:
+        # a failed CUDA load is expected on CPU hosts: keep ORT's own error lines quiet, we log one line below
+        ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own (non-public) exception types
+        raise ModelLoadError(f"{model_path}: ONNX Runtime cannot load the model: {e}") from e
+    finally:
+        if device == "auto" and want_cuda:
+            ort.set_default_logger_severity(3)
+
+
+def load_model(artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0) -> ServingModel:
+    """Read manifest.json and model.onnx, create the session on the requested device and check it answers."""
+    artifact_dir = Path(artifact_dir)
+    try:
+        manifest = read_manifest(artifact_dir)
+    except ManifestError as e:
+        raise ModelLoadError(str(e)) from e
+    model_path = artifact_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: model file not found (train a model first: python -m training train ...)")
+    session = _session(model_path, device, intra_op_threads)
+    got = session.get_providers()
+    if device == "cuda" and got[0] != CUDA:
+        raise ModelLoadError(
+            f"NEXTACT_DEVICE=cuda but {CUDA} did not load for {model_path} (CUDA/cuDNN libraries missing?); "
+            f"session runs on {', '.join(got)}"
+        )
+    if device == "auto" and got[0] != CUDA and CUDA in _available():
+        log.warning("CUDA execution provider did not load (CUDA/cuDNN libraries missing?): running on %s", got[0])
+    names = {i.name for i in session.get_inputs()}
+    want = {manifest.io.action_ids, manifest.io.lengths}
+    outputs = {o.name for o in session.get_outputs()}
+    if names != want or manifest.io.probabilities not in outputs:
+        raise ModelLoadError(
+            f"{model_path}: graph inputs {sorted(names)} / outputs {sorted(outputs)} do not match the manifest's "
+            f"io ({sorted(want)} -> {manifest.io.probabilities!r})"
+        )
+    model = ServingModel(artifact_dir, manifest, session, device)
+    _check_answers(model, model_path)
+    log.info(
+        "model %s loaded from %s: %s, window %d, %d actions, on %s",
+        manifest.model_version, artifact_dir, manifest.cell, manifest.window, manifest.vocab_size, model.provider,
+    )
+    return model
+
+
+def _available() -> list[str]:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    return list(ort.get_available_providers())
+
+
+def _check_answers(model: ServingModel, model_path: Path) -> None:
+    """One warm-up run (an empty window and a one-event window) whose output must be (2, vocabulary size)."""
+    rows = [np.zeros(0, dtype=np.int64), np.array([model.manifest.unk_id], dtype=np.int64)]
+    try:
+        probs = model.probabilities(rows)
+    except Exception as e:
+        raise ModelLoadError(f"{model_path}: a warm-up run failed: {e}") from e
+    if probs.shape != (2, model.vocab_size):
+        raise ModelLoadError(
+            f"{model_path}: output shape {tuple(probs.shape)} but the manifest's vocabulary has "
+            f"{model.vocab_size} actions (model and manifest.json from different trainings?)"
+        )

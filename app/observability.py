@@ -1,0 +1,250 @@
+"""Metrics (Prometheus, one registry per app), request ids and structured JSON logs.
+
+Every metric lives in the Metrics object that create_app() builds, never in prometheus-client's global
+registry, so several apps in one process (tests) do not collide and forked workers do not share state.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("nextact.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("nextact_request_id", default=None)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The service's Prometheus metrics in their own registry."""
+
+    def __init__(self, namespace: str = "nextact") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, namespace
+        self.requests = Counter(
+            "http_requests", "HTTP requests by route template, method and status.",
+            ["method", "route", "status"], namespace=ns, registry=r,
+        )
+        self.request_seconds = Histogram(
+            "http_request_duration_seconds", "HTTP request latency by route template, method and status.",
+            ["method", "route", "status"], namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+        )
+        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being served.", namespace=ns, registry=r)
+        self.inference_seconds = Histogram(
+            "inference_duration_seconds", "Time of one ONNX Runtime call (one micro-batch).",
+            namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size", "Windows scored in one ONNX Runtime call.",
+            namespace=ns, registry=r, buckets=_BATCH_BUCKETS,
+        )
+        self.redis_seconds = Histogram(
+            "redis_duration_seconds", "Latency of Redis round trips by operation.",
+            ["op"], namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+        )
+        self.redis_errors = Counter(
+            "redis_errors", "Redis calls that failed (connection refused, timeout, error reply) by operation.",
+            ["op"], namespace=ns, registry=r,
+        )
+        self.events_ingested = Counter(
+            "events_ingested", "Events newly stored in a user window.", namespace=ns, registry=r
+        )
+        self.duplicates_dropped = Counter(
+            "events_duplicate", "Events dropped because their event_id was already stored for that user.",
+            namespace=ns, registry=r,
+        )
+        self.unknown_actions = Counter(
+            "unknown_actions", "Window events whose action the loaded model does not know (scored as <unk>).",
+            namespace=ns, registry=r,
+        )
+        self.model_info = Gauge(
+            "model_info", "The model being served (value 1); labels carry its version.",
+            ["model_version", "cell", "window", "vocab_size", "provider"], namespace=ns, registry=r,
+        )
+        self.model_loaded_at = Gauge(
+            "model_loaded_timestamp_seconds", "When the model being served was loaded (unix time).",
+            namespace=ns, registry=r,
+        )
+        self.model_reloads = Counter(
+            "model_reloads", "Model reload attempts by result (ok, refused).", ["result"], namespace=ns, registry=r,
+        )
+        self.rate_limited = Counter(
+            "rate_limited", "Requests refused with 429 by the rate limiter.", namespace=ns, registry=r
+        )
+        self.auth_failures = Counter(
+            "auth_failures", "Requests refused with 401, by reason (missing, invalid).", ["reason"],
+            namespace=ns, registry=r,
+        )
+        for reason in ("missing", "invalid"):
+            self.auth_failures.labels(reason=reason)
+        for result in ("ok", "refused"):
+            self.model_reloads.labels(result=result)
+
+    def set_model(self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str) -> None:
+        """Point model_info at the model now serving (one series at a time)."""
+        self.model_info.clear()
+        self.model_info.labels(
+            model_version=model_version, cell=cell, window=str(window), vocab_size=str(vocab_size), provider=provider
+        ).set(1)
+        self.model_loaded_at.set(time.time())
+
+    @contextmanager
+    def redis_op(self, op: str) -> Iterator[None]:
+        """Time one Redis round trip; count it as an error if it raises."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.redis_errors.labels(op=op).inc()
+            raise
+        finally:
+            self.redis_seconds.labels(op=op).observe(time.perf_counter() - start)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template (bounded label cardinality); unmatched paths share one label."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "<unmatched>"
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID_OK.fullmatch(text) else None
+    return None
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI middleware: request id (taken from a sane incoming X-Request-ID, else new), returned in
+    the response header and set for log lines; request count/latency metrics; one debug log line per
+    request and an error line for every 5xx."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status_code = 500
+        start = time.perf_counter()
+        header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
+
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code, started
+            if message["type"] == "http.response.start":
+                started = True
+                status_code = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            status_code = 500
+            log.exception("unhandled error in %s %s", scope.get("method", ""), _route_template(scope))
+            if started:
+                raise
+            # answer here, so that even a bug gives a JSON body and the request id to quote in a report
+            body = json.dumps({
+                "error": "internal_error", "request_id": request_id,
+                "message": f"internal error (request id {request_id}); see the server log",
+            }).encode()
+            await send_with_id({
+                "type": "http.response.start", "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            })
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.in_flight.dec()
+            route = _route_template(scope)
+            method = scope.get("method", "")
+            labels = {"method": method, "route": route, "status": str(status_code)}
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.request_seconds.labels(**labels).observe(elapsed)
+            fields = {"method": method, "route": route, "status": status_code, "duration_ms": round(elapsed * 1000, 3)}
+            if status_code >= 500:
+                log.error("%s %s -> %d", method, route, status_code, extra=fields)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %d", method, route, status_code, extra=fields)
+            request_id_var.reset(token)
+
+
+# attributes every LogRecord has; anything else was passed with extra= and goes into the JSON object
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, extra fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info") -> None:
+    """JSON lines on stderr for the service's and uvicorn's loggers (idempotent)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True

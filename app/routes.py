@@ -1,0 +1,190 @@
+"""The HTTP surface. Thin: check limits, call the window store and the batcher, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+
+from app.deps import ServicesDep
+from app.errors import JSONBytes, error_response
+from app.events import check_count, check_user_id, new_event
+from app.model import Prediction
+from app.schemas import (
+    BulkEvents,
+    BulkResult,
+    ErrorBody,
+    EventBatch,
+    Health,
+    ModelInfo,
+    Ready,
+    UserEventsBody,
+    UserPrediction,
+    UserWindow,
+)
+from app.windows import NewEvent, StoreUnavailable
+
+router = APIRouter()
+
+UserId = Annotated[str, Path(min_length=1, description="The user's id (any string).", examples=["u-42"])]
+K = Annotated[
+    int | None,
+    Query(ge=1, le=100_000, description="How many predictions to return (default NEXTACT_DEFAULT_K; "
+                                        "at most the vocabulary less <pad> and <unk>).", examples=[10]),
+]
+Predict = Annotated[bool, Query(description="Also return one prediction per user.", examples=[False])]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {413: "Body or batch too large", 422: "Invalid field (named in the message)",
+            503: "Redis unavailable (with Retry-After)", 500: "Inference failed"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "model_version": p.model_version,
+        "window_size": window_size,
+        "unknown_actions": p.unknown_actions,
+        "predictions": [{"action": a, "probability": q} for a, q in zip(p.actions, p.probabilities, strict=True)],
+    }
+
+
+@router.post(
+    "/v1/users/{user_id}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
+    responses=_errors(413, 422, 503, 500),
+)
+async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesDep, k: K = None) -> Response:
+    """Append one event, or `{"events": [...]}`, to the user's window and predict their next action.
+
+    Events land in timestamp order (a late event is inserted in its place); an `event_id` already in the
+    window is skipped, so re-sending is safe. The answer is the prediction from the updated window.
+    """
+    settings = svc.settings
+    check_user_id(user_id, settings)
+    if isinstance(body, EventBatch):
+        check_count(len(body.events), settings)
+        now = time.time()
+        events = [new_event(e, now, settings, ("body", "events", i)) for i, e in enumerate(body.events)]
+    else:
+        events = [new_event(body, time.time(), settings, ("body",))]
+    stored = await svc.store.append(user_id, events, svc.capacity)
+    p = await svc.predict(stored.actions, k or settings.default_k)
+    return JSONBytes(_prediction(user_id, len(stored.actions), p))
+
+
+@router.post(
+    "/v1/events", response_model=BulkResult, response_class=JSONBytes, tags=["events"],
+    responses=_errors(413, 422, 503, 500),
+)
+async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = False, k: K = None) -> Response:
+    """Ingest events of many users at once; with `?predict=true` also predict for each user.
+
+    Each user's events are stored atomically; users are independent, so after a 503 some users may be
+    stored and others not: resending events that carry an `event_id` is safe.
+    """
+    settings = svc.settings
+    check_count(len(body.events), settings)
+    now = time.time()
+    per_user: dict[str, list[NewEvent]] = {}
+    for i, e in enumerate(body.events):
+        check_user_id(e.user_id, settings, ("body", "events", i, "user_id"))
+        per_user.setdefault(e.user_id, []).append(new_event(e, now, settings, ("body", "events", i)))
+    capacity = svc.capacity
+    users = list(per_user)
+    stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
+    result: dict[str, Any] = {
+        "accepted": sum(s.accepted for s in stored),
+        "duplicates": sum(s.duplicates for s in stored),
+    }
+    if predict:
+        kk = k or settings.default_k
+        preds = await asyncio.gather(*(svc.predict(s.actions, kk) for s in stored))
+        result["predictions"] = [_prediction(u, len(s.actions), p) for u, s, p in zip(users, stored, preds, strict=True)]
+    return JSONBytes(result)
+
+
+@router.get(
+    "/v1/users/{user_id}/predictions", response_model=UserPrediction, response_class=JSONBytes,
+    tags=["predictions"], responses=_errors(422, 503, 500),
+)
+async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Response:
+    """Predict the user's next action from their current window, without adding anything.
+
+    A user with no stored events gets the model's prediction for an empty window (window_size 0).
+    """
+    check_user_id(user_id, svc.settings)
+    actions = await svc.store.actions(user_id, svc.capacity)
+    p = await svc.predict(actions, k or svc.settings.default_k)
+    return JSONBytes(_prediction(user_id, len(actions), p))
+
+
+@router.get(
+    "/v1/users/{user_id}/events", response_model=UserWindow, response_class=JSONBytes, tags=["events"],
+    responses=_errors(422, 503),
+)
+async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
+    """The user's stored window, oldest first, with the event ids (server-assigned where none was sent)."""
+    check_user_id(user_id, svc.settings)
+    events = await svc.store.events(user_id)
+    return JSONBytes({
+        "user_id": user_id,
+        "events": [{"action": e.action, "timestamp": e.timestamp, "event_id": e.event_id} for e in events],
+    })
+
+
+@router.delete(
+    "/v1/users/{user_id}", status_code=204, response_class=Response, tags=["events"],
+    responses=_errors(422, 503),
+)
+async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
+    """Erase everything stored for the user (their window and its dedupe index). 204 even if nothing was there."""
+    check_user_id(user_id, svc.settings)
+    await svc.store.delete(user_id)
+    return Response(status_code=204)
+
+
+@router.get("/v1/model", response_model=ModelInfo, response_class=JSONBytes, tags=["model"])
+async def get_model(svc: ServicesDep) -> Response:
+    """The model being served: manifest summary, offline metrics and the execution provider actually in use."""
+    model = svc.models.current
+    m = model.manifest
+    return JSONBytes({
+        "model_version": m.model_version,
+        "created_at": m.created_at,
+        "cell": m.cell,
+        "window": m.window,
+        "window_size": svc.capacity,
+        "vocabulary_size": m.vocab_size,
+        "embedding_dim": m.embedding_dim,
+        "hidden_dim": m.hidden_dim,
+        "num_layers": m.num_layers,
+        "metrics": m.metrics,
+        "execution_provider": model.provider,
+        "providers": model.providers,
+        "device": model.device,
+        "artifact_dir": str(model.artifact_dir),
+    })
+
+
+@router.get("/healthz", response_model=Health, response_class=JSONBytes, tags=["health"])
+async def healthz() -> Response:
+    """The process is alive (no dependency is checked)."""
+    return JSONBytes({"status": "ok"})
+
+
+@router.get(
+    "/readyz", response_model=Ready, response_class=JSONBytes, tags=["health"],
+    responses={503: {"model": ErrorBody, "description": "Redis does not answer"}},
+)
+async def readyz(svc: ServicesDep) -> Response:
+    """Ready to serve: Redis answers and a model is loaded; 503 (with Retry-After) otherwise."""
+    try:
+        await svc.store.ping()
+    except StoreUnavailable as e:
+        return error_response(503, "not_ready", str(e),
+                              headers={"Retry-After": str(svc.settings.retry_after_seconds)})
+    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address})

@@ -1,0 +1,185 @@
+"""Per-user event windows in Redis: key layout and the atomic append/dedupe/trim/expire/read script.
+
+Key layout (one hash slot per user: the user id is the key's hash tag, so this works unchanged on a cluster):
+
+    {prefix}:{<user_id>}:w   ZSET  the window. score = event timestamp (epoch seconds, float);
+                                   member = <seq: 12 hex><len(event_id): 4 hex><event_id><action> (UTF-8).
+                                   seq is the user's arrival counter, so equal timestamps keep arrival order
+                                   (Redis orders equal scores by member bytes). ZRANGE = oldest first.
+    {prefix}:{<user_id>}:i   HASH  dedupe index: event_id -> "" for every event in the window; the field ""
+                                   (never a valid event id) holds the arrival counter.
+
+Both keys are written by one Lua script (APPEND_LUA) that, atomically: skips event ids already in the
+index, inserts the rest in timestamp order, trims the oldest beyond the window's capacity (and their index
+entries), refreshes both TTLs and returns the counts and the window. Windows hold action strings, not
+model ids, so a model with another vocabulary can be served on the same data.
+
+Dedupe covers the events in the window: an event that was trimmed away and is sent again is inserted and,
+being older than the rest, trimmed again at once (unless it ties with the oldest timestamp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+# KEYS[1] window zset, KEYS[2] index hash. ARGV[1] capacity, ARGV[2] ttl seconds,
+# then one (event_id, action, timestamp) triple per event. Returns {accepted, duplicates, member...}.
+APPEND_LUA = """
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
+local accepted, duplicates = 0, 0
+for i = 3, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HSETNX', KEYS[2], id, '') == 1 then
+    seq = seq + 1
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
+    accepted = accepted + 1
+  else
+    duplicates = duplicates + 1
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - cap
+if excess > 0 then
+  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  for _, m in ipairs(old) do
+    local n = tonumber(string.sub(m, 13, 16), 16)
+    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + n))
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+end
+redis.call('HSET', KEYS[2], '', seq)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+local out = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.insert(out, 1, duplicates)
+table.insert(out, 1, accepted)
+return out
+"""
+APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
+
+_SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer (down, timing out, or refusing); the message names the server and the operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event ready to store: the server has filled in a missing id and timestamp."""
+
+    event_id: str
+    action: str
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    event_id: str
+    action: str
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    accepted: int
+    duplicates: int
+    actions: list[str]  # the window after the append, oldest first
+
+
+def _split(member: bytes) -> tuple[str, str]:
+    """(event_id, action) of a window member."""
+    n = int(member[_SEQ : _SEQ + _LEN], 16)
+    start = _SEQ + _LEN
+    return member[start : start + n].decode(), member[start + n :].decode()
+
+
+def _action(member: bytes) -> str:
+    return member[_SEQ + _LEN + int(member[_SEQ : _SEQ + _LEN], 16) :].decode()
+
+
+class WindowStore:
+    """Reads and writes user windows. All failures surface as StoreUnavailable."""
+
+    def __init__(
+        self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int | None = None
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+        self.address = address
+        # the cluster client raises instead of waiting when a node's pool is exhausted: bound calls here
+        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+
+    def keys(self, user_id: str) -> tuple[str, str]:
+        """(window zset, dedupe hash) of a user."""
+        base = f"{self.prefix}:{{{user_id}}}"
+        return f"{base}:w", f"{base}:i"
+
+    async def load_script(self) -> None:
+        """Preload the append script (on every primary of a cluster) so requests can use EVALSHA."""
+        await self._guard("SCRIPT LOAD", lambda: self.client.script_load(APPEND_LUA))
+
+    async def append(self, user_id: str, events: Sequence[NewEvent], capacity: int) -> AppendResult:
+        """Store new events (skipping known ids), trim to capacity, refresh the TTL; one round trip."""
+        args: list[Any] = [capacity, self.ttl_seconds]
+        for e in events:
+            args += (e.event_id, e.action, repr(e.timestamp))
+        keys = self.keys(user_id)
+
+        async def call() -> Any:
+            try:
+                return await self.client.evalsha(APPEND_SHA, 2, *keys, *args)
+            except NoScriptError:  # Redis restarted, failed over or flushed its scripts
+                await self.client.script_load(APPEND_LUA)
+                return await self.client.evalsha(APPEND_SHA, 2, *keys, *args)
+
+        reply = await self._guard(f"append for user {user_id!r}", call)
+        return AppendResult(int(reply[0]), int(reply[1]), [_action(m) for m in reply[2:]])
+
+    async def actions(self, user_id: str, capacity: int) -> list[str]:
+        """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""
+        zkey = self.keys(user_id)[0]
+        members = await self._guard(f"read for user {user_id!r}", lambda: self.client.zrange(zkey, -capacity, -1))
+        return [_action(m) for m in members]
+
+    async def events(self, user_id: str) -> list[StoredEvent]:
+        """The stored window with ids and timestamps, oldest first."""
+        zkey = self.keys(user_id)[0]
+        pairs = await self._guard(
+            f"read for user {user_id!r}", lambda: self.client.zrange(zkey, 0, -1, withscores=True)
+        )
+        out = []
+        for member, score in pairs:
+            event_id, action = _split(member)
+            out.append(StoredEvent(event_id, action, float(score)))
+        return out
+
+    async def delete(self, user_id: str) -> None:
+        """Erase everything stored for the user (both keys, one command, one slot)."""
+        keys = self.keys(user_id)
+        await self._guard(f"delete for user {user_id!r}", lambda: self.client.delete(*keys))
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless Redis answers."""
+        await self._guard("PING", self.client.ping)
+
+    async def _guard(self, op: str, call: Callable[[], Awaitable[V]]) -> V:
+        try:
+            async with self._limit:
+                return await call()
+        except (RedisError, RedisClusterException, OSError) as e:
+            raise StoreUnavailable(f"Redis at {self.address} is unavailable ({op}): {type(e).__name__}: {e}") from e

@@ -1,0 +1,160 @@
+"""Model-level micro-benchmark: ONNX Runtime (as the service loads it) vs PyTorch eager, same weights.
+
+    python bench/model_bench.py --artifact-dir artifacts/beauty [--device cpu|cuda] [--json out.json]
+
+For every window length T and batch size B: full windows of random known action ids (B, T), timed
+over repeated calls (bounded by --budget-s per cell and --max-reps), median and p90 per call.
+PyTorch runs checkpoint.pt's state_dict in NextActionModel under inference_mode, batch by batch,
+which is what a plain FastAPI + PyTorch service does. The provider ONNX Runtime really used is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def load_torch_model(artifact_dir: Path, device: str) -> Any:
+    """NextActionModel with checkpoint.pt's weights (training's own loader), in eval mode on `device`."""
+    from training.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    model, _ = load_checkpoint(artifact_dir)
+    return model.eval().to(device)
+
+
+def timed(fn: Callable[[], Any], budget_s: float, max_reps: int, sync: Callable[[], None]) -> dict[str, float]:
+    for _ in range(2):  # warm-up: allocator, kernels, thread pools
+        fn()
+    sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_ms": round(statistics.median(times) * 1000, 3),
+            "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))] * 1000, 3), "reps": len(times)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime as ort  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from app.model import load_model  # noqa: PLC0415
+
+    serving = load_model(args.artifact_dir, device=args.device, intra_op_threads=args.ort_threads)
+    manifest = serving.manifest
+    torch_device = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    net = load_torch_model(args.artifact_dir, torch_device)
+    sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    names = [manifest.io.probabilities]
+    inputs = (manifest.io.action_ids, manifest.io.lengths)
+
+    # the two must compute the same thing, or the comparison means nothing
+    ids = rng.integers(2, manifest.vocab_size, size=(8, manifest.window), dtype=np.int64)
+    lengths = np.full(8, manifest.window, dtype=np.int64)
+    (p_ort,) = serving.session.run(names, {inputs[0]: ids, inputs[1]: lengths})
+    with torch.inference_mode():
+        p_torch = net(torch.from_numpy(ids).to(torch_device), torch.from_numpy(lengths).to(torch_device)).cpu().numpy()
+    parity = float(np.max(np.abs(p_ort - p_torch)))
+
+    rows = []
+    for window in args.windows:
+        for batch in args.batch_sizes:
+            ids = rng.integers(2, manifest.vocab_size, size=(batch, window), dtype=np.int64)  # (B, T)
+            lengths = np.full(batch, window, dtype=np.int64)  # (B,)
+            feed = {inputs[0]: ids, inputs[1]: lengths}
+            t_ids, t_len = torch.from_numpy(ids).to(torch_device), torch.from_numpy(lengths).to(torch_device)
+
+            def ort_call() -> Any:
+                return serving.session.run(names, feed)
+
+            def torch_call() -> Any:
+                with torch.inference_mode():
+                    return net(t_ids, t_len)
+
+            o = timed(ort_call, args.budget_s, args.max_reps, lambda: None)
+            t = timed(torch_call, args.budget_s, args.max_reps, sync)
+            rows.append({
+                "window": window, "batch": batch,
+                "ort_ms": o["median_ms"], "ort_p90_ms": o["p90_ms"], "ort_reps": o["reps"],
+                "torch_ms": t["median_ms"], "torch_p90_ms": t["p90_ms"], "torch_reps": t["reps"],
+                "ort_rows_per_s": round(batch / o["median_ms"] * 1000, 1),
+                "torch_rows_per_s": round(batch / t["median_ms"] * 1000, 1),
+                "speedup": round(t["median_ms"] / o["median_ms"], 2),
+            })
+            if not args.quiet:
+                r = rows[-1]
+                print(f"T={window:<4} B={batch:<4} ort {r['ort_ms']:8.3f} ms  torch {r['torch_ms']:8.3f} ms  "
+                      f"x{r['speedup']}", file=sys.stderr)
+    return {
+        "model": {"cell": manifest.cell, "vocab": manifest.vocab_size, "window": manifest.window,
+                  "embedding": manifest.embedding_dim, "hidden": manifest.hidden_dim,
+                  "layers": manifest.num_layers, "version": manifest.model_version},
+        "device_requested": args.device,
+        "ort_provider": serving.provider,
+        "ort_providers_available": ort.get_available_providers(),
+        "ort_version": ort.__version__,
+        "ort_intra_op_threads": args.ort_threads or "default",
+        "torch_device": torch_device,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "parity_max_abs_diff": parity,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"ONNX Runtime {result['ort_version']} on {result['ort_provider']} vs PyTorch {result['torch_version']} "
+        f"eager on {result['torch_device']} ({result['torch_threads']} threads); max |p_ort - p_torch| = "
+        f"{result['parity_max_abs_diff']:.2e}",
+        "",
+        "| window | batch | ORT ms/call | PyTorch ms/call | ORT rows/s | PyTorch rows/s | ORT speed-up |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['window']} | {r['batch']} | {r['ort_ms']:.3f} | {r['torch_ms']:.3f} | "
+                     f"{r['ort_rows_per_s']:,.0f} | {r['torch_rows_per_s']:,.0f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
+    p.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50])
+    p.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell and runtime")
+    p.add_argument("--max-reps", type=int, default=200)
+    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = its default)")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

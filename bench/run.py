@@ -1,0 +1,429 @@
+"""The service benchmark, one command: nextact vs the bare-FastAPI ceiling vs a PyTorch-eager service.
+
+    python bench/run.py            # ~6 minutes: writes bench/results/service.json and service.md
+    python bench/run.py --quick    # ~1-2 minutes smoke run: writes bench/results/service_quick.{json,md}
+
+Everything runs on 127.0.0.1 and is stopped at the end, also on errors and Ctrl-C: a real Redis
+(the embedded redis-server, free port) pre-filled with --users full windows of real actions from the
+model's training data; the three servers, each one uvicorn worker (uvloop, httptools); the load generator
+(bench/loadgen.py) in its own process. Per round and server: closed loop at --connections for throughput
+and latency at saturation, then an open loop at a fixed offered rate (default half the ceiling's
+throughput) for latency at a realistic load. The model micro-benchmark (bench/model_bench.py) runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402
+    PLACEHOLDER,
+    RESULTS,
+    SAMPLE_DATA,
+    BenchError,
+    Child,
+    free_port,
+    histogram_delta,
+    http,
+    machine,
+    parse_histogram,
+    process_tree_stats,
+    read_sequences,
+    user_id,
+    wait_ready,
+    write_json,
+)
+
+TARGETS = ("ceiling", "nextact", "torch")
+BATCH_METRIC = "nextact_inference_batch_size"
+
+
+# ---- set-up -------------------------------------------------------------------------------------------------
+
+def ensure_artifact(args: argparse.Namespace) -> Path:
+    """The Beauty model to serve; trained here (bounded: a few epochs) when the directory has none."""
+    art: Path = args.artifact_dir
+    if (art / "manifest.json").is_file() and (art / "model.onnx").is_file() and (art / "checkpoint.pt").is_file():
+        return art
+    data = args.data or SAMPLE_DATA
+    print(f"==> no model in {art}: training one on {data} (item_id, window 50, {args.train_epochs} epochs)", flush=True)
+    cmd = [sys.executable, "-m", "training", "train", "--data", str(data), "--action-col", "item_id",
+           "--window", "50", "--out", str(art), "--epochs", str(args.train_epochs), "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"training the benchmark model failed: {' '.join(cmd)}")
+    return art
+
+
+def population_source(manifest: Any, args: argparse.Namespace) -> tuple[Path, str]:
+    """Where the windows' actions come from: --data, else the model's own training file, else the sample."""
+    col = manifest.data.action_columns[0] if len(manifest.data.action_columns) == 1 else "item_id"
+    for candidate in (args.data, Path(manifest.data.file), SAMPLE_DATA):
+        if candidate is not None and Path(candidate).is_file():
+            return Path(candidate), col
+    raise BenchError("no event data for the user population: pass --data")
+
+
+async def prefill(redis_url: str, windows: list[list[str]], capacity: int) -> float:
+    """Write every user's full window with the service's own append script (one EVALSHA per user)."""
+    from app.redis_client import connect  # noqa: PLC0415
+    from app.windows import NewEvent, WindowStore  # noqa: PLC0415
+
+    redis = connect(redis_url, 64, 10.0, 2)
+    store = WindowStore(redis.client, "nextact", 30 * 24 * 3600, redis.address)
+    await store.load_script()
+    start = time.perf_counter()
+    t0 = time.time() - 86_400  # a day ago: every event the benchmark posts is newer
+    limit = asyncio.Semaphore(64)
+
+    async def one(i: int, actions: list[str]) -> None:
+        async with limit:
+            events = [NewEvent(f"pre-{i}-{j}", a, t0 + j) for j, a in enumerate(actions)]
+            result = await store.append(user_id(i), events, capacity)
+            if len(result.actions) != capacity:
+                raise BenchError(f"prefill: user {user_id(i)} has {len(result.actions)} events, want {capacity}")
+
+    try:
+        await asyncio.gather(*(one(i, w) for i, w in enumerate(windows)))
+    finally:
+        await redis.close()
+    return time.perf_counter() - start
+
+
+def request_templates(path: Path, sequences: list[list[str]], users: int, n: int, rng: random.Random) -> None:
+    """n POST /v1/users/{id}/events?k=10 requests: a random user, one real action (popularity-weighted)."""
+    reqs = []
+    for _ in range(n):
+        seq = rng.choice(sequences)
+        body = json.dumps({"action": rng.choice(seq), "event_id": PLACEHOLDER}, separators=(",", ":"))
+        reqs.append({"path": f"/v1/users/{user_id(rng.randrange(users))}/events?k=10", "body": body})
+    path.write_text(json.dumps({"method": "POST", "placeholder": PLACEHOLDER, "requests": reqs}))
+
+
+def probe(templates: Path, tag: str) -> tuple[str, bytes]:
+    first = json.loads(templates.read_text())["requests"][0]
+    eid = (tag + "0" * len(PLACEHOLDER))[: len(PLACEHOLDER)]
+    return first["path"], first["body"].replace(PLACEHOLDER, eid).encode()
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------
+
+def loadgen(port: int, templates: Path, out: Path, mode: str, args: argparse.Namespace, tag: str,
+            rate: float | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--requests", str(templates),
+           "--mode", mode, "--duration", str(args.duration), "--warmup", str(args.warmup),
+           "--max-requests", str(args.max_requests), "--tag", tag, "--out", str(out)]
+    if mode == "closed":
+        cmd += ["--connections", str(args.connections)]
+    else:
+        cmd += ["--connections", str(args.open_connections), "--rate", f"{rate:.1f}", "--drain", "2"]
+    limit = args.warmup + args.duration + 60
+    done = subprocess.run(cmd, cwd=ROOT, timeout=limit, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"load generator failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def scrape_batches(port: int) -> dict[str, Any] | None:
+    try:
+        status, body = http("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    hist = parse_histogram(body.decode(), BATCH_METRIC)
+    return hist if hist["buckets"] else None
+
+
+def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
+            args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
+    tag = f"{round_no}{name[0]}{mode[0]}-"
+    before_batches = scrape_batches(port) if name == "nextact" else None
+    before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
+    result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
+    after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
+    if not server.alive():
+        raise BenchError(f"{name} died under load; log {server.log_path}:\n{server.log_tail()}")
+    sent = result["requests"] or 1
+    # CPU per request counts warm-up requests too (the counter cannot tell them apart): an estimate
+    total_sent = sent * (args.warmup + args.duration) / args.duration
+    result["server_cpu_ms_per_request"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / total_sent, 3)
+    result["redis_cpu_ms_per_request"] = round((redis_after["cpu_s"] - redis_before["cpu_s"]) * 1000 / total_sent, 3)
+    result["server_rss_mib"] = after["rss_mib"]
+    result["server_threads"] = after["threads"]
+    if name == "nextact":
+        after_batches = scrape_batches(port)
+        if before_batches and after_batches:
+            result["batch_size"] = histogram_delta(before_batches, after_batches)
+    bad = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
+    if bad or result["errors"]:
+        print(f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
+              f"{result['sample_response'][:300]}", flush=True)
+    lat = result["latency_ms"]
+    print(f"    {name:8} {mode:6} {result['rps']:8.1f} req/s  p50 {lat['p50']:7.2f}  p90 {lat['p90']:7.2f}  "
+          f"p99 {lat['p99']:7.2f} ms  cpu {result['server_cpu_ms_per_request']:.3f} ms/req", flush=True)
+    return result
+
+
+# ---- summary ------------------------------------------------------------------------------------------------
+
+def median(values: list[float]) -> float:
+    vals = [v for v in values if v is not None]
+    return round(statistics.median(vals), 3) if vals else float("nan")
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in TARGETS:
+        runs = [r[name] for r in rounds if name in r]
+        if not runs:
+            continue
+        s: dict[str, Any] = {}
+        for mode in ("closed", "open"):
+            ms = [r[mode] for r in runs if mode in r]
+            if not ms:
+                continue
+            s[mode] = {
+                "rps": median([m["rps"] for m in ms]),
+                **{q: median([m["latency_ms"][q] for m in ms]) for q in ("p50", "p90", "p99")},
+                "server_cpu_ms_per_request": median([m["server_cpu_ms_per_request"] for m in ms]),
+                "redis_cpu_ms_per_request": median([m["redis_cpu_ms_per_request"] for m in ms]),
+                "errors": sum(sum(m["errors"].values()) + sum(v for k, v in m["statuses"].items()
+                                                               if not k.startswith("2")) for m in ms),
+            }
+        s["rss_mib"] = max(m["server_rss_mib"] for r in runs for m in r.values())
+        out[name] = s
+    c, n, t = (out.get(k, {}).get("closed", {}).get("rps") for k in TARGETS)
+    out["ratios"] = {
+        "nextact_over_ceiling": round(n / c, 3) if n and c else None,
+        "nextact_over_torch": round(n / t, 3) if n and t else None,
+    }
+    return out
+
+
+def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, int] | None:
+    total: dict[str, int] = {}
+    for r in rounds:
+        h = r.get("nextact", {}).get(mode, {}).get("batch_size")
+        for le, count in (h or {}).get("per_bucket", {}).items():
+            total[le] = total.get(le, 0) + count
+    return total or None
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, s, mach, cfg = res["model"], res["summary"], res["machine"], res["config"]
+    rate = res["open_loop_rate"]
+    lines = [
+        f"# nextact service benchmark ({'quick' if cfg['quick'] else 'full'})",
+        "",
+        f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
+        f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}",
+        f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
+        "(the load generator and Redis share these CPUs with the server)",
+        f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, embedding {m['embedding']}, "
+        f"hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), served from {cfg['artifact_dir']}",
+        f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
+        "each request posts one event (random user, real action, unique event_id) and asks k=10",
+        f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
+        f"open loop: Poisson arrivals at {rate:.0f} req/s (half the ceiling's closed-loop throughput); "
+        f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)",
+        f"- command: `{cfg['command']}`",
+        "",
+        "| server | req/s (64 conn) | p50 | p90 | p99 (ms, saturated) | p50 | p90 | p99 (ms, open loop) "
+        "| server CPU ms/req | Redis CPU ms/req | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"ceiling": "bare FastAPI (ceiling)", "nextact": "**nextact**", "torch": "FastAPI + PyTorch eager"}
+    for name in TARGETS:
+        if name not in s:
+            continue
+        c, o = s[name].get("closed", {}), s[name].get("open", {})
+        lines.append(
+            f"| {labels[name]} | {c.get('rps', 0):,.0f} | {c.get('p50', 0):.2f} | {c.get('p90', 0):.2f} | "
+            f"{c.get('p99', 0):.2f} | {o.get('p50', 0):.2f} | {o.get('p90', 0):.2f} | {o.get('p99', 0):.2f} | "
+            f"{c.get('server_cpu_ms_per_request', 0):.3f} | {c.get('redis_cpu_ms_per_request', 0):.3f} | "
+            f"{s[name]['rss_mib']:.0f} |"
+        )
+    r = s["ratios"]
+    t = res["targets"]
+    lines += [
+        "",
+        f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
+        f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
+        f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
+        f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
+        f"{'met' if t['p99_met'] else 'not met'}).",
+    ]
+    for mode, label in (("closed", "saturated"), ("open", "open loop")):
+        hist = res["batch_size_histogram"].get(mode)
+        if hist:
+            total = sum(hist.values()) or 1
+            cells = " | ".join(f"{v / total:.0%}" for v in hist.values())
+            lines += ["", f"nextact batch sizes ({label}, share of ONNX Runtime calls, bucket = upper bound):", "",
+                      "| " + " | ".join(f"<={le}" for le in hist) + " |",
+                      "|" + "---:|" * len(hist), f"| {cells} |"]
+    if not any(res["batch_size_histogram"].values()):
+        lines += ["", "Batch sizes: the service exposes no nextact_inference_batch_size histogram on /metrics."]
+    if res.get("model_bench_markdown"):
+        lines += ["", "## Model micro-benchmark (same model, one process, no HTTP)", "", res["model_bench_markdown"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1-2 minute smoke run (1 round, short phases)")
+    p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
+    p.add_argument("--data", type=Path, help="events for the population (default: the model's training file)")
+    p.add_argument("--train-epochs", type=int, default=3, help="epochs when the model has to be trained first")
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--templates", type=int, default=20_000, help="distinct requests the load generator cycles")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--open-connections", type=int, default=64)
+    p.add_argument("--rate", type=float, help="open-loop offered rate (default: half the ceiling's req/s)")
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--skip-model-bench", action="store_true")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)")
+    p.add_argument("--out", type=Path, help="results path without suffix (default bench/results/service[_quick])")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.rounds = min(args.duration, 5.0), min(args.warmup, 1.5), 1
+    out = args.out or RESULTS / ("service_quick" if args.quick else "service")
+    targets = [t for t in TARGETS if t in args.targets.split(",")]
+    started = time.monotonic()
+
+    from app.manifest import read_manifest  # noqa: PLC0415
+    from app.redis_server import EmbeddedRedis  # noqa: PLC0415
+
+    art = ensure_artifact(args)
+    manifest = read_manifest(art)
+    data, col = population_source(manifest, args)
+    rng = random.Random(args.seed)
+    sequences = read_sequences(data, col)
+    from bench.harness import make_windows  # noqa: PLC0415
+
+    windows = make_windows(sequences, args.users, manifest.window, rng)
+    work = Path(tempfile.mkdtemp(prefix="nextact-bench-"))
+    templates = work / "requests.json"
+    request_templates(templates, sequences, args.users, args.templates, rng)
+
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "model": {"cell": manifest.cell, "vocab": manifest.vocab_size, "window": manifest.window,
+                  "embedding": manifest.embedding_dim, "hidden": manifest.hidden_dim, "layers": manifest.num_layers,
+                  "version": manifest.model_version},
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "population_data": str(data), "command": " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])])},
+        "notes": "Load generator, Redis and the server share the machine's CPUs; 'server CPU ms/req' is the "
+                 "server process's own CPU time per request (all its threads) and is the least noisy figure.",
+    }
+    if not args.skip_model_bench:
+        print("==> model micro-benchmark (ONNX Runtime vs PyTorch eager)", flush=True)
+        mb = work / "model_bench.json"
+        budget = "0.2" if args.quick else "0.6"
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "model_bench.py"), "--artifact-dir", str(art),
+                               "--json", str(mb), "--budget-s", budget, "--quiet"],
+                              cwd=ROOT, timeout=600, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"model_bench.py failed:\n{done.stderr[-2000:]}")
+        result["model_bench"] = json.loads(mb.read_text())
+        result["model_bench_markdown"] = done.stdout.strip()
+        print(done.stdout, flush=True)
+
+    children: list[Child] = []
+    redis = EmbeddedRedis(work / "redis", port=0)
+    try:
+        redis.start()
+        assert redis.process is not None
+        print(f"==> Redis on {redis.url}: pre-filling {args.users:,} users x {manifest.window} events from {data}",
+              flush=True)
+        seconds = asyncio.run(prefill(redis.url, windows, manifest.window))
+        result["prefill_seconds"] = round(seconds, 2)
+
+        ports = {name: free_port() for name in targets}
+        env_base = {"NEXTACT_REDIS_URL": redis.url, "NEXTACT_ARTIFACT_DIR": str(art), "NEXTACT_LOG_LEVEL": "warning",
+                    "NEXTACT_HOST": "127.0.0.1", "NEXTACT_WORKERS": "1"}
+        extra = dict(e.split("=", 1) for e in args.env)
+        cmds = {
+            "nextact": [sys.executable, "-m", "app"],
+            "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
+            "torch": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--artifact-dir", str(art)],
+        }
+        servers: dict[str, Child] = {}
+        for name in targets:
+            env = {**env_base, "NEXTACT_PORT": str(ports[name]), **(extra if name == "nextact" else {})}
+            cmd = cmds[name] + ([] if name == "nextact" else ["--port", str(ports[name])])
+            servers[name] = Child(name, cmd, work / f"{name}.log", env).start()
+            children.append(servers[name])
+        for name in targets:
+            wait_ready(servers[name], ports[name], probe(templates, f"probe{name[0]}"))
+        print(f"==> servers ready: {', '.join(f'{n} :{ports[n]}' for n in targets)}", flush=True)
+
+        rate = args.rate
+        rounds: list[dict[str, Any]] = []
+        for r in range(1, args.rounds + 1):
+            print(f"==> round {r}/{args.rounds}", flush=True)
+            this: dict[str, Any] = {}
+            for name in targets:
+                this[name] = {"closed": measure(name, servers[name], ports[name], redis.process.pid, templates, work,
+                                                "closed", args, r)}
+                if rate is None:
+                    base = this.get("ceiling", this[name])["closed"]["rps"]
+                    rate = max(10.0, round(base / 2, -1))
+            for name in targets:
+                this[name]["open"] = measure(name, servers[name], ports[name], redis.process.pid, templates, work,
+                                             "open", args, r, rate)
+            rounds.append(this)
+        result["open_loop_rate"] = rate
+        result["rounds"] = rounds
+    finally:
+        for child in children:
+            child.stop()
+        redis.stop()
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["summary"] = summary = summarise(rounds)
+    result["batch_size_histogram"] = {"closed": batch_histogram(rounds, "closed"), "open": batch_histogram(rounds, "open")}
+    ratios = summary["ratios"]
+    p99 = summary.get("nextact", {}).get("open", {}).get("p99")
+    result["targets"] = {
+        "ceiling_ratio_met": bool(ratios["nextact_over_ceiling"] and ratios["nextact_over_ceiling"] >= 0.6),
+        "torch_ratio_met": bool(ratios["nextact_over_torch"] and ratios["nextact_over_torch"] >= 3),
+        "p99_met": bool(p99 is not None and p99 <= 10),
+    }
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    write_json(out.with_suffix(".json"), result)
+    out.with_suffix(".md").write_text(markdown(result))
+    shutil.rmtree(work, ignore_errors=True)
+    print(markdown(result))
+    print(f"==> wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {result['wall_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"bench failed: {e}", file=sys.stderr)
+        sys.exit(1)

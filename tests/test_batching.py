@@ -1,0 +1,199 @@
+"""The micro-batcher: coalescing, the wait bound, no wait when alone, failure isolation, result order, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.batching import Batcher, BatchError, BatcherClosed
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A batch function that doubles numbers, records batch sizes and threads, and can block or fail."""
+
+    def __init__(self, block_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.block_s = block_s
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        if any(i < 0 for i in items):
+            raise ValueError(f"negative item in {items}")
+        if self.block_s:
+            time.sleep(self.block_s)
+        return [2 * i for i in items]
+
+
+async def test_a_lone_request_runs_at_once() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=64, max_wait_s=0.5)
+    try:
+        start = time.perf_counter()
+        assert await batcher.submit(21) == 42
+        assert time.perf_counter() - start < 0.25  # no max_wait added
+        assert await batcher.submit(5) == 10
+    finally:
+        await batcher.close()
+    assert run.batches == [[21], [5]]
+
+
+async def test_requests_arriving_while_a_batch_runs_are_coalesced() -> None:
+    run = Recorder(block_s=0.05)
+    batcher = Batcher(run, max_size=64, max_wait_s=0.001)
+    try:
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.01)  # the first batch is now running in its thread
+        rest = await asyncio.gather(*(batcher.submit(i) for i in range(2, 12)))
+        assert await first == 2
+    finally:
+        await batcher.close()
+    assert rest == [2 * i for i in range(2, 12)]  # each caller got its own row, in order
+    assert run.batches == [[1], list(range(2, 12))]
+
+
+async def test_concurrent_requests_wait_at_most_max_wait_for_company() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=64, max_wait_s=0.15)
+    try:
+        start = time.perf_counter()
+        early = asyncio.gather(*(batcher.submit(i) for i in range(3)))  # queued together: the batch waits
+        await asyncio.sleep(0.05)
+        late = asyncio.gather(batcher.submit(3), batcher.submit(4))  # ... so these join it
+        assert await early == [0, 2, 4]
+        assert await late == [6, 8]
+        elapsed = time.perf_counter() - start
+    finally:
+        await batcher.close()
+    assert run.batches == [[0, 1, 2, 3, 4]]
+    assert 0.13 <= elapsed < 0.6
+
+
+async def test_a_full_batch_does_not_wait() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=4, max_wait_s=0.3)
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await batcher.close()
+    assert results == [2 * i for i in range(8)]
+    assert run.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert elapsed < 0.25
+
+
+async def test_leftovers_after_full_batches_wait_only_until_the_deadline() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=4, max_wait_s=0.1)
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await batcher.close()
+    assert results == [2 * i for i in range(10)]
+    assert run.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert 0.08 <= elapsed < 0.5
+
+
+async def test_a_failing_batch_fails_only_its_own_callers() -> None:
+    run = Recorder(block_s=0.05)
+    batcher = Batcher(run, max_size=64, max_wait_s=0.001)
+    try:
+        good = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.01)
+        doomed = await asyncio.gather(batcher.submit(-1), batcher.submit(7), return_exceptions=True)
+        assert await good == 2
+        assert await batcher.submit(3) == 6  # the worker carries on
+    finally:
+        await batcher.close()
+    assert run.batches == [[1], [-1, 7], [3]]
+    for error in doomed:
+        assert isinstance(error, BatchError)
+        assert "inference failed for a batch of 2" in str(error)
+        assert "ValueError: negative item in [-1, 7]" in str(error)
+        assert isinstance(error.__cause__, ValueError)
+    assert doomed[0] is not doomed[1]
+
+
+async def test_a_wrong_number_of_results_is_an_error() -> None:
+    batcher: Batcher[int, int] = Batcher(lambda items: items[:-1], max_size=8, max_wait_s=0)
+    try:
+        with pytest.raises(BatchError, match="returned 0 results for a batch of 1"):
+            await batcher.submit(1)
+    finally:
+        await batcher.close()
+
+
+async def test_batch_size_one_turns_batching_off() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=1, max_wait_s=1.0)
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+        assert time.perf_counter() - start < 0.5
+        with pytest.raises(BatchError, match="negative item"):
+            await batcher.submit(-5)
+    finally:
+        await batcher.close()
+    assert results == [2 * i for i in range(6)]
+    assert all(len(b) == 1 for b in run.batches)
+
+
+async def test_batches_run_in_a_worker_thread_and_the_loop_stays_free() -> None:
+    run = Recorder(block_s=0.2)
+    batcher = Batcher(run, max_size=8, max_wait_s=0)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        assert await batcher.submit(4) == 8
+    finally:
+        task.cancel()
+        await batcher.close()
+    assert threading.current_thread().name not in run.threads
+    assert ticks >= 5  # the event loop kept running while the model call blocked its thread
+
+
+async def test_close_fails_queued_callers_and_refuses_new_ones() -> None:
+    run = Recorder(block_s=0.1)
+    batcher = Batcher(run, max_size=2, max_wait_s=0)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 6)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(o, BatcherClosed) for o in outcomes), outcomes
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(9)
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
+    run = Recorder(block_s=0.05)
+    batcher = Batcher(run, max_size=8, max_wait_s=0.001)
+    try:
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.submit(2))
+        stays = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await first == 2
+        assert await stays == 6
+    finally:
+        await batcher.close()
+    assert run.batches == [[1], [3]]

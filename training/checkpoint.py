@@ -1,0 +1,57 @@
+"""checkpoint.pt: the model's state_dict, its config and its vocabulary, as plain tensors, dicts and lists.
+
+Never a pickled object: it loads with `torch.load(path, weights_only=True)` in any later version of the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import ModelConfig
+from training.errors import ArtifactError
+from training.model import NextActionModel
+from training.vocab import Vocabulary
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: NextActionModel, vocabulary: Vocabulary) -> Path:
+    """Write {"format", "config", "state_dict", "vocabulary"} to `path`."""
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(model.config),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "vocabulary": list(vocabulary.tokens),
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[NextActionModel, Vocabulary]:
+    """The model (in eval mode) and vocabulary saved in `path` (a checkpoint.pt or the directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        raise ArtifactError(f"{path}: not a readable checkpoint: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: not a nextact checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    try:
+        config = ModelConfig(**payload["config"])
+        model = NextActionModel(config)
+        model.load_state_dict(payload["state_dict"])
+        vocabulary = Vocabulary(payload["vocabulary"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: inconsistent checkpoint: {e}") from e
+    if len(vocabulary) != config.vocab_size:
+        raise ArtifactError(f"{path}: vocabulary has {len(vocabulary)} actions, config says {config.vocab_size}")
+    return model.eval(), vocabulary

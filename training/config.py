@@ -1,0 +1,59 @@
+"""The two configuration objects of a training run, built once from the command line and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Cell = Literal["lstm", "gru"]
+SplitName = Literal["leave-one-out", "time"]
+StopMetric = Literal["hr@10", "ndcg@10"]
+
+#: Seed of the sampled protocol's negatives: fixed so that `train` and `evaluate` draw the same ones.
+EVAL_SEED = 0
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the events are and which columns play which role."""
+
+    path: Path
+    user_col: str = "user_id"
+    action_cols: tuple[str, ...] = ("action",)
+    time_col: str | None = "timestamp"  # None: file order is the time order
+    time_col_required: bool = False  # True when named explicitly: then its absence is an error
+    split: SplitName = "leave-one-out"
+    val_fraction: float = 0.1  # time split: share of events (latest but test) used for validation
+    test_fraction: float = 0.1  # time split: share of the latest events used for testing
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's shape; saved in checkpoint.pt and mirrored in the manifest."""
+
+    vocab_size: int
+    cell: Cell = "lstm"
+    embedding_dim: int = 64
+    hidden_dim: int = 256
+    num_layers: int = 1
+    dropout: float = 0.3
+    window: int = 50
+    tied: bool = False  # score actions with the input embeddings (hidden -> E projection, then E @ embedding.T)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: everything `train` needs beyond the data and the network's shape."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0
+    patience: int = 3
+    stop_metric: StopMetric = "ndcg@10"
+    min_count: int = 1
+    seed: int = 0
+    quiet: bool = False
+    negatives: int = 100

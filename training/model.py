@@ -1,0 +1,79 @@
+"""The network: action ids (B, T) -> embedding -> LSTM/GRU -> linear over the action vocabulary.
+
+`forward` is exactly what model.onnx computes: the probabilities of the next action after each row's
+`lengths` events, with the padding and unknown ids masked out. Training uses `position_logits` instead,
+which scores every position of a right-padded batch at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from app.manifest import PAD_ID, UNK_ID
+from training.config import ModelConfig
+
+
+class NextActionModel(nn.Module):
+    """Embedding, a recurrent layer (LSTM or GRU), dropout and a linear layer over the vocabulary."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=PAD_ID)
+        rnn = nn.LSTM if config.cell == "lstm" else nn.GRU
+        self.rnn = rnn(
+            config.embedding_dim,
+            config.hidden_dim,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        if config.tied:
+            self.project: nn.Module = nn.Linear(config.hidden_dim, config.embedding_dim)
+            self.head = nn.Linear(config.embedding_dim, config.vocab_size)
+            self.head.weight = self.embedding.weight  # one table for inputs and outputs
+        else:
+            self.project = nn.Identity()
+            self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+        masked = torch.zeros(config.vocab_size, dtype=torch.bool)
+        masked[[PAD_ID, UNK_ID]] = True  # never predicted: probability exactly 0
+        self.register_buffer("masked", masked, persistent=False)
+
+    def states(self, action_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state after every position of right-padded ids (B, T) -> (B, T, H).
+
+        With right padding the state at position t depends only on events 0..t, so padding never
+        leaks into the states that are read.
+        """
+        x = self.dropout(self.embedding(action_ids))  # (B, T, E)
+        out, _ = self.rnn(x)  # (B, T, H)
+        return self.dropout(out)  # (B, T, H)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Scores over the vocabulary from hidden states (..., H) -> (..., V), PAD and UNK at -inf."""
+        return self.head(self.project(states)).masked_fill(self.masked, float("-inf"))  # (..., V)
+
+    def position_logits(self, action_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: logits (N, V) and targets (N,) at every position whose target is a known action."""
+        states = self.states(action_ids)  # (B, T, H)
+        keep = targets > UNK_ID  # (B, T): not padding, not unknown
+        return self.logits(states[keep]), targets[keep]  # (N, V), (N,)
+
+    def final_logits(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after the first `lengths` events of right-padded ids (B, T); PAD and UNK at -inf.
+
+        A row of length 0 reads a zero state: the model's prediction for a user without history.
+        Lengths beyond T read the last position.
+        """
+        states = self.states(action_ids)  # (B, T, H)
+        last = (lengths - 1).clamp(min=0).clamp(max=action_ids.shape[1] - 1)  # (B,)
+        index = last.view(-1, 1, 1).expand(-1, 1, states.shape[2])  # (B, 1, H)
+        final = states.gather(1, index).squeeze(1)  # (B, H)
+        final = torch.where((lengths > 0).unsqueeze(1), final, torch.zeros_like(final))  # (B, H)
+        return self.logits(final)  # (B, V)
+
+    def forward(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Next-action probabilities (B, V): the exported graph. action_ids (B, T) right-padded, lengths (B,)."""
+        return torch.softmax(self.final_logits(action_ids, lengths), dim=-1)  # (B, V)

@@ -1,0 +1,148 @@
+"""The training loop: Adam, cross-entropy at every position, gradient clipping, early stopping, best weights kept."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.manifest import UNK_ID
+from training.config import ModelConfig, TrainConfig
+from training.errors import DataError
+from training.metrics import RankAccumulator
+from training.model import NextActionModel
+from training.splits import EvalCases, Split
+from training.windows import history_batch, training_batches, training_windows
+
+log = logging.getLogger(__name__)
+
+_VAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """One epoch: training loss and speed, validation loss and ranking metrics (full protocol)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_hr10: float
+    val_ndcg10: float
+    events: int  # training targets seen
+    seconds: float  # training only, validation excluded
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class TrainResult:
+    """The model with its best epoch's weights, and how training went."""
+
+    model: NextActionModel
+    epochs: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0  # wall time of the whole loop, validation included
+
+    @property
+    def events_per_second(self) -> float:
+        events = sum(e.events for e in self.epochs)
+        seconds = sum(e.seconds for e in self.epochs)
+        return events / seconds if seconds > 0 else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch generators; the same seed and data give the same model on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - for third-party code that uses the global generator
+    torch.manual_seed(seed)
+
+
+def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[float, dict[str, float]]:
+    """Validation loss (cross-entropy of the known targets) and full-protocol metrics, in eval mode."""
+    model.eval()
+    acc = RankAccumulator()
+    loss_sum, loss_n = 0.0, 0
+    vocab = model.config.vocab_size
+    valid = np.arange(vocab)[None, :] > UNK_ID  # (1, V)
+    with torch.inference_mode():
+        for start in range(0, len(cases), _VAL_BATCH):
+            sl = slice(start, start + _VAL_BATCH)
+            histories = [split.history(u, p) for u, p in zip(cases.users[sl], cases.positions[sl], strict=True)]
+            ids, lengths = history_batch(histories, model.config.window)  # (b, T), (b,)
+            logits = model.final_logits(torch.from_numpy(ids), torch.from_numpy(lengths))  # (b, V)
+            targets = torch.from_numpy(cases.targets[sl])  # (b,)
+            known = targets > UNK_ID  # (b,)
+            if known.any():
+                loss_sum += float(F.cross_entropy(logits[known], targets[known], reduction="sum"))
+                loss_n += int(known.sum())
+            acc.add(logits.numpy(), None, cases.targets[sl], valid, known.numpy())
+    model.train()
+    return (loss_sum / loss_n if loss_n else math.nan), acc.result()
+
+
+def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainResult:
+    """Train on the split's training events, stop early on the validation metric, return the best model."""
+    seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = NextActionModel(model_config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    chunks = training_windows(split.train_sequences(), model_config.window)
+    if not chunks:
+        raise DataError("no training sequence has two events: nothing to learn from")
+    val_cases = split.cases("validation")
+    n_batches = math.ceil(len(chunks) / config.batch_size)
+    log.info("training on %d windows (%d batches/epoch), validating on %d cases",
+             len(chunks), n_batches, len(val_cases))
+
+    result = TrainResult(model=model)
+    best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
+    started = time.perf_counter()
+    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=config.quiet)
+    for epoch in epochs:
+        model.train()
+        loss_sum, events, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(training_batches(chunks, config.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
+                   unit="batch", leave=False, disable=config.quiet)
+        for inputs, targets in bar:
+            logits, kept = model.position_logits(torch.from_numpy(inputs), torch.from_numpy(targets))  # (N, V), (N,)
+            if kept.numel() == 0:
+                continue
+            loss = F.cross_entropy(logits, kept)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            loss_sum += float(loss.detach()) * kept.numel()
+            events += kept.numel()
+            bar.set_postfix(loss=f"{loss_sum / events:.4f}", ev_s=f"{events / (time.perf_counter() - t0):,.0f}")
+        seconds = time.perf_counter() - t0
+        val_loss, val = validate(model, split, val_cases)
+        entry = EpochLog(epoch, loss_sum / max(events, 1), val_loss, val.get("hr@10", math.nan),
+                         val.get("ndcg@10", math.nan), events, seconds)
+        result.epochs.append(entry)
+        epochs.set_postfix(loss=f"{entry.train_loss:.4f}", val_loss=f"{val_loss:.4f}",
+                           hr10=f"{entry.val_hr10:.4f}", ev_s=f"{entry.events_per_second:,.0f}")
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val HR@10 %.4f, NDCG@10 %.4f, %.0f events/s",
+                 epoch, entry.train_loss, val_loss, entry.val_hr10, entry.val_ndcg10, entry.events_per_second)
+        score = val.get(config.stop_metric, -entry.train_loss)  # no validation cases: keep the lowest train loss
+        if score > best_score:
+            best_score, best_state, stale, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
+        else:
+            stale += 1
+            if stale >= config.patience:
+                log.info("early stop: no %s improvement for %d epochs", config.stop_metric, stale)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
