@@ -88,6 +88,8 @@ RUN python3 -m venv /opt/venv \
  && pip install -r /tmp/train.txt
 COPY app/ ./app/
 COPY training/ ./training/
+# matplotlib (report plots) wants a writable config directory; the user has no home
+ENV MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "training"]
 CMD ["train", "--data", "/data/events.csv", "--out", "/artifacts/current"]

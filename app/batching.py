@@ -54,6 +54,8 @@ class Batcher(Generic[T, R]):
         self._run = run
         self._on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.batches = 0  # model calls made
+        self.batched = 0  # requests they served (batched / batches = mean batch size)
         self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -94,6 +96,8 @@ class Batcher(Generic[T, R]):
             raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
         if len(results) != len(items):
             raise BatchError(f"inference returned {len(results)} results for a batch of {len(items)}")
+        self.batches += 1
+        self.batched += len(items)
         if self._on_batch is not None:
             self._on_batch(len(items), time.perf_counter() - start)
         return results

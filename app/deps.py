@@ -36,7 +36,8 @@ class Services:
         return await self.batcher.submit((actions, k))
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The process's Services (async: a plain def dependency would cost a thread hop per request)."""
     services: Services = request.app.state.services
     return services
 

@@ -6,7 +6,6 @@ No answer carries a traceback; unexpected exceptions are logged with theirs and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -16,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.batching import BatchError, BatcherClosed
+from app.batching import BatcherClosed, BatchError
 from app.events import InvalidField, PayloadTooLarge, field_path
 from app.windows import StoreUnavailable
 

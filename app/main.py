@@ -46,7 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(redis.close)
         store = WindowStore(
             redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
-            max_concurrency=settings.redis_max_connections if redis.cluster else None,
+            max_concurrency=settings.redis_max_connections, direct=redis.direct,
         )
         try:
             await store.load_script()

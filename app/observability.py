@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.config
 import re
-import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -28,9 +28,13 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.windows import AppendResult, NewEvent, StoredEvent, WindowStore
+
 log = logging.getLogger("nextact.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+MODEL_VERSION_HEADER = "X-Model-Version"  # the model that made the answer (routes set it; else the current one)
+MODEL_VERSION_KEY = MODEL_VERSION_HEADER.lower().encode()
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("nextact_request_id", default=None)
 
@@ -149,12 +153,13 @@ def _incoming_request_id(scope: Scope) -> str | None:
 
 class ObservabilityMiddleware:
     """Pure ASGI middleware: request id (taken from a sane incoming X-Request-ID, else new), returned in
-    the response header and set for log lines; request count/latency metrics; one debug log line per
-    request and an error line for every 5xx."""
+    the response header and set for log lines; X-Model-Version on every answer; request count/latency
+    metrics; one debug log line per request and an error line for every 5xx."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.model_version = model_version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,7 +178,12 @@ class ObservabilityMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status_code = int(message["status"])
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = [*message.get("headers", ()), header]
+                if self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers):
+                    version = self.model_version()
+                    if version:
+                        headers.append((MODEL_VERSION_KEY, version.encode()))
+                message["headers"] = headers
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -235,16 +245,56 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def logging_config(level: str = "info") -> dict[str, Any]:
+    """A logging.config.dictConfig dict: JSON lines on stderr for the root logger and uvicorn's loggers.
+
+    Passed to uvicorn as log_config, so every worker process (also those uvicorn spawns) applies it.
+    """
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            name: {"handlers": [], "propagate": True, "level": level}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
 def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for the service's and uvicorn's loggers (idempotent)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
+    """Apply logging_config(level) to this process."""
+    logging.config.dictConfig(logging_config(level))
+
+
+class MeteredWindowStore(WindowStore):
+    """The window store with every Redis round trip timed and counted, and stored/duplicate events counted."""
+
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+
+    async def append(self, user_id: str, events: Sequence[NewEvent], capacity: int) -> AppendResult:
+        with self.metrics.redis_op("append"):
+            result = await super().append(user_id, events, capacity)
+        self.metrics.events_ingested.inc(result.accepted)
+        self.metrics.duplicates_dropped.inc(result.duplicates)
+        return result
+
+    async def actions(self, user_id: str, capacity: int) -> list[str]:
+        with self.metrics.redis_op("read"):
+            return await super().actions(user_id, capacity)
+
+    async def events(self, user_id: str) -> list[StoredEvent]:
+        with self.metrics.redis_op("read"):
+            return await super().events(user_id)
+
+    async def delete(self, user_id: str) -> None:
+        with self.metrics.redis_op("delete"):
+            await super().delete(user_id)
+
+    async def ping(self) -> None:
+        with self.metrics.redis_op("ping"):
+            await super().ping()

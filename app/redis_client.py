@@ -2,16 +2,72 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+class DirectCommands:
+    """The hot path's commands on connections of their own, without redis-py's per-command machinery.
+
+    redis-py's client spends more CPU per command on its pool, retry and telemetry wrappers than on
+    sending and parsing (134 vs 60 us per EVALSHA, measured); the service's one round trip per request
+    goes through here instead. Callers bound concurrency (WindowStore's semaphore), so at most that many
+    connections are opened. Connection errors and timeouts are retried `retries` times on a fresh connection.
+    """
+
+    def __init__(self, pool: BlockingConnectionPool, retries: int) -> None:
+        self._pool = pool
+        self._retries = retries
+        self._idle: deque[AbstractConnection] = deque()
+        self._open: set[AbstractConnection] = set()
+
+    async def execute(self, *args: Any) -> Any:
+        for attempt in range(self._retries + 1):
+            conn = self._idle.pop() if self._idle else self._new()
+            try:
+                await conn.send_command(*args)
+                reply = await conn.read_response()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await self._drop(conn)
+                if attempt == self._retries:
+                    raise
+                continue
+            except ResponseError:  # an error reply (NOSCRIPT, ...) was read in full: the connection is fine
+                self._idle.append(conn)
+                raise
+            except BaseException:  # cancelled mid-reply, say: the connection's state is unknown
+                await self._drop(conn)
+                raise
+            self._idle.append(conn)
+            return reply
+        raise AssertionError("unreachable")
+
+    def _new(self) -> AbstractConnection:
+        conn = self._pool.make_connection()
+        self._open.add(conn)
+        return conn
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        self._open.discard(conn)
+        await conn.disconnect()
+
+    async def close(self) -> None:
+        self._idle.clear()
+        for conn in list(self._open):
+            await self._drop(conn)
 
 
 @dataclass
@@ -21,8 +77,11 @@ class RedisConnection:
     client: Any  # redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
     address: str  # host:port (or socket path) for messages; never the password
     cluster: bool
+    direct: DirectCommands | None = None  # single server only: the cluster client routes by slot itself
 
     async def close(self) -> None:
+        if self.direct is not None:
+            await self.direct.close()
         await self.client.aclose()
 
 
@@ -53,4 +112,5 @@ def connect(url: str, max_connections: int, timeout_seconds: float, retries: int
         client = RedisCluster.from_url(plain, max_connections=max_connections, **common)
         return RedisConnection(client, redacted_address(plain), cluster=True)
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_seconds, **common)
-    return RedisConnection(Redis.from_pool(pool), redacted_address(url), cluster=False)
+    return RedisConnection(Redis.from_pool(pool), redacted_address(url), cluster=False,
+                           direct=DirectCommands(pool, retries))

@@ -14,10 +14,10 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def probe_rows(manifest: Manifest, seed: int = 0) -> list[np.ndarray]:
     ]
 
 
-def pad_rows(rows: list[np.ndarray], manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: Sequence[np.ndarray], manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """The graph's inputs for `rows`: ids padded to the window on the manifest's side, and lengths."""
     window = manifest.window
     ids = np.full((len(rows), window), manifest.pad_id, dtype=np.int64)  # (B, T)
@@ -104,7 +104,7 @@ def check_probabilities(probs: Any, manifest: Manifest, rows: int, where: str) -
         raise ReloadError(f"{where}: padding/unknown tokens get probability {special.max():.3g}, expected 0")
 
 
-def self_check(probabilities: Callable[[list[np.ndarray]], Any], manifest: Manifest, where: str) -> None:
+def self_check(probabilities: Callable[[Sequence[np.ndarray]], Any], manifest: Manifest, where: str) -> None:
     """Run the probe rows through `probabilities` (rows -> (B, V)) and check what comes back."""
     rows = probe_rows(manifest)
     try:
@@ -132,12 +132,42 @@ def check_artifact(artifact_dir: Path) -> Manifest:
     if names != want:
         raise ReloadError(f"{model_path}: graph inputs {sorted(names)}, manifest says {sorted(want)}")
 
-    def run(rows: list[np.ndarray]) -> Any:
+    def run(rows: Sequence[np.ndarray]) -> Any:
         ids, lengths = pad_rows(rows, manifest)
         return session.run([manifest.io.probabilities], {manifest.io.action_ids: ids, manifest.io.lengths: lengths})[0]
 
     self_check(run, manifest, str(model_path))
     return manifest
+
+
+class CheckableModel(Protocol):
+    """What load_and_check needs of a serving model."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    def probabilities(self, rows: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+C = TypeVar("C", bound=CheckableModel)
+
+
+def load_and_check(artifact_dir: Path, load: Callable[[Path], C]) -> C:
+    """Check the manifest against the model file, load the serving model, run the probe batch through it.
+
+    Used at start-up and for every reload, so a model is only ever served after passing the same checks
+    on the same session (and device) that will serve it.
+    """
+    artifact_dir = Path(artifact_dir)
+    check_manifest(artifact_dir)
+    try:
+        model = load(artifact_dir)
+    except ReloadError:
+        raise
+    except Exception as e:  # the loader's own error names the file
+        raise ReloadError(str(e)) from e
+    self_check(model.probabilities, model.manifest, str(artifact_dir / MODEL_FILE))
+    return model
 
 
 def artifact_stamp(artifact_dir: Path) -> tuple[Any, ...] | None:

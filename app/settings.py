@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_events_per_request: int = Field(1000, ge=1, description="More events in one request gives 413.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies give 413.")
     max_id_length: int = Field(256, ge=1, le=4096, description="Longest user_id / event_id accepted.")
-    max_action_length: int = Field(256, ge=1, description="Longest action string accepted.")
+    max_action_length: int = Field(256, ge=1, le=4096, description="Longest action string accepted.")
     default_k: int = Field(10, ge=1, description="Predictions returned when k is not given.")
 
     # micro-batching

@@ -21,7 +21,6 @@ being older than the rest, trimmed again at once (unless it ties with the oldest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,13 +29,28 @@ from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from app.redis_client import DirectCommands
+
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
+# Both scripts answer the window's actions, oldest first, as ONE string of <len: 4 hex><action> records:
+# one bulk reply parses much faster in Python than an array of `window` replies.
+_ACTIONS_LUA = """
+local function actions(members)
+  local out = {}
+  for i, m in ipairs(members) do
+    local a = string.sub(m, 17 + tonumber(string.sub(m, 13, 16), 16))
+    out[i] = string.format('%04x', #a) .. a
+  end
+  return table.concat(out)
+end
+"""
+
 # KEYS[1] window zset, KEYS[2] index hash. ARGV[1] capacity, ARGV[2] ttl seconds,
-# then one (event_id, action, timestamp) triple per event. Returns {accepted, duplicates, member...}.
-APPEND_LUA = """
+# then one (event_id, action, timestamp) triple per event. Returns {accepted, duplicates, actions}.
+APPEND_LUA = _ACTIONS_LUA + """
 local cap = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
@@ -53,22 +67,24 @@ for i = 3, #ARGV, 3 do
 end
 local excess = redis.call('ZCARD', KEYS[1]) - cap
 if excess > 0 then
-  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-  for _, m in ipairs(old) do
-    local n = tonumber(string.sub(m, 13, 16), 16)
-    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + n))
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
+    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + tonumber(string.sub(m, 13, 16), 16)))
   end
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
 end
 redis.call('HSET', KEYS[2], '', seq)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-local out = redis.call('ZRANGE', KEYS[1], 0, -1)
-table.insert(out, 1, duplicates)
-table.insert(out, 1, accepted)
-return out
+return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1))}
+"""
+
+# KEYS[1] window zset. ARGV[1] how many of the newest. Returns the actions string.
+READ_LUA = _ACTIONS_LUA + """
+return actions(redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1))
 """
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
+READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
+SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA}
 
 _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
 
@@ -107,22 +123,33 @@ def _split(member: bytes) -> tuple[str, str]:
     return member[start : start + n].decode(), member[start + n :].decode()
 
 
-def _action(member: bytes) -> str:
-    return member[_SEQ + _LEN + int(member[_SEQ : _SEQ + _LEN], 16) :].decode()
+def _actions(blob: bytes) -> list[str]:
+    """The scripts' <len: 4 hex><action>... string as a list."""
+    out, i, end = [], 0, len(blob)
+    while i < end:
+        n = int(blob[i : i + _LEN], 16)
+        i += _LEN
+        out.append(blob[i : i + n].decode())
+        i += n
+    return out
 
 
 class WindowStore:
     """Reads and writes user windows. All failures surface as StoreUnavailable."""
 
     def __init__(
-        self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int | None = None
+        self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int = 64,
+        direct: DirectCommands | None = None,
     ) -> None:
         self.client = client
+        self._direct = direct  # the scripts' fast path (single server); None: everything through `client`
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
         self.address = address
-        # the cluster client raises instead of waiting when a node's pool is exhausted: bound calls here
-        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+        # Callers queue here (FIFO, no timeout) rather than in the pool: the single-server pool gives up after
+        # its timeout ("No connection available") and the cluster pool at once, which would turn a burst
+        # (one bulk request for 1000 users) into 503s although Redis is fine.
+        self._limit = asyncio.Semaphore(max_concurrency)
 
     def keys(self, user_id: str) -> tuple[str, str]:
         """(window zset, dedupe hash) of a user."""
@@ -130,8 +157,21 @@ class WindowStore:
         return f"{base}:w", f"{base}:i"
 
     async def load_script(self) -> None:
-        """Preload the append script (on every primary of a cluster) so requests can use EVALSHA."""
-        await self._guard("SCRIPT LOAD", lambda: self.client.script_load(APPEND_LUA))
+        """Preload the scripts (on every primary of a cluster) so requests can use EVALSHA."""
+        for source in SCRIPTS.values():
+            await self._guard("SCRIPT LOAD", lambda source=source: self.client.script_load(source))
+
+    async def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._run_script(sha, keys, args)
+        except NoScriptError:  # Redis restarted, failed over or flushed its scripts
+            await self.client.script_load(SCRIPTS[sha])
+            return await self._run_script(sha, keys, args)
+
+    def _run_script(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        if self._direct is not None:
+            return self._direct.execute("EVALSHA", sha, len(keys), *keys, *args)
+        return self.client.evalsha(sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
 
     async def append(self, user_id: str, events: Sequence[NewEvent], capacity: int) -> AppendResult:
         """Store new events (skipping known ids), trim to capacity, refresh the TTL; one round trip."""
@@ -139,22 +179,14 @@ class WindowStore:
         for e in events:
             args += (e.event_id, e.action, repr(e.timestamp))
         keys = self.keys(user_id)
-
-        async def call() -> Any:
-            try:
-                return await self.client.evalsha(APPEND_SHA, 2, *keys, *args)
-            except NoScriptError:  # Redis restarted, failed over or flushed its scripts
-                await self.client.script_load(APPEND_LUA)
-                return await self.client.evalsha(APPEND_SHA, 2, *keys, *args)
-
-        reply = await self._guard(f"append for user {user_id!r}", call)
-        return AppendResult(int(reply[0]), int(reply[1]), [_action(m) for m in reply[2:]])
+        reply = await self._guard(f"append for user {user_id!r}", lambda: self._evalsha(APPEND_SHA, keys, args))
+        return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""
-        zkey = self.keys(user_id)[0]
-        members = await self._guard(f"read for user {user_id!r}", lambda: self.client.zrange(zkey, -capacity, -1))
-        return [_action(m) for m in members]
+        keys = self.keys(user_id)[:1]
+        blob = await self._guard(f"read for user {user_id!r}", lambda: self._evalsha(READ_SHA, keys, [capacity]))
+        return _actions(blob)
 
     async def events(self, user_id: str) -> list[StoredEvent]:
         """The stored window with ids and timestamps, oldest first."""

@@ -8,7 +8,8 @@ ceiling  bare FastAPI: the same route, the same request body model (validated), 
          middleware. What one uvicorn worker can do at all for this request.
 torch    the same application as nextact (create_app: routes, middleware, the Redis window script), with
          the model replaced by PyTorch eager on checkpoint.pt, called inline per request (no batching, no
-         ONNX Runtime): the service anyone could write in an afternoon.
+         ONNX Runtime): the service anyone could write in an afternoon. One torch thread by default, its
+         fastest setting next to an event loop on a small machine (see --torch-threads).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import uvicorn  # noqa: E402
-from fastapi import FastAPI, Query, Response  # noqa: E402
+import uvicorn
+from fastapi import FastAPI, Query, Response
 
-from app.errors import JSONBytes  # noqa: E402
-from app.schemas import UserEventsBody, UserPrediction  # noqa: E402
+from app.errors import JSONBytes
+from app.schemas import UserEventsBody, UserPrediction
 
 UVICORN = {"loop": "uvloop", "http": "httptools", "workers": 1, "access_log": False}  # `python -m app` resolves
 # loop/http "auto" to these when uvloop and httptools are installed (uvicorn[standard])
@@ -61,12 +62,14 @@ def ceiling_app(k_default: int = 10) -> FastAPI:
 class TorchModel:
     """Stands where app.model.ServingModel stands: encode, one forward per request, torch.topk, decode."""
 
-    def __init__(self, artifact_dir: Path) -> None:
-        import torch  # noqa: PLC0415
+    def __init__(self, artifact_dir: Path, threads: int) -> None:
+        import torch
 
-        from app.manifest import read_manifest  # noqa: PLC0415
-        from training.checkpoint import load_checkpoint  # noqa: PLC0415
+        from app.manifest import read_manifest
+        from training.checkpoint import load_checkpoint
 
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.manifest = read_manifest(artifact_dir)
         self.net, vocab = load_checkpoint(artifact_dir)
@@ -82,7 +85,7 @@ class TorchModel:
         self.device = "cpu"
 
     def predict(self, requests: list[tuple[list[str], int]]) -> list[Any]:
-        from app.model import Prediction  # noqa: PLC0415
+        from app.model import Prediction
 
         torch, out = self.torch, []
         for actions, k in requests:
@@ -109,16 +112,16 @@ class InlineTorch:
         return None
 
 
-def torch_app(artifact_dir: Path) -> FastAPI:
-    from app.deps import Services  # noqa: PLC0415
-    from app.main import create_app  # noqa: PLC0415
-    from app.model import ModelHolder  # noqa: PLC0415
-    from app.redis_client import connect  # noqa: PLC0415
-    from app.settings import get_settings  # noqa: PLC0415
-    from app.windows import WindowStore  # noqa: PLC0415
+def torch_app(artifact_dir: Path, threads: int) -> FastAPI:
+    from app.deps import Services
+    from app.main import create_app
+    from app.model import ModelHolder
+    from app.redis_client import connect
+    from app.settings import get_settings
+    from app.windows import WindowStore
 
     settings = get_settings()
-    model = TorchModel(artifact_dir)
+    model = TorchModel(artifact_dir, threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -144,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("variant", choices=["ceiling", "torch"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch.set_num_threads (0 = torch's default: one per core, which on a shared 2-core "
+                        "machine makes every call wait for a busy core, hundreds of times slower)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
     if args.variant == "ceiling":
         app = ceiling_app()
     else:
-        app = torch_app(args.artifact_dir)
+        app = torch_app(args.artifact_dir, args.torch_threads)
     started = time.monotonic()
     logging.getLogger("bench").info("%s app built in %.1fs", args.variant, time.monotonic() - started)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level=args.log_level, **UVICORN)  # type: ignore[arg-type]

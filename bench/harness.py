@@ -92,7 +92,7 @@ class Child:
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -193,7 +193,7 @@ def machine() -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
-        import psutil  # noqa: PLC0415
+        import psutil
 
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
@@ -201,14 +201,14 @@ def machine() -> dict[str, Any]:
     for mod in ("fastapi", "uvicorn", "onnxruntime", "torch", "numpy", "redis", "pydantic"):
         try:
             info.setdefault("versions", {})[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 (a missing optional library is just not reported)
-            pass
+        except ImportError:
+            info.setdefault("versions", {})[mod] = None
     return info
 
 
 def process_tree_stats(pid: int) -> dict[str, float]:
     """RSS (MiB) and CPU seconds (user+system) of a process and its children."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     try:
         p = psutil.Process(pid)

@@ -156,7 +156,7 @@ async def closed_loop(args: argparse.Namespace, tpl: Templates) -> dict:
                 return
             try:
                 status, body = await asyncio.wait_for(conn.exchange(tpl.build(n)), args.timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
                 stats.error(type(e).__name__)
                 conn.close()
                 if time.perf_counter() >= end:
@@ -214,7 +214,7 @@ async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
                 return
             try:
                 status, body = await asyncio.wait_for(conn.exchange(tpl.build(n)), args.timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
                 stats.error(type(e).__name__)
                 conn.close()
                 conn = await Connection.open(args.host, args.port)
@@ -233,7 +233,8 @@ async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
     out = summarise(stats, args.duration, offered=args.rate)
     out["due_in_window"] = len(recorded_due)
     lags.sort()
-    out["dispatch_lag_ms"] = {"p50": round(percentile(lags, 50) * 1000, 3), "p99": round(percentile(lags, 99) * 1000, 3)}
+    out["dispatch_lag_ms"] = {q: round(percentile(lags, v) * 1000, 3) if lags else None
+                              for q, v in (("p50", 50), ("p99", 99))}
     # requests due in the window that never completed within the drain time count against the server
     out["not_completed"] = max(0, len(recorded_due) - out["requests"] - sum(stats.errors.values()))
     return out
@@ -250,7 +251,7 @@ def summarise(stats: Stats, duration: float, offered: float | None) -> dict:
     lat = sorted(stats.latencies)
     ok = sum(v for k, v in stats.statuses.items() if 200 <= k < 300)
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    ms = lambda q: round(percentile(lat, q) * 1000, 3)  # noqa: E731
+    ms = lambda q: round(percentile(lat, q) * 1000, 3) if lat else None
     return {
         "requests": len(lat),
         "ok": ok,
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     tpl = Templates.load(args.requests, f"{args.host}:{args.port}", args.tag)
     run = closed_loop if args.mode == "closed" else open_loop
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         measured = uvloop.run(run(args, tpl))
     except ImportError:

@@ -15,19 +15,20 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def load_torch_model(artifact_dir: Path, device: str) -> Any:
     """NextActionModel with checkpoint.pt's weights (training's own loader), in eval mode on `device`."""
-    from training.checkpoint import load_checkpoint  # noqa: PLC0415
+    from training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(artifact_dir)
     return model.eval().to(device)
@@ -50,16 +51,18 @@ def timed(fn: Callable[[], Any], budget_s: float, max_reps: int, sync: Callable[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import onnxruntime as ort  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import onnxruntime as ort
+    import torch
 
-    from app.model import load_model  # noqa: PLC0415
+    from app.model import load_model
 
-    serving = load_model(args.artifact_dir, device=args.device, intra_op_threads=args.ort_threads)
+    ort_threads = args.ort_threads if args.ort_threads is not None else args.threads
+    torch_threads = args.torch_threads if args.torch_threads is not None else args.threads
+    serving = load_model(args.artifact_dir, device=args.device, intra_op_threads=ort_threads)
     manifest = serving.manifest
     torch_device = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     net = load_torch_model(args.artifact_dir, torch_device)
     sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
@@ -82,10 +85,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             feed = {inputs[0]: ids, inputs[1]: lengths}
             t_ids, t_len = torch.from_numpy(ids).to(torch_device), torch.from_numpy(lengths).to(torch_device)
 
-            def ort_call() -> Any:
+            def ort_call(feed: dict[str, np.ndarray] = feed) -> Any:
                 return serving.session.run(names, feed)
 
-            def torch_call() -> Any:
+            def torch_call(t_ids: Any = t_ids, t_len: Any = t_len) -> Any:
                 with torch.inference_mode():
                     return net(t_ids, t_len)
 
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ort_provider": serving.provider,
         "ort_providers_available": ort.get_available_providers(),
         "ort_version": ort.__version__,
-        "ort_intra_op_threads": args.ort_threads or "default",
+        "ort_intra_op_threads": ort_threads or "default",
         "torch_device": torch_device,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -122,9 +125,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"ONNX Runtime {result['ort_version']} on {result['ort_provider']} vs PyTorch {result['torch_version']} "
-        f"eager on {result['torch_device']} ({result['torch_threads']} threads); max |p_ort - p_torch| = "
-        f"{result['parity_max_abs_diff']:.2e}",
+        (f"ONNX Runtime {result['ort_version']} on {result['ort_provider']} vs PyTorch {result['torch_version']} "
+         f"eager on {result['torch_device']}; threads: ORT {result['ort_intra_op_threads']}, PyTorch "
+         f"{result['torch_threads']}; one process, no HTTP; median per call; max |p_ort - p_torch| = "
+         f"{result['parity_max_abs_diff']:.2e}"),
         "",
         "| window | batch | ORT ms/call | PyTorch ms/call | ORT rows/s | PyTorch rows/s | ORT speed-up |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -143,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50])
     p.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell and runtime")
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = its default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of both runtimes (0 = each one's default: one per core). 1 by default: "
+                        "the fair like-for-like setting, and on a small shared machine the only stable one")
+    p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (overrides --threads)")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (overrides --threads)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

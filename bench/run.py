@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     PLACEHOLDER,
     RESULTS,
     SAMPLE_DATA,
@@ -51,6 +53,7 @@ from bench.harness import (  # noqa: E402
 
 TARGETS = ("ceiling", "nextact", "torch")
 BATCH_METRIC = "nextact_inference_batch_size"
+PHASES = itertools.count(1)
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------
@@ -81,8 +84,8 @@ def population_source(manifest: Any, args: argparse.Namespace) -> tuple[Path, st
 
 async def prefill(redis_url: str, windows: list[list[str]], capacity: int) -> float:
     """Write every user's full window with the service's own append script (one EVALSHA per user)."""
-    from app.redis_client import connect  # noqa: PLC0415
-    from app.windows import NewEvent, WindowStore  # noqa: PLC0415
+    from app.redis_client import connect
+    from app.windows import NewEvent, WindowStore
 
     redis = connect(redis_url, 64, 10.0, 2)
     store = WindowStore(redis.client, "nextact", 30 * 24 * 3600, redis.address)
@@ -152,18 +155,18 @@ def scrape_batches(port: int) -> dict[str, Any] | None:
 
 def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
             args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
-    tag = f"{round_no}{name[0]}{mode[0]}-"
+    tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
     before_batches = scrape_batches(port) if name == "nextact" else None
     before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
     result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
     after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
     if not server.alive():
         raise BenchError(f"{name} died under load; log {server.log_path}:\n{server.log_tail()}")
-    sent = result["requests"] or 1
     # CPU per request counts warm-up requests too (the counter cannot tell them apart): an estimate
-    total_sent = sent * (args.warmup + args.duration) / args.duration
-    result["server_cpu_ms_per_request"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / total_sent, 3)
-    result["redis_cpu_ms_per_request"] = round((redis_after["cpu_s"] - redis_before["cpu_s"]) * 1000 / total_sent, 3)
+    total_sent = result["requests"] * (args.warmup + args.duration) / args.duration
+    per_req = (lambda s: round(s * 1000 / total_sent, 3) if total_sent else None)
+    result["server_cpu_ms_per_request"] = per_req(after["cpu_s"] - before["cpu_s"])
+    result["redis_cpu_ms_per_request"] = per_req(redis_after["cpu_s"] - redis_before["cpu_s"])
     result["server_rss_mib"] = after["rss_mib"]
     result["server_threads"] = after["threads"]
     if name == "nextact":
@@ -176,15 +179,15 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
               f"{result['sample_response'][:300]}", flush=True)
     lat = result["latency_ms"]
     print(f"    {name:8} {mode:6} {result['rps']:8.1f} req/s  p50 {lat['p50']:7.2f}  p90 {lat['p90']:7.2f}  "
-          f"p99 {lat['p99']:7.2f} ms  cpu {result['server_cpu_ms_per_request']:.3f} ms/req", flush=True)
+          f"p99 {lat['p99']:7.2f} ms  cpu {result['server_cpu_ms_per_request']} ms/req", flush=True)
     return result
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
 
-def median(values: list[float]) -> float:
+def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
-    return round(statistics.median(vals), 3) if vals else float("nan")
+    return round(statistics.median(vals), 3) if vals else None
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,12 +197,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         if not runs:
             continue
         s: dict[str, Any] = {}
-        for mode in ("closed", "open"):
+        for mode in ("closed", "open", "open_own"):
             ms = [r[mode] for r in runs if mode in r]
             if not ms:
                 continue
             s[mode] = {
                 "rps": median([m["rps"] for m in ms]),
+                "offered_rps": median([m.get("offered_rps") for m in ms]),
                 **{q: median([m["latency_ms"][q] for m in ms]) for q in ("p50", "p90", "p99")},
                 "server_cpu_ms_per_request": median([m["server_cpu_ms_per_request"] for m in ms]),
                 "redis_cpu_ms_per_request": median([m["redis_cpu_ms_per_request"] for m in ms]),
@@ -225,58 +229,68 @@ def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, int] |
     return total or None
 
 
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, s, mach, cfg = res["model"], res["summary"], res["machine"], res["config"]
     rate = res["open_loop_rate"]
+    rate_note = "" if cfg["rate"] else " (half the ceiling's closed-loop throughput)"
     lines = [
         f"# nextact service benchmark ({'quick' if cfg['quick'] else 'full'})",
         "",
-        f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
-        f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}",
-        f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
-        "(the load generator and Redis share these CPUs with the server)",
-        f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, embedding {m['embedding']}, "
-        f"hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), served from {cfg['artifact_dir']}",
-        f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
-        "each request posts one event (random user, real action, unique event_id) and asks k=10",
-        f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
-        f"open loop: Poisson arrivals at {rate:.0f} req/s (half the ceiling's closed-loop throughput); "
-        f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)",
+        (f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
+         f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}"),
+        (f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
+         "(the load generator and Redis share these CPUs with the server)"),
+        (f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, "
+         f"embedding {m['embedding']}, hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), "
+         f"served from {cfg['artifact_dir']}"),
+        (f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
+         "each request posts one event (random user, real action, unique event_id) and asks k=10"),
+        (f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
+         f"open loop: Poisson arrivals at {rate:.0f} req/s{rate_note}; "
+         f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)"),
         f"- command: `{cfg['command']}`",
         "",
-        "| server | req/s (64 conn) | p50 | p90 | p99 (ms, saturated) | p50 | p90 | p99 (ms, open loop) "
-        "| server CPU ms/req | Redis CPU ms/req | RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| server | req/s at 64 conn | p50 | p90 | p99 ms (saturated) | open loop: answered req/s | p50 | p90 "
+         "| p99 ms (open loop) | server CPU ms/req | Redis CPU ms/req | RSS MiB |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"ceiling": "bare FastAPI (ceiling)", "nextact": "**nextact**", "torch": "FastAPI + PyTorch eager"}
     for name in TARGETS:
         if name not in s:
             continue
         c, o = s[name].get("closed", {}), s[name].get("open", {})
-        lines.append(
-            f"| {labels[name]} | {c.get('rps', 0):,.0f} | {c.get('p50', 0):.2f} | {c.get('p90', 0):.2f} | "
-            f"{c.get('p99', 0):.2f} | {o.get('p50', 0):.2f} | {o.get('p90', 0):.2f} | {o.get('p99', 0):.2f} | "
-            f"{c.get('server_cpu_ms_per_request', 0):.3f} | {c.get('redis_cpu_ms_per_request', 0):.3f} | "
-            f"{s[name]['rss_mib']:.0f} |"
-        )
+        cells = [fmt(c.get("rps"), ",.0f"), *(fmt(c.get(q)) for q in ("p50", "p90", "p99")),
+                 fmt(o.get("rps"), ",.0f"), *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
+                 fmt(c.get("server_cpu_ms_per_request"), ".3f"), fmt(c.get("redis_cpu_ms_per_request"), ".3f"),
+                 fmt(s[name]["rss_mib"], ".0f")]
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
     r = s["ratios"]
     t = res["targets"]
     lines += [
         "",
-        f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
-        f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
-        f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
-        f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
-        f"{'met' if t['p99_met'] else 'not met'}).",
+        (f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
+         f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
+         f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
+         f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
+         f"{'met' if t['p99_met'] else 'not met'})."),
     ]
+    own = s.get("nextact", {}).get("open_own")
+    if own:
+        lines += ["", (f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
+                       f"p50 {fmt(own['p50'])} ms, p90 {fmt(own['p90'])} ms, p99 {fmt(own['p99'])} ms, "
+                       f"{fmt(own['rps'], ',.0f')} req/s answered.")]
     for mode, label in (("closed", "saturated"), ("open", "open loop")):
         hist = res["batch_size_histogram"].get(mode)
         if hist:
             total = sum(hist.values()) or 1
-            cells = " | ".join(f"{v / total:.0%}" for v in hist.values())
+            shares = " | ".join(f"{v / total:.0%}" for v in hist.values())
             lines += ["", f"nextact batch sizes ({label}, share of ONNX Runtime calls, bucket = upper bound):", "",
                       "| " + " | ".join(f"<={le}" for le in hist) + " |",
-                      "|" + "---:|" * len(hist), f"| {cells} |"]
+                      "|" + "---:|" * len(hist), f"| {shares} |"]
     if not any(res["batch_size_histogram"].values()):
         lines += ["", "Batch sizes: the service exposes no nextact_inference_batch_size histogram on /metrics."]
     if res.get("model_bench_markdown"):
@@ -314,15 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in TARGETS if t in args.targets.split(",")]
     started = time.monotonic()
 
-    from app.manifest import read_manifest  # noqa: PLC0415
-    from app.redis_server import EmbeddedRedis  # noqa: PLC0415
+    from app.manifest import read_manifest
+    from app.redis_server import EmbeddedRedis
 
     art = ensure_artifact(args)
     manifest = read_manifest(art)
     data, col = population_source(manifest, args)
     rng = random.Random(args.seed)
     sequences = read_sequences(data, col)
-    from bench.harness import make_windows  # noqa: PLC0415
+    from bench.harness import make_windows
 
     windows = make_windows(sequences, args.users, manifest.window, rng)
     work = Path(tempfile.mkdtemp(prefix="nextact-bench-"))
@@ -395,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in targets:
                 this[name]["open"] = measure(name, servers[name], ports[name], redis.process.pid, templates, work,
                                              "open", args, r, rate)
+            if "nextact" in this and not args.quick:
+                # latency where nextact itself is half busy, whatever the ceiling is
+                own = max(10.0, round(this["nextact"]["closed"]["rps"] / 2, -1))
+                this["nextact"]["open_own"] = measure("nextact", servers["nextact"], ports["nextact"],
+                                                      redis.process.pid, templates, work, "open", args, r, own)
+                this["nextact"]["open_own"]["offered_rps"] = own
             rounds.append(this)
         result["open_loop_rate"] = rate
         result["rounds"] = rounds

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def _substitute(text: str, values: dict[str, str]) -> str:
 
 
 def load_compose(path: Path = COMPOSE, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml after ${VAR:-default} interpolation (from env, else the defaults, as Compose does)."""
+    """docker-compose.yml after ${VAR:-default} interpolation (from env, else the default, like Compose)."""
     text = path.read_text(encoding="utf-8")
     data = yaml.safe_load(_substitute(text, dict(os.environ if env is None else env)))
     assert isinstance(data, dict), f"{path}: not a mapping"
@@ -223,3 +224,24 @@ def settings_env_names() -> set[str]:
 def nextact_names(text: str) -> set[str]:
     """Every NEXTACT_* identifier a file mentions."""
     return set(re.findall(r"\bNEXTACT_[A-Z0-9_]+\b", text))
+
+
+def image_command() -> list[str]:
+    """The serving image's CMD; `python` is this interpreter (the venv, as /opt/venv is in the image)."""
+    cmd = Dockerfile.parse().last("serve", "CMD").exec_form()
+    assert cmd, f"{DOCKERFILE}: the serving image's CMD must be in exec form"
+    return [sys.executable if word == "python" else word for word in cmd]
+
+
+def image_environment(redis_url: str, artifact_dir: Path) -> dict[str, str]:
+    """NEXTACT_* as the api container sees them: the image's ENV, then the compose api service's environment.
+
+    Replaced, because they cannot hold on a test machine: the Redis URL and the artifact directory.
+    Left out, for the process helper to set: the listening address (a free loopback port, not 0.0.0.0:8000).
+    """
+    env = {k: v for k, v in Dockerfile.parse().env("serve").items() if k.startswith("NEXTACT_")}
+    env |= compose_env(load_compose(env={})["services"]["api"])
+    env |= {"NEXTACT_REDIS_URL": redis_url, "NEXTACT_ARTIFACT_DIR": str(artifact_dir)}
+    for key in ("NEXTACT_HOST", "NEXTACT_PORT"):
+        env.pop(key)
+    return env

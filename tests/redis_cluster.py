@@ -40,7 +40,7 @@ def free_cluster_port(taken: set[int]) -> int:
 
 
 def slot_ranges(masters: int) -> list[range]:
-    """Split the 16384 hash slots into contiguous ranges, one per master (what redis-cli --cluster create does)."""
+    """The 16384 hash slots in contiguous ranges, one per master (as redis-cli --cluster create does)."""
     step = SLOTS // masters
     bounds = [i * step for i in range(masters)] + [SLOTS]
     return [range(bounds[i], bounds[i + 1]) for i in range(masters)]
@@ -82,10 +82,14 @@ class LocalRedisCluster:
                 self.base_dir / f"node-{i}",
                 port=port,
                 extra_args=[
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"nodes-{port}.conf",
-                    "--cluster-node-timeout", "5000",
-                    "--cluster-require-full-coverage", "yes",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-require-full-coverage",
+                    "yes",
                 ],
             )
             self.nodes.append(node.start())
@@ -97,7 +101,9 @@ class LocalRedisCluster:
         """Assign slot ranges, give each node its own config epoch, then introduce every node to the first."""
         clients = self._clients()
         try:
-            for epoch, (client, slots) in enumerate(zip(clients, slot_ranges(self.masters), strict=True), start=1):
+            for epoch, (client, slots) in enumerate(
+                zip(clients, slot_ranges(self.masters), strict=True), start=1
+            ):
                 client.execute_command("CLUSTER ADDSLOTS", *slots)
                 client.execute_command("CLUSTER SET-CONFIG-EPOCH", epoch)
             for port in self.ports[1:]:
@@ -131,4 +137,3 @@ class LocalRedisCluster:
         for node in self.nodes:
             node.stop()
         self.nodes = []
-

@@ -222,6 +222,7 @@ async def test_device_cuda_runs_on_cuda_or_refuses_to_start(behavior_artifact: P
 
 def test_python_m_app_names_the_missing_file(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "NEXTACT_ARTIFACT_DIR": str(tmp_path / "none"), "NEXTACT_PORT": str(free_port())}
-    done = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
     assert done.returncode == 2
     assert f"cannot start: {tmp_path / 'none' / MANIFEST_FILE}: manifest file not found" in done.stderr

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.batching import Batcher, BatchError, BatcherClosed
+from app.batching import Batcher, BatcherClosed, BatchError
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +67,7 @@ async def test_concurrent_requests_wait_at_most_max_wait_for_company() -> None:
         await asyncio.sleep(0.05)
         late = asyncio.gather(batcher.submit(3), batcher.submit(4))  # ... so these join it
         assert await early == [0, 2, 4]
-        assert await late == [6, 8]
+        assert list(await late) == [6, 8]
         elapsed = time.perf_counter() - start
     finally:
         await batcher.close()

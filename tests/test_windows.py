@@ -28,7 +28,7 @@ async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
 
 @pytest.fixture
 def store(conn: RedisConnection) -> WindowStore:
-    return WindowStore(conn.client, "t", TTL, conn.address)
+    return WindowStore(conn.client, "t", TTL, conn.address, max_concurrency=16, direct=conn.direct)
 
 
 def ev(event_id: str, action: str, ts: float) -> NewEvent:
@@ -138,7 +138,7 @@ async def test_concurrent_appends_for_one_user_lose_nothing(store: WindowStore) 
 async def test_an_unreachable_redis_is_store_unavailable() -> None:
     port = free_port()
     conn = connect(f"redis://127.0.0.1:{port}/0", max_connections=4, timeout_seconds=0.5, retries=1)
-    store = WindowStore(conn.client, "t", TTL, conn.address)
+    store = WindowStore(conn.client, "t", TTL, conn.address, max_concurrency=4, direct=conn.direct)
     try:
         for call in (store.append("u", [ev("a", "x", 1)], 5), store.actions("u", 5), store.events("u"),
                      store.delete("u"), store.ping()):
@@ -162,7 +162,7 @@ def test_the_window_matches_a_simple_model(redis_url: str, batches: list[list[tu
 
     async def check() -> None:
         conn = connect(redis_url, max_connections=2, timeout_seconds=2, retries=0)
-        store = WindowStore(conn.client, "h", TTL, conn.address)
+        store = WindowStore(conn.client, "h", TTL, conn.address, max_concurrency=2)
         try:
             await store.delete("p")
             kept: list[tuple[float, int, str, str]] = []  # (ts, arrival, id, action), the model

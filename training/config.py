@@ -47,7 +47,7 @@ class TrainConfig:
     """The optimisation: everything `train` needs beyond the data and the network's shape."""
 
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256, fewer on small logs (see train.auto_batch_size)
     lr: float = 2e-3
     weight_decay: float = 0.0
     clip_norm: float = 5.0

@@ -58,9 +58,21 @@ def parity_cases(vocab_size: int, window: int, seed: int = 0) -> list[ParityCase
     return cases
 
 
+def _clear_rnn_dispatch_caches() -> None:
+    """Work around torch 2.13: the exporter swaps in a while_loop LSTM/GRU decomposition (dynamic time) through
+    `op.py_kernels` without invalidating the op's dispatch cache, so from the second export in a process on,
+    the unrolled decomposition is used and the time axis is frozen to the example's length. The parity gate
+    catches that ("Got: 1 Expected: 50"); clearing the cache before each export avoids it."""
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+        cache = getattr(op, "_dispatch_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
 def export_onnx(model: NextActionModel, path: Path) -> Path:
     """Export `model` (a fresh copy, in eval mode) to `path` with dynamic batch and time axes; no check."""
-    fresh = copy.deepcopy(model).eval()  # exporting a module twice in one process can freeze the time axis
+    _clear_rnn_dispatch_caches()
+    fresh = copy.deepcopy(model).eval()  # the export must not touch the caller's module
     window = fresh.config.window
     ids = torch.full((3, max(2, window)), PAD_ID + 2, dtype=torch.int64)  # (3, T) example, not used for shapes
     lengths = torch.tensor([ids.shape[1], 1, 0], dtype=torch.int64)  # (3,)

@@ -9,6 +9,7 @@ sampled: the target is ranked among `negatives` actions drawn uniformly, without
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -20,6 +21,15 @@ from training.splits import EvalCases, Split
 
 Protocol = Literal["full", "sampled"]
 Scorer = Callable[[Sequence[np.ndarray]], np.ndarray]  # histories -> scores (B, V), higher is more likely
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """metrics[protocol][scorer][metric], with how many cases and (sampled) negatives per case on average."""
+
+    metrics: dict[str, dict[str, dict[str, float]]]
+    cases: int
+    mean_negatives: float | None
 
 
 def sample_negatives(split: Split, cases: EvalCases, vocab_size: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,10 +71,12 @@ def evaluate_cases(
     seed: int = 0,
     batch_size: int = 512,
     progress: bool = False,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """metrics[protocol][scorer][metric] of every scorer on `cases`, the same sampled negatives for all."""
+) -> Evaluation:
+    """Every scorer under every protocol on `cases`; all scorers see the same sampled negatives."""
+    mean_negatives = None
     if "sampled" in protocols:
         candidates, cand_valid = sample_negatives(split, cases, vocab_size, negatives, seed)
+        mean_negatives = float(cand_valid[:, 1:].sum(axis=1).mean()) if len(cases) else 0.0
     acc = {p: {name: RankAccumulator() for name in scorers} for p in protocols}
     full_valid = np.arange(vocab_size)[None, :] > UNK_ID  # (1, V)
     starts = range(0, len(cases), batch_size)
@@ -81,4 +93,5 @@ def evaluate_cases(
                 cand = candidates[sl]  # (b, 1 + n)
                 picked = np.take_along_axis(scores, cand, axis=1)  # (b, 1 + n)
                 acc["sampled"][name].add(picked, cand, np.zeros(len(cand), dtype=np.int64), cand_valid[sl], ok)
-    return {p: {name: a.result() for name, a in per.items()} for p, per in acc.items()}
+    metrics = {p: {name: a.result() for name, a in per.items()} for p, per in acc.items()}
+    return Evaluation(metrics, len(cases), mean_negatives)

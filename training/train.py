@@ -25,6 +25,13 @@ from training.windows import history_batch, training_batches, training_windows
 log = logging.getLogger(__name__)
 
 _VAL_BATCH = 1024
+_MAX_AUTO_BATCH = 256
+_MIN_STEPS = 20
+
+
+def auto_batch_size(n_windows: int) -> int:
+    """256 windows per batch, fewer when that would leave an epoch with under 20 optimiser steps (small logs)."""
+    return max(8, min(_MAX_AUTO_BATCH, n_windows // _MIN_STEPS))
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class TrainResult:
     """The model with its best epoch's weights, and how training went."""
 
     model: NextActionModel
+    batch_size: int
     epochs: list[EpochLog] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0  # wall time of the whole loop, validation included
@@ -100,18 +108,19 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
     if not chunks:
         raise DataError("no training sequence has two events: nothing to learn from")
     val_cases = split.cases("validation")
-    n_batches = math.ceil(len(chunks) / config.batch_size)
-    log.info("training on %d windows (%d batches/epoch), validating on %d cases",
-             len(chunks), n_batches, len(val_cases))
+    batch_size = config.batch_size or auto_batch_size(len(chunks))
+    n_batches = math.ceil(len(chunks) / batch_size)
+    log.info("training on %d windows (%d batches of %d per epoch), validating on %d cases",
+             len(chunks), n_batches, batch_size, len(val_cases))
 
-    result = TrainResult(model=model)
+    result = TrainResult(model=model, batch_size=batch_size)
     best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
     started = time.perf_counter()
     epochs = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=config.quiet)
     for epoch in epochs:
         model.train()
         loss_sum, events, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(training_batches(chunks, config.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
+        bar = tqdm(training_batches(chunks, batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
                    unit="batch", leave=False, disable=config.quiet)
         for inputs, targets in bar:
             logits, kept = model.position_logits(torch.from_numpy(inputs), torch.from_numpy(targets))  # (N, V), (N,)

@@ -1,0 +1,138 @@
+"""Command line: `python -m training train ...` and `python -m training evaluate ...` (see --help).
+
+Both print one JSON object on stdout when they succeed; progress and logs go to stderr. A bad input stops
+with one line `error: ...` naming the file, line, column or value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.manifest import ManifestError, read_manifest
+from training.config import DataOptions, ModelConfig, TrainConfig
+from training.errors import TrainingError
+
+_M, _T = ModelConfig(vocab_size=3), TrainConfig()
+
+
+def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None) -> None:
+    g = p.add_argument_group("data options")
+    g.add_argument("--data", type=Path, required=True,
+                   help="event log: .csv, .tsv, .jsonl/.ndjson or .parquet (chosen by extension)")
+    g.add_argument("--user-col", default="user_id", help="user column (default: user_id)")
+    g.add_argument("--action-col", default=action_default,
+                   help="action column, or a comma-separated list joined with ':' into one token, e.g. "
+                        "behavior,category_id -> pv:4145813 (default: " + (action_default or "the artifact's") + ")")
+    g.add_argument("--time-col", default=None,
+                   help="time column, epoch seconds or ISO-8601 (default: timestamp if present, else file order; "
+                        "'none': file order)")
+    g.add_argument("--split", choices=["leave-one-out", "time"], default=None,
+                   help="leave-one-out: per user last event test, second-to-last validation; time: a global "
+                        "time cut-off (default: leave-one-out" + ("" if action_default else ", or the artifact's") + ")")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="time split: validation share of events (0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="time split: test share of events (0.1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs; only the final JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train, evaluate and export an artifact directory")
+    t.add_argument("--out", type=Path, required=True, help="artifact directory to write (created if needed)")
+    _add_data_options(t, action_default="action")
+    m = t.add_argument_group("model")
+    m.add_argument("--model", choices=["lstm", "gru"], default=_M.cell, help=f"recurrent cell (default: {_M.cell})")
+    m.add_argument("--window", type=int, default=_M.window, help=f"events looked back on (default: {_M.window})")
+    m.add_argument("--embedding-dim", type=int, default=_M.embedding_dim, help=f"(default: {_M.embedding_dim})")
+    m.add_argument("--hidden-dim", type=int, default=_M.hidden_dim, help=f"(default: {_M.hidden_dim})")
+    m.add_argument("--layers", type=int, default=_M.num_layers, help=f"recurrent layers (default: {_M.num_layers})")
+    m.add_argument("--dropout", type=float, default=_M.dropout, help=f"(default: {_M.dropout})")
+    m.add_argument("--tied", action=argparse.BooleanOptionalAction, default=_M.tied,
+                   help="score actions with the input embedding table (default: %(default)s)")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=_T.epochs, help=f"at most this many (default: {_T.epochs})")
+    o.add_argument("--batch-size", type=int, default=None,
+                   help="windows per batch (default: 256, fewer on small logs so an epoch has >= 20 steps)")
+    o.add_argument("--lr", type=float, default=_T.lr, help=f"Adam learning rate (default: {_T.lr})")
+    o.add_argument("--weight-decay", type=float, default=_T.weight_decay, help=f"(default: {_T.weight_decay})")
+    o.add_argument("--clip-norm", type=float, default=_T.clip_norm, help=f"gradient norm clip (default: {_T.clip_norm})")
+    o.add_argument("--patience", type=int, default=_T.patience,
+                   help=f"stop after this many epochs without validation improvement (default: {_T.patience})")
+    o.add_argument("--stop-metric", choices=["hr@10", "ndcg@10"], default=_T.stop_metric,
+                   help=f"validation metric for early stopping (default: {_T.stop_metric})")
+    o.add_argument("--min-count", type=int, default=_T.min_count,
+                   help=f"actions seen fewer times in training become <unk> (default: {_T.min_count})")
+    o.add_argument("--seed", type=int, default=_T.seed, help=f"(default: {_T.seed})")
+    o.add_argument("--negatives", type=int, default=_T.negatives,
+                   help=f"sampled protocol: negatives per test case (default: {_T.negatives})")
+
+    e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
+    e.add_argument("--artifact", type=Path, required=True, help="artifact directory (model.onnx, manifest.json)")
+    e.add_argument("--protocol", choices=["full", "sampled"], default="full", help="(default: full)")
+    e.add_argument("--negatives", type=int, default=_T.negatives, help=f"sampled protocol (default: {_T.negatives})")
+    _add_data_options(e, action_default=None)
+    return parser
+
+
+def _data_options(args: argparse.Namespace, action_cols: list[str], split: str) -> DataOptions:
+    time_col = args.time_col
+    return DataOptions(
+        path=args.data,
+        user_col=args.user_col,
+        action_cols=tuple(action_cols),
+        time_col=None if time_col and time_col.lower() == "none" else (time_col or "timestamp"),
+        time_col_required=time_col is not None,
+        split=split,  # type: ignore[arg-type]
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+
+
+def _columns(text: str) -> list[str]:
+    cols = [c.strip() for c in text.split(",")]
+    if not all(cols):
+        raise TrainingError(f"--action-col {text!r}: empty column name")
+    return cols
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from training.pipeline import evaluate_command, train_command
+
+    if args.command == "train":
+        if args.window < 1 or args.epochs < 1 or (args.batch_size or 1) < 1 or not 0 <= args.dropout < 1:
+            raise TrainingError("--window, --epochs and --batch-size must be >= 1 and --dropout in [0, 1)")
+        options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
+        model_args = {"cell": args.model, "embedding_dim": args.embedding_dim, "hidden_dim": args.hidden_dim,
+                      "num_layers": args.layers, "dropout": args.dropout, "window": args.window, "tied": args.tied}
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, clip_norm=args.clip_norm, patience=args.patience,
+                             stop_metric=args.stop_metric, min_count=args.min_count, seed=args.seed,
+                             quiet=args.quiet, negatives=args.negatives)
+        return train_command(options, model_args, config, args.out)
+    manifest = read_manifest(args.artifact)
+    action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
+    options = _data_options(args, action_cols, args.split or manifest.training.split)
+    return evaluate_command(options, args.artifact, args.protocol, args.negatives, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = run(args)
+    except (TrainingError, ManifestError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

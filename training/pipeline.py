@@ -1,0 +1,130 @@
+"""The two commands end to end: `train` (log -> artifact directory) and `evaluate` (artifact + log -> metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.manifest import MODEL_FILE, DataSummary, Manifest, TrainingSummary, read_manifest, write_manifest
+from training.baselines import Markov, Popularity
+from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
+from training.events import EventLog, load_events
+from training.protocols import Protocol, Scorer, evaluate_cases
+from training.splits import Split, make_boundaries
+from training.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def prepare(options: DataOptions, vocabulary: Vocabulary | None = None, min_count: int = 1) -> tuple[EventLog, Split, Vocabulary]:
+    """Read and clean the log, split it, and encode it with `vocabulary` (built from the training events if None)."""
+    events = load_events(options)
+    bounds = make_boundaries(events, options)
+    if vocabulary is None:
+        vocabulary = Vocabulary.build((a[:e] for a, e in zip(events.actions, bounds.train_end, strict=True)), min_count)
+    split = Split(bounds, [vocabulary.encode(a) for a in events.actions])
+    log.info("%s: %d events, %d users, %d actions; vocabulary %d ids", events.path, events.rows, len(events.users),
+             events.distinct_actions(), len(vocabulary))
+    return events, split, vocabulary
+
+
+def baseline_scorers(split: Split, vocab_size: int) -> dict[str, Scorer]:
+    train = split.train_sequences()
+    return {"popularity": Popularity(train, vocab_size), "markov": Markov(train, vocab_size)}
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def train_command(options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact."""
+    from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
+    from training.export import export_model, model_version
+    from training.predict import model_scorer
+    from training.report import write_report
+    from training.train import fit
+
+    events, split, vocabulary = prepare(options, min_count=config.min_count)
+    model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
+    result = fit(split, model_config, config)
+    model = result.model
+
+    test = split.cases("test")
+    scorers = {"model": model_scorer(model, model_config.window), **baseline_scorers(split, len(vocabulary))}
+    evaluation = evaluate_cases(split, test, scorers, len(vocabulary), ("full", "sampled"), config.negatives,
+                                EVAL_SEED, progress=not config.quiet)
+    if not len(test):
+        log.warning("no test cases (every user has fewer than 3 events?): the artifact has no metrics")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / CHECKPOINT_FILE, model, vocabulary)
+    onnx_path, diff = export_model(model, out_dir)
+    log.info("exported %s (parity max |diff| %.2g)", onnx_path, diff)
+    time_start, time_end = events.time_span()
+    manifest = Manifest(
+        model_version=model_version(onnx_path),
+        created_at=datetime.now(UTC),
+        cell=model_config.cell,
+        embedding_dim=model_config.embedding_dim,
+        hidden_dim=model_config.hidden_dim,
+        num_layers=model_config.num_layers,
+        dropout=model_config.dropout,
+        window=model_config.window,
+        padding_side="right",
+        vocabulary=vocabulary.tokens,
+        data=DataSummary(file=str(events.path), rows=events.rows, users=len(events.users),
+                         actions=events.distinct_actions(), action_columns=list(events.action_cols),
+                         time_start=time_start, time_end=time_end),
+        training=TrainingSummary(split=options.split, epochs_run=len(result.epochs), best_epoch=result.best_epoch,
+                                 seconds=round(result.seconds, 2),
+                                 events_per_second=round(result.events_per_second, 1), seed=config.seed,
+                                 batch_size=result.batch_size, learning_rate=config.lr),
+        metrics=evaluation.metrics if len(test) else {},
+        versions=library_versions(),
+    )
+    write_report(out_dir, manifest, result.epochs, rows_read=events.rows_read,
+                 dropped_missing=events.dropped_missing, dropped_duplicates=events.dropped_duplicates,
+                 evaluation=evaluation, min_count=config.min_count, export_diff=diff)
+    write_manifest(out_dir, manifest)  # last: a directory with a manifest is a complete artifact
+    return {
+        "artifact": str(out_dir),
+        "model_version": manifest.model_version,
+        "vocabulary": manifest.vocab_size,
+        "model": dataclasses.asdict(model_config),
+        "training": manifest.training.model_dump(),
+        "test_cases": len(test),
+        "parity_max_abs_diff": diff,
+        "metrics": manifest.metrics,
+    }
+
+
+def evaluate_command(options: DataOptions, artifact_dir: Path, protocol: Protocol, negatives: int,
+                     progress: bool = False) -> dict[str, Any]:
+    """Score the artifact's model.onnx (with ONNX Runtime) and both baselines on the re-created test split."""
+    from training.runtime import onnx_scorer, open_session
+
+    manifest = read_manifest(artifact_dir)
+    vocabulary = Vocabulary(manifest.vocabulary)
+    _, split, _ = prepare(options, vocabulary)
+    test = split.cases("test")
+    session = open_session(Path(artifact_dir) / MODEL_FILE)
+    scorers = {"model": onnx_scorer(session, manifest.window, manifest.io), **baseline_scorers(split, len(vocabulary))}
+    evaluation = evaluate_cases(split, test, scorers, len(vocabulary), (protocol,), negatives, EVAL_SEED,
+                                progress=progress)
+    out: dict[str, Any] = {"protocol": protocol, "split": options.split, "cases": evaluation.cases}
+    if evaluation.mean_negatives is not None:
+        out["mean_negatives"] = round(evaluation.mean_negatives, 2)
+    out.update(evaluation.metrics[protocol])
+    return out

@@ -1,0 +1,114 @@
+"""report.md and its plots: what was trained on, how training went, the model against both baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from app.manifest import REPORT_FILE, Manifest
+from training.metrics import KS
+from training.protocols import Evaluation
+from training.train import EpochLog
+
+LOSS_PLOT = "loss.png"
+HR_PLOT = "val_hr10.png"
+SCORERS = ("model", "popularity", "markov")
+PROTOCOL_NOTES = {
+    "full": "the target ranked among all actions",
+    "sampled": "the target ranked against {negatives:.4g} actions on average that the user never interacted "
+    "with, drawn uniformly (fixed seed)",
+}
+
+
+def plot_curves(epochs: Sequence[EpochLog], out_dir: Path) -> tuple[Path, Path]:
+    """loss.png (training and validation loss per epoch) and val_hr10.png (validation HR@10 per epoch)."""
+    x = [e.epoch for e in epochs]
+    fig = Figure(figsize=(6, 3.6), dpi=100)  # no pyplot: no global state, no display backend
+    ax = fig.add_subplot()
+    ax.plot(x, [e.train_loss for e in epochs], marker="o", label="training")
+    ax.plot(x, [e.val_loss for e in epochs], marker="o", label="validation")
+    ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    loss_path = out_dir / LOSS_PLOT
+    fig.savefig(loss_path)
+
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(x, [e.val_hr10 for e in epochs], marker="o", color="tab:green")
+    ax.set(xlabel="epoch", ylabel="HR@10", title="Validation HR@10 per epoch (full ranking)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    hr_path = out_dir / HR_PLOT
+    fig.savefig(hr_path)
+    return loss_path, hr_path
+
+
+def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
+    names = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in KS] + ["accuracy", "macro_f1"]
+    scorers = [s for s in SCORERS if s in per_scorer]
+    lines = ["| metric | " + " | ".join(scorers) + " | model - best baseline |", "|---|" + "---:|" * (len(scorers) + 1)]
+    for name in names:
+        values = [per_scorer[s].get(name, float("nan")) for s in scorers]
+        base = [v for s, v in zip(scorers, values, strict=True) if s != "model"]
+        delta = per_scorer.get("model", {}).get(name, float("nan")) - max(base, default=float("nan"))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {delta:+.4f} |")
+    return lines
+
+
+def write_report(out_dir: Path, manifest: Manifest, epochs: Sequence[EpochLog], *, rows_read: int,
+                 dropped_missing: int, dropped_duplicates: int, evaluation: Evaluation,
+                 min_count: int, export_diff: float) -> Path:
+    """Write report.md (and the two plots) into `out_dir`."""
+    plot_curves(epochs, out_dir)
+    d, t = manifest.data, manifest.training
+    lines = [
+        f"# nextact model {manifest.model_version}",
+        "",
+        f"{manifest.cell.upper()} next-action model trained {manifest.created_at:%Y-%m-%d %H:%M UTC}.",
+        "",
+        "## Data",
+        "",
+        f"- file: `{d.file}`; action = `{':'.join(d.action_columns)}`",
+        f"- rows read {rows_read:,}; dropped: {dropped_missing:,} with a missing user or action, "
+        f"{dropped_duplicates:,} exact duplicates; events kept {d.rows:,}",
+        f"- users {d.users:,}; distinct actions {d.actions:,}; time span {d.time_start} to {d.time_end}",
+        f"- vocabulary {manifest.vocab_size:,} ids (0 = `<pad>`, 1 = `<unk>`, actions seen at least "
+        f"{min_count}x in the training events)",
+        f"- split `{t.split}`; {evaluation.cases:,} test cases",
+        "",
+        "## Model and training",
+        "",
+        f"- {manifest.cell} cell, embedding {manifest.embedding_dim}, hidden {manifest.hidden_dim}, layers "
+        f"{manifest.num_layers}, dropout {manifest.dropout}, window {manifest.window} (right-padded)",
+        f"- Adam lr {t.learning_rate}, batch {t.batch_size}, seed {t.seed}; {t.epochs_run} epochs run, best "
+        f"epoch {t.best_epoch} kept; {t.seconds:.0f} s; {t.events_per_second:,.0f} training events/s",
+        f"- ONNX parity gate passed: max |ONNX Runtime - PyTorch| = {export_diff:.2g}",
+        "",
+    ]
+    for protocol, per_scorer in manifest.metrics.items():
+        note = PROTOCOL_NOTES.get(protocol, protocol).format(negatives=evaluation.mean_negatives or 0.0)
+        lines += [f"## Test metrics, {protocol} protocol", "", f"{note.capitalize()}. Ties count against the "
+                  "scorer. Popularity and a first-order Markov chain (popularity breaks its ties) are fitted "
+                  "on the training events only.", "", *_metrics_table(per_scorer), ""]
+    lines += [
+        "## Training curves",
+        "",
+        f"![loss per epoch]({LOSS_PLOT})",
+        "",
+        f"![validation HR@10 per epoch]({HR_PLOT})",
+        "",
+        "| epoch | train loss | val loss | val HR@10 | val NDCG@10 | events/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[f"| {e.epoch} | {e.train_loss:.4f} | {e.val_loss:.4f} | {e.val_hr10:.4f} | {e.val_ndcg10:.4f} | "
+          f"{e.events_per_second:,.0f} |" for e in epochs],
+        "",
+        "Library versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) + ".",
+        "",
+    ]
+    path = out_dir / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
