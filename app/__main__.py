@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -38,6 +39,10 @@ def main() -> int:
             return 2
         os.environ["NEXTACT_REDIS_URL"] = embedded.url
     log.info("nextact serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
+    # a no-op here lets a clean shutdown exit 0 (and skips KeyboardInterrupt's traceback)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(
             "app.main:create_app", factory=True, host=settings.host, port=settings.port,

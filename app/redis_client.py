@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ class DirectCommands:
     redis-py's client spends more CPU per command on its pool, retry and telemetry wrappers than on
     sending and parsing (134 vs 60 us per EVALSHA, measured); the service's one round trip per request
     goes through here instead. Callers bound concurrency (WindowStore's semaphore), so at most that many
-    connections are opened. Connection errors and timeouts are retried `retries` times on a fresh connection.
+    connections are opened. Connection errors and timeouts are retried `retries` times on fresh connections
+    (safe for the append script: its event ids make a repeated append a no-op).
     """
 
     def __init__(self, pool: BlockingConnectionPool, retries: int) -> None:
@@ -44,6 +46,11 @@ class DirectCommands:
                 await self._drop(conn)
                 if attempt == self._retries:
                     raise
+                # the idle connections most likely died with this one (Redis restarted): start afresh
+                stale, self._idle = self._idle, deque()
+                for idle in stale:
+                    await self._drop(idle)
+                await asyncio.sleep(0.01 * (attempt + 1))
                 continue
             except ResponseError:  # an error reply (NOSCRIPT, ...) was read in full: the connection is fine
                 self._idle.append(conn)

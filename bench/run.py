@@ -178,8 +178,9 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
         print(f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
               f"{result['sample_response'][:300]}", flush=True)
     lat = result["latency_ms"]
-    print(f"    {name:8} {mode:6} {result['rps']:8.1f} req/s  p50 {lat['p50']:7.2f}  p90 {lat['p90']:7.2f}  "
-          f"p99 {lat['p99']:7.2f} ms  cpu {result['server_cpu_ms_per_request']} ms/req", flush=True)
+    offered = f" of {rate:.0f} offered" if rate else ""
+    print(f"    {name:8} {mode:6} {result['rps']:8.1f} req/s{offered}  p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  "
+          f"p99 {fmt(lat['p99'])} ms  server cpu {fmt(result['server_cpu_ms_per_request'], '.3f')} ms/req", flush=True)
     return result
 
 

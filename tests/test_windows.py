@@ -203,3 +203,25 @@ async def test_a_cluster_keeps_each_users_window_on_one_node(tmp_path: Path) -> 
     finally:
         await conn.close()
         cluster.stop()
+
+
+async def test_the_store_recovers_its_connections_after_a_redis_restart(tmp_path: Path) -> None:
+    from app.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path, port=free_port()).start()
+    conn = connect(server.url, max_connections=8, timeout_seconds=1, retries=1)
+    store = WindowStore(conn.client, "t", TTL, conn.address, max_concurrency=8, direct=conn.direct)
+    try:
+        await asyncio.gather(*(store.append("u", [ev(f"a{i}", "x", i)], 50) for i in range(16)))  # 8 idle conns
+        server.stop()
+        server.start()  # replays its append-only file; every pooled connection is dead
+        got = await store.append("u", [ev("b", "y", 100)], 50)
+        assert (got.accepted, len(got.actions)) == (1, 17)
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="is unavailable"):
+            await store.append("u", [ev("lost", "x", 99)], 50)
+        server.start()
+        assert (await store.append("u", [ev("c", "z", 101)], 50)).actions[-2:] == ["y", "z"]
+    finally:
+        await conn.close()
+        server.stop()

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=_T.seed, help=f"(default: {_T.seed})")
     o.add_argument("--negatives", type=int, default=_T.negatives,
                    help=f"sampled protocol: negatives per test case (default: {_T.negatives})")
+    o.add_argument("--threads", type=int, default=_T.threads,
+                   help="torch CPU threads; 0: torch's default, one per core (on a busy shared machine 1 can be faster)")
 
     e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
     e.add_argument("--artifact", type=Path, required=True, help="artifact directory (model.onnx, manifest.json)")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, clip_norm=args.clip_norm, patience=args.patience,
                              stop_metric=args.stop_metric, min_count=args.min_count, seed=args.seed,
-                             quiet=args.quiet, negatives=args.negatives)
+                             quiet=args.quiet, negatives=args.negatives, threads=args.threads)
         return train_command(options, model_args, config, args.out)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns

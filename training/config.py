@@ -57,3 +57,4 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
     negatives: int = 100
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)

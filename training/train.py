@@ -101,6 +101,8 @@ def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[fl
 def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainResult:
     """Train on the split's training events, stop early on the validation metric, return the best model."""
     seed_everything(config.seed)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     model = NextActionModel(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

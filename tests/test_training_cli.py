@@ -1,0 +1,117 @@
+"""python -m training train|evaluate end to end: the artifact's files, manifest, report, ONNX vs PyTorch, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.manifest import MANIFEST_FILE, MODEL_FILE, PAD_TOKEN, REPORT_FILE, UNK_TOKEN, read_manifest
+from training import predict
+from training.__main__ import main
+from training.checkpoint import CHECKPOINT_FILE
+from training.predict import encode_sequences
+from training.report import HR_PLOT, LOSS_PLOT
+from training.runtime import open_session, run
+from training.vocab import Vocabulary
+
+METRICS = {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10, 20)} | {"accuracy", "macro_f1"}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> None:
+    for name in (MODEL_FILE, MANIFEST_FILE, REPORT_FILE, CHECKPOINT_FILE, LOSS_PLOT, HR_PLOT):
+        assert (behavior_artifact / name).is_file(), name
+    manifest = read_manifest(behavior_artifact)
+    assert manifest.model_version == hashlib.sha256((behavior_artifact / MODEL_FILE).read_bytes()).hexdigest()[:16]
+    assert manifest.vocabulary[:2] == [PAD_TOKEN, UNK_TOKEN]
+    assert sorted(manifest.vocabulary[2:]) == ["buy", "cart", "fav", "pv"]
+    assert (manifest.cell, manifest.window, manifest.embedding_dim, manifest.hidden_dim) == ("lstm", 20, 16, 32)
+    assert manifest.padding_side == "right" and manifest.training.epochs_run == 2 and manifest.training.seed == 7
+    assert manifest.data.rows == 3050 and manifest.data.users == 40 and manifest.data.action_columns == ["behavior"]
+    for protocol in ("full", "sampled"):
+        assert set(manifest.metrics[protocol]) == {"model", "popularity", "markov"}
+        assert set(manifest.metrics[protocol]["model"]) == METRICS
+    report = (behavior_artifact / REPORT_FILE).read_text()
+    assert f"]({LOSS_PLOT})" in report and f"]({HR_PLOT})" in report
+    assert "| hr@10 |" in report and "sampled protocol" in report
+    assert (behavior_artifact / LOSS_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_onnx_runtime_matches_training_predict_on_action_strings(behavior_artifact: Path) -> None:
+    manifest = read_manifest(behavior_artifact)
+    sequences = [["pv", "pv", "cart"], [], ["buy"], ["pv", "zzz-unknown", "fav"] * 10]
+    expected = predict(behavior_artifact, sequences)  # PyTorch, from checkpoint.pt
+    ids, lengths = encode_sequences(Vocabulary(manifest.vocabulary), sequences, manifest.window)
+    got = run(open_session(behavior_artifact / MODEL_FILE), ids, lengths)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.all(got[:, :2] == 0) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
+
+
+def test_item_artifact_has_a_realistic_vocabulary(item_artifact: Path) -> None:
+    manifest = read_manifest(item_artifact)
+    assert manifest.vocab_size > 1000 and manifest.data.action_columns == ["item_id"]
+    assert manifest.metrics["sampled"]["model"]["hr@10"] > 0
+
+
+def test_evaluate_reproduces_the_manifest_metrics(behavior_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _cli(capsys, "evaluate", "--data", "examples/taobao_sample.csv", "--artifact", str(behavior_artifact),
+               "--quiet")
+    assert list(out)[:2] == ["protocol", "split"] and out["protocol"] == "full" and out["split"] == "leave-one-out"
+    stored = read_manifest(behavior_artifact).metrics["full"]
+    for scorer in ("model", "popularity", "markov"):
+        got = out[scorer]
+        assert isinstance(got, dict) and set(got) == METRICS
+        for name, value in got.items():
+            assert value == pytest.approx(stored[scorer][name], abs=1e-9), (scorer, name)
+
+
+def test_train_gru_on_jsonl_with_time_split_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(30):
+        t = 1_700_000_000 + int(rng.integers(0, 5000))
+        for step in range(int(rng.integers(4, 12))):
+            t += int(rng.integers(1, 600))
+            lines.append({"uid": f"u{user}", "kind": ["view", "cart", "buy"][step % 3], "cat": int(step % 2),
+                          "when": t})
+    data = tmp_path / "events.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    out_dir = tmp_path / "artifact"
+    common = ["--data", str(data), "--user-col", "uid", "--action-col", "kind,cat", "--time-col", "when"]
+    trained = _cli(capsys, "train", *common, "--out", str(out_dir), "--model", "gru", "--split", "time",
+                   "--epochs", "2", "--window", "8", "--embedding-dim", "8", "--hidden-dim", "8", "--quiet")
+    manifest = read_manifest(out_dir)
+    assert manifest.cell == "gru" and manifest.training.split == "time" and "view:0" in manifest.vocabulary
+    assert trained["model_version"] == manifest.model_version
+    evaluated = _cli(capsys, "evaluate", *common, "--artifact", str(out_dir), "--protocol", "sampled", "--quiet")
+    assert evaluated["split"] == "time" and evaluated["protocol"] == "sampled"
+    assert evaluated["model"] == pytest.approx(manifest.metrics["sampled"]["model"], abs=1e-9)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _cli_error(capsys, "train", "--data", "examples/taobao_sample.csv", "--out", str(tmp_path / "x"), "--quiet")
+    assert "column 'action' not found; available columns: user_id, item_id, category_id, behavior, timestamp" in err
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("user_id\taction\ttimestamp\nu\tpv\t1511848894\nu\tpv\t2017-02-30\n", encoding="utf-8")
+    err = _cli_error(capsys, "train", "--data", str(bad), "--out", str(tmp_path / "x"), "--quiet")
+    assert f"{bad}: line 3: column 'timestamp': cannot read '2017-02-30'" in err
+    err = _cli_error(capsys, "evaluate", "--data", str(bad), "--artifact", str(tmp_path / "none"), "--quiet")
+    assert "manifest file not found" in err
+    assert not (tmp_path / "x").exists()
