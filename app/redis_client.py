@@ -63,7 +63,7 @@ class DirectCommands:
         raise AssertionError("unreachable")
 
     def _new(self) -> AbstractConnection:
-        conn = self._pool.make_connection()
+        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         self._open.add(conn)
         return conn
 

@@ -75,7 +75,7 @@ class EmbeddedRedis:
         if not self.port:
             self.port = free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        logfile = self.data_dir / f"redis-{self.port}.log"
+        logfile = self.data_dir / "redis.log"
         cmd = [
             redis_server_binary(),
             "--port", str(self.port),
@@ -83,7 +83,7 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes",
-            "--appendfilename", f"appendonly-{self.port}.aof",
+            "--appendfilename", "appendonly.aof",
             "--appendfsync", "everysec",
             "--save", "",
             "--daemonize", "no",

@@ -25,6 +25,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -159,7 +160,7 @@ class WindowStore:
     async def load_script(self) -> None:
         """Preload the scripts (on every primary of a cluster) so requests can use EVALSHA."""
         for source in SCRIPTS.values():
-            await self._guard("SCRIPT LOAD", lambda source=source: self.client.script_load(source))
+            await self._guard("SCRIPT LOAD", partial(self.client.script_load, source))
 
     async def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:

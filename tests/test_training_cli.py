@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from app.manifest import MANIFEST_FILE, MODEL_FILE, PAD_TOKEN, REPORT_FILE, UNK_TOKEN, read_manifest
-from training import predict
 from training.__main__ import main
 from training.checkpoint import CHECKPOINT_FILE
-from training.predict import encode_sequences
+from training.predict import encode_sequences, predict
 from training.report import HR_PLOT, LOSS_PLOT
 from training.runtime import open_session, run
 from training.vocab import Vocabulary
