@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ import sys
 import uvicorn
 
 from app.manifest import MODEL_FILE, ManifestError, read_manifest
+from app.observability import logging_config
 from app.redis_server import EmbeddedRedis, EmbeddedRedisError
 from app.settings import get_settings
 
@@ -18,7 +20,8 @@ log = logging.getLogger("nextact")
 
 def main() -> int:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logging_config(settings.log_level)  # JSON lines; uvicorn applies it in every worker too
+    logging.config.dictConfig(log_config)
     # fail before forking workers when the artifact is obviously unusable (the lifespan checks it fully)
     try:
         read_manifest(settings.artifact_dir)
@@ -47,6 +50,7 @@ def main() -> int:
         uvicorn.run(
             "app.main:create_app", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
+            log_config=log_config,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
         )
     finally:

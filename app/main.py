@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -13,11 +15,15 @@ from app import routes
 from app.batching import Batcher
 from app.deps import PredictRequest, Services
 from app.errors import BodyLimitMiddleware, install_error_handlers
-from app.model import ModelHolder, Prediction, load_model
+from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, load_model
+from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
+from app.ratelimit import RateLimiter
 from app.redis_client import connect
 from app.redis_server import EmbeddedRedis
+from app.reload import Reloader, ReloadError, load_and_check
+from app.security import ApiKeyAuth
 from app.settings import Settings, get_settings
-from app.windows import StoreUnavailable, WindowStore
+from app.windows import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +40,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open everything once per worker process, in an order that fails fast, and close it in reverse."""
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
-        model = await asyncio.to_thread(load_model, settings.artifact_dir, settings.device, settings.intra_op_threads)
+        metrics: Metrics = app.state.metrics
+        load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        try:
+            model = await asyncio.to_thread(load, settings.artifact_dir)
+        except ReloadError as e:  # the same checks as a reload; at start-up they stop the service
+            raise ModelLoadError(str(e)) from e
         holder = ModelHolder(model)
+        _show_model(metrics, model)
         url = settings.redis_url
         if url is None:
             embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_redis_port)
@@ -44,9 +56,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             url = embedded.url
         redis = connect(url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries)
         stack.push_async_callback(redis.close)
-        store = WindowStore(
+        store = MeteredWindowStore(
             redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
             max_concurrency=settings.redis_max_connections, direct=redis.direct,
+            metrics=metrics, known=lambda action: holder.current.knows(action),
         )
         try:
             await store.load_script()
@@ -57,13 +70,50 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             return holder.current.predict(batch)  # one model for the whole batch, even across a hot swap
 
         batcher: Batcher[PredictRequest, Prediction] = Batcher(
-            run, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000
+            run, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
+            on_batch=metrics.observe_batch,
         )
         stack.push_async_callback(batcher.close)
+        if settings.rate_limit_requests:
+            app.state.rate_limiter = RateLimiter(
+                redis.client, limit=settings.rate_limit_requests, window_seconds=settings.rate_limit_window_seconds,
+                key_prefix=settings.key_prefix, algorithm=settings.rate_limit_algorithm,
+            )
+
+        def install(new: ServingModel) -> None:
+            holder.install(new)
+            _show_model(metrics, new)
+
+        reloader: Reloader[ServingModel] = Reloader(
+            settings.artifact_dir, load=load, install=install, version=lambda m: m.version,
+            current=lambda: holder.current, metrics=metrics,
+        )
+        app.state.reloader = reloader
+        reloader.start_watch(settings.artifact_watch_seconds)
+        stack.push_async_callback(reloader.stop_watch)
         app.state.services = Services(settings, holder, redis, store, batcher)
         log.info("nextact ready: model %s, Redis at %s, window %d", model.version, redis.address,
                  app.state.services.capacity)
         yield
+
+
+def _load_checked(artifact_dir: Path, device: Device, intra_op_threads: int) -> ServingModel:
+    """load_model plus the reload self-check (hash, probe batch): start-up and reloads serve only checked models."""
+    return load_and_check(artifact_dir, partial(load_model, device=device, intra_op_threads=intra_op_threads))
+
+
+def _show_model(metrics: Metrics, model: ServingModel) -> None:
+    m = model.manifest
+    metrics.set_model(model_version=m.model_version, cell=m.cell, window=m.window, vocab_size=m.vocab_size,
+                      provider=model.provider)
+
+
+def _current_version(app: FastAPI) -> Callable[[], str | None]:
+    def version() -> str | None:
+        services: Services | None = getattr(app.state, "services", None)
+        return services.models.current.version if services is not None else None
+
+    return version
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,7 +129,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.auth = ApiKeyAuth.from_setting(settings.api_keys)
+    app.state.rate_limiter = None  # set by the lifespan when NEXTACT_RATE_LIMIT_REQUESTS > 0
     install_error_handlers(app, settings.retry_after_seconds)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # outermost: sees every answer (413s and auth failures included) and stamps its request id on it
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app))
+    app.include_router(routes.v1)
     app.include_router(routes.router)
     return app

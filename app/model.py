@@ -63,6 +63,10 @@ class ServingModel:
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
+    def knows(self, action: str) -> bool:
+        """Whether `action` is in the vocabulary (else it is scored as <unk>)."""
+        return action in self._index
+
     def encode(self, actions: Sequence[str]) -> tuple[np.ndarray, int]:
         """Ids of the last `window` actions (unknown ones -> unk id) and how many of them were unknown."""
         window = self.manifest.window

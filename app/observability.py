@@ -38,6 +38,7 @@ MODEL_VERSION_KEY = MODEL_VERSION_HEADER.lower().encode()
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("nextact_request_id", default=None)
 
+REDIS_OPS = ("append", "read", "delete", "ping", "ratelimit")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -81,7 +82,7 @@ class Metrics:
             namespace=ns, registry=r,
         )
         self.unknown_actions = Counter(
-            "unknown_actions", "Window events whose action the loaded model does not know (scored as <unk>).",
+            "unknown_actions", "Posted events whose action the served model does not know (scored as <unk>).",
             namespace=ns, registry=r,
         )
         self.model_info = Gauge(
@@ -106,6 +107,8 @@ class Metrics:
             self.auth_failures.labels(reason=reason)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result=result)
+        for op in REDIS_OPS:  # every series exists from the start, so rate() and alerts see a zero
+            self.redis_errors.labels(op=op)
 
     def set_model(self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str) -> None:
         """Point model_info at the model now serving (one series at a time)."""
@@ -221,7 +224,10 @@ class ObservabilityMiddleware:
 
 
 # attributes every LogRecord has; anything else was passed with extra= and goes into the JSON object
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# (uvicorn's color_message is its message with ANSI colours: noise in a JSON line)
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -272,15 +278,18 @@ def configure_logging(level: str = "info") -> None:
 class MeteredWindowStore(WindowStore):
     """The window store with every Redis round trip timed and counted, and stored/duplicate events counted."""
 
-    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, metrics: Metrics, known: Callable[[str], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.metrics = metrics
+        self.known = known  # is this action in the served model's vocabulary?
 
     async def append(self, user_id: str, events: Sequence[NewEvent], capacity: int) -> AppendResult:
         with self.metrics.redis_op("append"):
             result = await super().append(user_id, events, capacity)
         self.metrics.events_ingested.inc(result.accepted)
         self.metrics.duplicates_dropped.inc(result.duplicates)
+        if self.known is not None:
+            self.metrics.unknown_actions.inc(sum(1 for e in events if not self.known(e.action)))
         return result
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:

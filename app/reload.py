@@ -153,19 +153,15 @@ C = TypeVar("C", bound=CheckableModel)
 
 
 def load_and_check(artifact_dir: Path, load: Callable[[Path], C]) -> C:
-    """Check the manifest against the model file, load the serving model, run the probe batch through it.
+    """Load the serving model, check the manifest against the model file, run the probe batch through it.
 
     Used at start-up and for every reload, so a model is only ever served after passing the same checks
-    on the same session (and device) that will serve it.
+    on the same session (and device) that will serve it. The loader's own errors (naming the file) come
+    first; then the content hash catches a model.onnx that is not the one the manifest describes.
     """
     artifact_dir = Path(artifact_dir)
+    model = load(artifact_dir)
     check_manifest(artifact_dir)
-    try:
-        model = load(artifact_dir)
-    except ReloadError:
-        raise
-    except Exception as e:  # the loader's own error names the file
-        raise ReloadError(str(e)) from e
     self_check(model.probabilities, model.manifest, str(artifact_dir / MODEL_FILE))
     return model
 
@@ -227,7 +223,7 @@ class Reloader(Generic[M]):
                 self._record(outcome, reason)
                 if isinstance(e, ReloadError):
                     raise
-                raise ReloadError(f"{self.artifact_dir}: {e}") from e
+                raise ReloadError(str(e)) from e  # the loader's message names the file
             self._install(new)
             outcome = ReloadOutcome(True, self._version(new), old_version, time.perf_counter() - start)
             self._record(outcome, reason)

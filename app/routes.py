@@ -6,12 +6,15 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app.deps import ServicesDep
 from app.errors import JSONBytes, error_response
 from app.events import check_count, check_user_id, new_event
 from app.model import Prediction
+from app.observability import Metrics
+from app.ratelimit import enforce_rate_limit
+from app.reload import Reloader, ReloadError
 from app.schemas import (
     BulkEvents,
     BulkResult,
@@ -20,13 +23,21 @@ from app.schemas import (
     Health,
     ModelInfo,
     Ready,
+    ReloadResult,
     UserEventsBody,
     UserPrediction,
     UserWindow,
 )
+from app.security import require_api_key
 from app.windows import NewEvent, StoreUnavailable
 
-router = APIRouter()
+_ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key (when NEXTACT_API_KEYS is set)"},
+    429: {"model": ErrorBody, "description": "Rate limit exceeded (with Retry-After)"},
+}
+router = APIRouter()  # open: health, readiness, metrics
+v1 = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)], responses=_ACCESS_ERRORS)
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 UserId = Annotated[str, Path(min_length=1, description="The user's id (any string).", examples=["u-42"])]
 K = Annotated[
@@ -53,7 +64,7 @@ def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]
     }
 
 
-@router.post(
+@v1.post(
     "/v1/users/{user_id}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
@@ -73,10 +84,10 @@ async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesD
         events = [new_event(body, time.time(), settings, ("body",))]
     stored = await svc.store.append(user_id, events, svc.capacity)
     p = await svc.predict(stored.actions, k or settings.default_k)
-    return JSONBytes(_prediction(user_id, len(stored.actions), p))
+    return JSONBytes(_prediction(user_id, len(stored.actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
-@router.post(
+@v1.post(
     "/v1/events", response_model=BulkResult, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
@@ -107,7 +118,7 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
     return JSONBytes(result)
 
 
-@router.get(
+@v1.get(
     "/v1/users/{user_id}/predictions", response_model=UserPrediction, response_class=JSONBytes,
     tags=["predictions"], responses=_errors(422, 503, 500),
 )
@@ -119,10 +130,10 @@ async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Res
     check_user_id(user_id, svc.settings)
     actions = await svc.store.actions(user_id, svc.capacity)
     p = await svc.predict(actions, k or svc.settings.default_k)
-    return JSONBytes(_prediction(user_id, len(actions), p))
+    return JSONBytes(_prediction(user_id, len(actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
-@router.get(
+@v1.get(
     "/v1/users/{user_id}/events", response_model=UserWindow, response_class=JSONBytes, tags=["events"],
     responses=_errors(422, 503),
 )
@@ -136,7 +147,7 @@ async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
     })
 
 
-@router.delete(
+@v1.delete(
     "/v1/users/{user_id}", status_code=204, response_class=Response, tags=["events"],
     responses=_errors(422, 503),
 )
@@ -147,7 +158,7 @@ async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/v1/model", response_model=ModelInfo, response_class=JSONBytes, tags=["model"])
+@v1.get("/v1/model", response_model=ModelInfo, response_class=JSONBytes, tags=["model"])
 async def get_model(svc: ServicesDep) -> Response:
     """The model being served: manifest summary, offline metrics and the execution provider actually in use."""
     model = svc.models.current
@@ -168,6 +179,41 @@ async def get_model(svc: ServicesDep) -> Response:
         "device": model.device,
         "artifact_dir": str(model.artifact_dir),
     })
+
+
+@v1.post(
+    "/v1/model/reload", response_model=ReloadResult, response_class=JSONBytes, tags=["model"],
+    responses={409: {"model": ErrorBody, "description": "The new artifact was refused; the old model keeps serving"}},
+)
+async def reload_model(request: Request, svc: ServicesDep) -> Response:
+    """Load the artifact in NEXTACT_ARTIFACT_DIR again, self-check it and swap it in.
+
+    Loading runs in the background of this process; predictions already running finish on the old model.
+    A broken artifact (bad manifest, hash mismatch, load failure, non-finite or non-normalised output) is
+    refused with 409 and the old model keeps serving.
+    """
+    reloader: Reloader[Any] = request.app.state.reloader
+    try:
+        outcome = await reloader.reload(reason="api")
+    except ReloadError as e:
+        return error_response(409, "reload_refused", f"new model refused, still serving "
+                                                     f"{svc.models.current.version}: {e}")
+    return JSONBytes(
+        {"model_version": outcome.model_version, "previous_version": outcome.previous_version,
+         "seconds": round(outcome.seconds, 3)},
+        headers={MODEL_VERSION_HEADER: outcome.model_version or ""},
+    )
+
+
+@router.get(
+    "/metrics", tags=["health"], response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process (no authentication: keep it on the internal network)."""
+    registry: Metrics = request.app.state.metrics
+    body, content_type = registry.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/healthz", response_model=Health, response_class=JSONBytes, tags=["health"])

@@ -172,6 +172,14 @@ class ModelInfo(BaseModel):
     artifact_dir: str = Field(description="Where the artifact was loaded from.", examples=["artifacts/demo"])
 
 
+class ReloadResult(BaseModel):
+    """A reload that succeeded: the new model serves every prediction from now on."""
+
+    model_version: str = Field(description="The model now being served.", examples=["7c21e0b9a4d35f18"])
+    previous_version: str = Field(description="The model it replaced.", examples=["3f9a1c0d2b7e4a65"])
+    seconds: float = Field(description="Time to load and self-check the new artifact.", examples=[0.42])
+
+
 class Health(BaseModel):
     status: str = Field(description="ok (alive) or ready.", examples=["ok"])
 

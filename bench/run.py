@@ -153,10 +153,32 @@ def scrape_batches(port: int) -> dict[str, Any] | None:
     return hist if hist["buckets"] else None
 
 
+def read_probe(path: Path) -> dict[int, int]:
+    try:
+        return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError):
+        return {}
+
+
+def batch_stats(before: dict[int, int], after: dict[int, int]) -> dict[str, Any] | None:
+    """Exact batch sizes of one phase: calls per size, mean, and the share of requests per size band."""
+    calls = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
+    n_calls = sum(calls.values())
+    if not n_calls:
+        return None
+    rows = sum(k * v for k, v in calls.items())
+    bands = {"1": (1, 1), "2-4": (2, 4), "5-8": (5, 8), "9-16": (9, 16), "17-32": (17, 32), "33-64": (33, 64),
+             ">64": (65, 10**9)}
+    share = {b: round(sum(k * v for k, v in calls.items() if lo <= k <= hi) / rows, 4) for b, (lo, hi) in bands.items()}
+    return {"calls": n_calls, "rows": rows, "mean": round(rows / n_calls, 2), "max": max(calls),
+            "requests_share_by_batch_size": share, "calls_by_size": {str(k): v for k, v in calls.items()}}
+
+
 def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
             args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
     tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
     before_batches = scrape_batches(port) if name == "nextact" else None
+    before_probe = read_probe(work / "batches.json") if name == "nextact" else {}
     before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
     result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
     after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
@@ -170,9 +192,11 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
     result["server_rss_mib"] = after["rss_mib"]
     result["server_threads"] = after["threads"]
     if name == "nextact":
+        time.sleep(0.3)  # the probe writes every 0.25 s
+        result["batches"] = batch_stats(before_probe, read_probe(work / "batches.json"))
         after_batches = scrape_batches(port)
         if before_batches and after_batches:
-            result["batch_size"] = histogram_delta(before_batches, after_batches)
+            result["batch_size_metric"] = histogram_delta(before_batches, after_batches)
     bad = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
     if bad or result["errors"]:
         print(f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
@@ -221,13 +245,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, int] | None:
-    total: dict[str, int] = {}
+def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """nextact's batch sizes in one kind of phase, all rounds together."""
+    calls: dict[int, int] = {}
     for r in rounds:
-        h = r.get("nextact", {}).get(mode, {}).get("batch_size")
-        for le, count in (h or {}).get("per_bucket", {}).items():
-            total[le] = total.get(le, 0) + count
-    return total or None
+        for size, count in ((r.get("nextact", {}).get(mode, {}).get("batches") or {}).get("calls_by_size") or {}).items():
+            calls[int(size)] = calls.get(int(size), 0) + count
+    return batch_stats({}, calls)
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -264,8 +288,11 @@ def markdown(res: dict[str, Any]) -> str:
         if name not in s:
             continue
         c, o = s[name].get("closed", {}), s[name].get("open", {})
+        answered = fmt(o.get("rps"), ",.0f")
+        if o.get("rps") is not None and o.get("offered_rps") and o["rps"] < 0.95 * o["offered_rps"]:
+            answered += " (overloaded)"
         cells = [fmt(c.get("rps"), ",.0f"), *(fmt(c.get(q)) for q in ("p50", "p90", "p99")),
-                 fmt(o.get("rps"), ",.0f"), *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
+                 answered, *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
                  fmt(c.get("server_cpu_ms_per_request"), ".3f"), fmt(c.get("redis_cpu_ms_per_request"), ".3f"),
                  fmt(s[name]["rss_mib"], ".0f")]
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
@@ -284,16 +311,20 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", (f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
                        f"p50 {fmt(own['p50'])} ms, p90 {fmt(own['p90'])} ms, p99 {fmt(own['p99'])} ms, "
                        f"{fmt(own['rps'], ',.0f')} req/s answered.")]
-    for mode, label in (("closed", "saturated"), ("open", "open loop")):
-        hist = res["batch_size_histogram"].get(mode)
-        if hist:
-            total = sum(hist.values()) or 1
-            shares = " | ".join(f"{v / total:.0%}" for v in hist.values())
-            lines += ["", f"nextact batch sizes ({label}, share of ONNX Runtime calls, bucket = upper bound):", "",
-                      "| " + " | ".join(f"<={le}" for le in hist) + " |",
-                      "|" + "---:|" * len(hist), f"| {shares} |"]
-    if not any(res["batch_size_histogram"].values()):
-        lines += ["", "Batch sizes: the service exposes no nextact_inference_batch_size histogram on /metrics."]
+    hists = {mode: h for mode, h in res["batch_size_histogram"].items() if h}
+    if hists:
+        bands = list(next(iter(hists.values()))["requests_share_by_batch_size"])
+        labels = {"closed": "saturated (64 connections)", "open": f"open loop, {rate:.0f} req/s",
+                  "open_own": "open loop, half nextact's throughput"}
+        lines += ["", ("nextact micro-batches (counted through the batcher's on_batch hook): share of requests "
+                       "served in a batch of each size"), "",
+                  "| phase | ORT calls | mean batch | max | " + " | ".join(bands) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(bands)]
+        for mode, h in hists.items():
+            shares = " | ".join(f"{h['requests_share_by_batch_size'][b]:.0%}" for b in bands)
+            lines.append(f"| {labels.get(mode, mode)} | {h['calls']:,} | {h['mean']} | {h['max']} | {shares} |")
+    else:
+        lines += ["", "Batch sizes: not available (no probe file, no nextact_inference_batch_size on /metrics)."]
     if res.get("model_bench_markdown"):
         lines += ["", "## Model micro-benchmark (same model, one process, no HTTP)", "", res["model_bench_markdown"]]
     return "\n".join(lines) + "\n"
@@ -382,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                     "NEXTACT_HOST": "127.0.0.1", "NEXTACT_WORKERS": "1"}
         extra = dict(e.split("=", 1) for e in args.env)
         cmds = {
-            "nextact": [sys.executable, "-m", "app"],
+            # python -m app, counting batch sizes through the batcher's on_batch hook (bench/batch_probe.py)
+            "nextact": [sys.executable, str(ROOT / "bench" / "batch_probe.py"), str(work / "batches.json")],
             "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
             "torch": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--artifact-dir", str(art)],
         }
@@ -425,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["summary"] = summary = summarise(rounds)
-    result["batch_size_histogram"] = {"closed": batch_histogram(rounds, "closed"), "open": batch_histogram(rounds, "open")}
+    result["batch_size_histogram"] = {mode: batch_histogram(rounds, mode) for mode in ("closed", "open", "open_own")}
     ratios = summary["ratios"]
     p99 = summary.get("nextact", {}).get("open", {}).get("p99")
     result["targets"] = {

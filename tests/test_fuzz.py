@@ -21,10 +21,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
+from schemathesis import GenerationMode
 
 from app.events import InvalidField, epoch_seconds, field_path, new_event
 from app.schemas import BulkEvents, EventIn, UserEventsBody

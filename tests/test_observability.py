@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI, Response
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.manifest import read_manifest
 from app.observability import JsonFormatter, Metrics, ObservabilityMiddleware, request_id_var
+from tests.app_client import running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +137,39 @@ def test_json_formatter_carries_request_id_extras_and_exceptions() -> None:
     assert entry["user_count"] == 3
     assert "ValueError: bad value" in entry["exception"]
     assert entry["time"].endswith("+00:00")
+
+
+# --- the real app ---------------------------------------------------------------------------------------------
+
+async def test_app_metrics_cover_requests_inference_redis_and_events(behavior_artifact: Path, redis_url: str) -> None:
+    version = read_manifest(behavior_artifact).model_version
+    async with running_app(behavior_artifact, redis_url) as (app, client):
+        events = {"events": [{"action": "pv", "event_id": "e1"}, {"action": "cart", "event_id": "e2"},
+                             {"action": "no-such-action", "event_id": "e3"}]}
+        first = await client.post("/v1/users/m1/events", json=events)
+        again = await client.post("/v1/users/m1/events", json=events)  # all three are duplicates now
+        read = await client.get("/v1/users/m1/events")
+        bad = await client.post("/v1/users/m1/events", json={"action": "pv", "timestamp": "NaN"})
+        for r in (first, again, read, bad):
+            assert r.headers["x-model-version"] == version
+            assert len(r.headers["x-request-id"]) == 32
+        assert first.json()["model_version"] == version
+        scrape = await client.get("/metrics")
+        assert scrape.headers["content-type"].startswith("text/plain")
+    s = _samples(app.state.metrics)
+    route = "/v1/users/{user_id}/events"
+    assert s[("nextact_http_requests_total", (("method", "POST"), ("route", route), ("status", "200")))] == 2
+    assert s[("nextact_http_requests_total", (("method", "POST"), ("route", route), ("status", "422")))] == 1
+    assert s[("nextact_events_ingested_total", ())] == 3
+    assert s[("nextact_events_duplicate_total", ())] == 3
+    assert s[("nextact_unknown_actions_total", ())] == 2  # posted twice
+    assert s[("nextact_inference_batch_size_count", ())] >= 1
+    assert s[("nextact_inference_duration_seconds_count", ())] >= 1
+    assert s[("nextact_redis_duration_seconds_count", (("op", "append"),))] == 2
+    assert s[("nextact_redis_duration_seconds_count", (("op", "read"),))] == 1
+    info = [dict(labels) for (name, labels), v in s.items() if name == "nextact_model_info" and v == 1]
+    assert [i["model_version"] for i in info] == [version]
+    names = {name for name, _ in s}
+    for family in ("nextact_redis_errors_total", "nextact_model_reloads_total", "nextact_rate_limited_total",
+                   "nextact_auth_failures_total", "nextact_http_requests_in_flight"):
+        assert any(n.startswith(family) for n in names), family

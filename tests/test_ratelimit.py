@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from redis.backoff import NoBackoff
 from app.ratelimit import RateLimiter, enforce_rate_limit
 from app.redis_server import free_port
 from app.security import ApiKeyAuth, require_api_key
+from tests.app_client import running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +139,25 @@ async def test_limiter_fails_open_when_redis_is_unreachable() -> None:
         assert [r.status_code for r in responses] == [200, 200, 200]
     finally:
         await dead.aclose()
+
+
+# --- the real app ---------------------------------------------------------------------------------------------
+
+async def test_app_rate_limit_is_off_by_default_and_429s_when_set(behavior_artifact: Path, redis_url: str) -> None:
+    async with running_app(behavior_artifact, redis_url) as (app, client):
+        assert app.state.rate_limiter is None
+        assert [(await client.get("/v1/model")).status_code for _ in range(20)] == [200] * 20
+    async with running_app(behavior_artifact, redis_url, rate_limit_requests=3, rate_limit_window_seconds=60,
+                           api_keys="rl-key-1,rl-key-2") as (app, client):
+        one, two = {"X-API-Key": "rl-key-1"}, {"X-API-Key": "rl-key-2"}
+        statuses = [(await client.get("/v1/users/u/predictions", headers=one)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        refused = await client.post("/v1/users/u/events", json={"action": "pv"}, headers=one)
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.json()["error"] == "rate_limited"
+        assert (await client.get("/v1/model", headers=two)).status_code == 200  # its own budget
+        assert [(await client.get("/readyz")).status_code for _ in range(5)] == [200] * 5  # not limited
+        metrics = (await client.get("/metrics")).text
+        assert "nextact_rate_limited_total 2.0" in metrics
+        window = await client.get("/v1/users/u/events", headers=two)
+        assert window.json()["events"] == []  # the refused post stored nothing

@@ -12,6 +12,7 @@ import pytest
 from app.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest
 from app.observability import Metrics
 from app.reload import Reloader, ReloadError, artifact_stamp, check_artifact, pad_rows, probe_rows
+from tests.app_client import running_app
 from tests.artifact_edits import copy_artifact, edit_model, new_version, scale_output
 
 pytestmark = pytest.mark.anyio
@@ -173,3 +174,75 @@ def test_stamp_changes_with_content(artifact: Path) -> None:
     (artifact / MODEL_FILE).write_bytes((artifact / MODEL_FILE).read_bytes() + b"\0")
     assert before is not None and artifact_stamp(artifact) != before
     assert artifact_stamp(artifact / "nowhere") is None
+
+
+# --- the real app ---------------------------------------------------------------------------------------------
+
+KEY = {"Authorization": "Bearer reload-key"}
+
+
+async def test_reload_endpoint_swaps_models_without_failing_requests(artifact: Path, tmp_path: Path,
+                                                                     redis_url: str) -> None:
+    old = read_manifest(artifact).model_version
+    async with running_app(artifact, redis_url, api_keys="reload-key") as (app, client):
+        assert (await client.post("/v1/model/reload")).status_code == 401
+        await client.post("/v1/users/r/events", json={"action": "pv"}, headers=KEY)
+        new = new_version(artifact, tmp_path / "v2", "endpoint")
+        copy_artifact(tmp_path / "v2", artifact)
+
+        async def predict() -> tuple[int, str, str]:
+            r = await client.get("/v1/users/r/predictions", headers=KEY)
+            return r.status_code, r.json().get("model_version", ""), r.headers.get("x-model-version", "")
+
+        # predictions keep flowing while the reload loads and swaps
+        racing = [asyncio.create_task(predict()) for _ in range(40)]
+        reload = await client.post("/v1/model/reload", headers=KEY)
+        answers = await asyncio.gather(*racing)
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["model_version"] == new and reload.json()["previous_version"] == old
+        for status, body_version, header_version in answers:
+            assert status == 200 and body_version == header_version and body_version in (old, new)
+        after = await client.get("/v1/users/r/predictions", headers=KEY)
+        assert after.json()["model_version"] == new == after.headers["x-model-version"]
+        assert (await client.get("/v1/model", headers=KEY)).json()["model_version"] == new
+        assert _reloads(app.state.metrics, "ok") == 1
+        assert app.state.metrics.registry.get_sample_value(
+            "nextact_model_info", {"model_version": new, "cell": read_manifest(artifact).cell,
+                                   "window": str(read_manifest(artifact).window),
+                                   "vocab_size": str(read_manifest(artifact).vocab_size),
+                                   "provider": "CPUExecutionProvider"}) in (1.0, None)
+
+
+@pytest.mark.parametrize("breakage", ["nan", "truncated", "manifest"])
+async def test_reload_endpoint_refuses_broken_artifacts(artifact: Path, tmp_path: Path, redis_url: str,
+                                                        breakage: str) -> None:
+    old = read_manifest(artifact).model_version
+    async with running_app(artifact, redis_url, api_keys="reload-key") as (app, client):
+        if breakage == "nan":
+            edit_model(artifact, tmp_path / "nan", scale_output(float("nan")))
+            copy_artifact(tmp_path / "nan", artifact)
+        elif breakage == "truncated":
+            data = (artifact / MODEL_FILE).read_bytes()
+            (artifact / MODEL_FILE).write_bytes(data[:-100])
+        else:
+            (artifact / MANIFEST_FILE).write_text("{}")
+        r = await client.post("/v1/model/reload", headers=KEY)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "reload_refused" and old in r.json()["message"]
+        p = await client.post("/v1/users/r/events", json={"action": "pv"}, headers=KEY)
+        assert p.status_code == 200 and p.json()["model_version"] == old  # the old model keeps serving
+        assert _reloads(app.state.metrics, "refused") == 1
+
+
+async def test_app_file_watch_picks_up_a_new_artifact(artifact: Path, tmp_path: Path, redis_url: str) -> None:
+    async with running_app(artifact, redis_url, artifact_watch_seconds=0.05) as (_, client):
+        new = new_version(artifact, tmp_path / "v2", "app-watch")
+        copy_artifact(tmp_path / "v2", artifact)
+
+        async def serving() -> str:
+            return str((await client.get("/v1/model")).json()["model_version"])
+
+        deadline = time.monotonic() + 10
+        while await serving() != new and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await serving() == new

@@ -11,6 +11,7 @@ import pytest
 from fastapi import Depends, FastAPI
 
 from app.security import ApiKeyAuth, ApiKeyConfigError, fingerprint, parse_api_keys, require_api_key
+from tests.app_client import running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -129,5 +130,35 @@ async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.DEBUG):
         await _get(app, "/v1/thing", {"Authorization": f"Bearer {KEY_A}"})
         await _get(app, "/v1/thing", {"X-API-Key": KEY_B + "-wrong"})
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert KEY_A not in text and KEY_B not in text
+
+
+# --- the real app ---------------------------------------------------------------------------------------------
+
+def _concrete(path: str) -> str:
+    return path.replace("{user_id}", "someone")
+
+
+async def test_every_v1_route_needs_a_key_and_the_rest_stay_open(
+    behavior_artifact: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(behavior_artifact, redis_url, api_keys=f"{KEY_A},{KEY_B}") as (app, client):
+        v1 = [(method.upper(), path) for path, item in app.openapi()["paths"].items() if path.startswith("/v1")
+              for method in item]
+        assert {p for _, p in v1} >= {"/v1/users/{user_id}/events", "/v1/events", "/v1/model", "/v1/model/reload",
+                                     "/v1/users/{user_id}/predictions", "/v1/users/{user_id}"}
+        with caplog.at_level(logging.DEBUG):
+            for method, path in v1:
+                for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Bearer {KEY_A}x"}):
+                    r = await client.request(method, _concrete(path), headers=headers, json={"action": "pv"})
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+                ok = await client.request(method, _concrete(path), headers={"X-API-Key": KEY_B},
+                                          json={"events": [{"user_id": "someone", "action": "pv"}]}
+                                          if path == "/v1/events" else {"action": "pv"})
+                assert ok.status_code in (200, 204), (method, path, ok.text)
+            for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+                assert (await client.get(path)).status_code == 200, path
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert KEY_A not in text and KEY_B not in text

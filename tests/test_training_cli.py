@@ -38,12 +38,26 @@ def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> Non
     for name in (MODEL_FILE, MANIFEST_FILE, REPORT_FILE, CHECKPOINT_FILE, LOSS_PLOT, HR_PLOT):
         assert (behavior_artifact / name).is_file(), name
     manifest = read_manifest(behavior_artifact)
-    assert manifest.model_version == hashlib.sha256((behavior_artifact / MODEL_FILE).read_bytes()).hexdigest()[:16]
+    assert (
+        manifest.model_version
+        == hashlib.sha256((behavior_artifact / MODEL_FILE).read_bytes()).hexdigest()[:16]
+    )
     assert manifest.vocabulary[:2] == [PAD_TOKEN, UNK_TOKEN]
     assert sorted(manifest.vocabulary[2:]) == ["buy", "cart", "fav", "pv"]
-    assert (manifest.cell, manifest.window, manifest.embedding_dim, manifest.hidden_dim) == ("lstm", 20, 16, 32)
-    assert manifest.padding_side == "right" and manifest.training.epochs_run == 2 and manifest.training.seed == 7
-    assert manifest.data.rows == 3050 and manifest.data.users == 40 and manifest.data.action_columns == ["behavior"]
+    assert (manifest.cell, manifest.window, manifest.embedding_dim, manifest.hidden_dim) == (
+        "lstm",
+        20,
+        16,
+        32,
+    )
+    assert (
+        manifest.padding_side == "right" and manifest.training.epochs_run == 2 and manifest.training.seed == 7
+    )
+    assert (
+        manifest.data.rows == 3050
+        and manifest.data.users == 40
+        and manifest.data.action_columns == ["behavior"]
+    )
     for protocol in ("full", "sampled"):
         assert set(manifest.metrics[protocol]) == {"model", "popularity", "markov"}
         assert set(manifest.metrics[protocol]["model"]) == METRICS
@@ -69,10 +83,23 @@ def test_item_artifact_has_a_realistic_vocabulary(item_artifact: Path) -> None:
     assert manifest.metrics["sampled"]["model"]["hr@10"] > 0
 
 
-def test_evaluate_reproduces_the_manifest_metrics(behavior_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = _cli(capsys, "evaluate", "--data", "examples/taobao_sample.csv", "--artifact", str(behavior_artifact),
-               "--quiet")
-    assert list(out)[:2] == ["protocol", "split"] and out["protocol"] == "full" and out["split"] == "leave-one-out"
+def test_evaluate_reproduces_the_manifest_metrics(
+    behavior_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _cli(
+        capsys,
+        "evaluate",
+        "--data",
+        "examples/taobao_sample.csv",
+        "--artifact",
+        str(behavior_artifact),
+        "--quiet",
+    )
+    assert (
+        list(out)[:2] == ["protocol", "split"]
+        and out["protocol"] == "full"
+        and out["split"] == "leave-one-out"
+    )
     stored = read_manifest(behavior_artifact).metrics["full"]
     for scorer in ("model", "popularity", "markov"):
         got = out[scorer]
@@ -81,32 +108,65 @@ def test_evaluate_reproduces_the_manifest_metrics(behavior_artifact: Path, capsy
             assert value == pytest.approx(stored[scorer][name], abs=1e-9), (scorer, name)
 
 
-def test_train_gru_on_jsonl_with_time_split_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_gru_on_jsonl_with_time_split_then_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = np.random.default_rng(0)
     lines = []
     for user in range(30):
         t = 1_700_000_000 + int(rng.integers(0, 5000))
         for step in range(int(rng.integers(4, 12))):
             t += int(rng.integers(1, 600))
-            lines.append({"uid": f"u{user}", "kind": ["view", "cart", "buy"][step % 3], "cat": int(step % 2),
-                          "when": t})
+            lines.append(
+                {
+                    "uid": f"u{user}",
+                    "kind": ["view", "cart", "buy"][step % 3],
+                    "cat": int(step % 2),
+                    "when": t,
+                }
+            )
     data = tmp_path / "events.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     out_dir = tmp_path / "artifact"
     common = ["--data", str(data), "--user-col", "uid", "--action-col", "kind,cat", "--time-col", "when"]
-    trained = _cli(capsys, "train", *common, "--out", str(out_dir), "--model", "gru", "--split", "time",
-                   "--epochs", "2", "--window", "8", "--embedding-dim", "8", "--hidden-dim", "8", "--quiet")
+    trained = _cli(
+        capsys,
+        "train",
+        *common,
+        "--out",
+        str(out_dir),
+        "--model",
+        "gru",
+        "--split",
+        "time",
+        "--epochs",
+        "2",
+        "--window",
+        "8",
+        "--embedding-dim",
+        "8",
+        "--hidden-dim",
+        "8",
+        "--quiet",
+    )
     manifest = read_manifest(out_dir)
     assert manifest.cell == "gru" and manifest.training.split == "time" and "view:0" in manifest.vocabulary
     assert trained["model_version"] == manifest.model_version
-    evaluated = _cli(capsys, "evaluate", *common, "--artifact", str(out_dir), "--protocol", "sampled", "--quiet")
+    evaluated = _cli(
+        capsys, "evaluate", *common, "--artifact", str(out_dir), "--protocol", "sampled", "--quiet"
+    )
     assert evaluated["split"] == "time" and evaluated["protocol"] == "sampled"
     assert evaluated["model"] == pytest.approx(manifest.metrics["sampled"]["model"], abs=1e-9)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = _cli_error(capsys, "train", "--data", "examples/taobao_sample.csv", "--out", str(tmp_path / "x"), "--quiet")
-    assert "column 'action' not found; available columns: user_id, item_id, category_id, behavior, timestamp" in err
+    err = _cli_error(
+        capsys, "train", "--data", "examples/taobao_sample.csv", "--out", str(tmp_path / "x"), "--quiet"
+    )
+    assert (
+        "column 'action' not found; available columns: user_id, item_id, category_id, behavior, timestamp"
+        in err
+    )
     bad = tmp_path / "bad.tsv"
     bad.write_text("user_id\taction\ttimestamp\nu\tpv\t1511848894\nu\tpv\t2017-02-30\n", encoding="utf-8")
     err = _cli_error(capsys, "train", "--data", str(bad), "--out", str(tmp_path / "x"), "--quiet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,20 @@ EXPECTED_U1 = ["cart", "buy", "pv"]  # u1 sorted by time
 EXPECTED_U2 = ["pv", "fav"]  # equal times: file order
 
 
-def _write(path: Path, rows: list[tuple[object, ...]], header: tuple[str, ...] = ("user_id", "item_id", "behavior", "timestamp")) -> Path:
+def _write(
+    path: Path,
+    rows: Sequence[tuple[object, ...]],
+    header: tuple[str, ...] = ("user_id", "item_id", "behavior", "timestamp"),
+) -> Path:
     fmt = path.suffix
     if fmt in (".csv", ".tsv"):
         sep = "," if fmt == ".csv" else "\t"
         lines = [sep.join(header)] + [sep.join("" if v is None else str(v) for v in r) for r in rows]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     elif fmt == ".jsonl":
-        path.write_text("".join(json.dumps(dict(zip(header, r, strict=True))) + "\n" for r in rows), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(dict(zip(header, r, strict=True))) + "\n" for r in rows), encoding="utf-8"
+        )
     else:
         pq.write_table(pa.table({h: [r[i] for r in rows] for i, h in enumerate(header)}), path)
     return path
@@ -66,7 +73,9 @@ def test_action_columns_are_joined_and_iso_times_parse(tmp_path: Path) -> None:
 
 
 def test_without_time_column_file_order_is_time_order(tmp_path: Path) -> None:
-    path = _write(tmp_path / "log.csv", [(r[0], r[1], r[2]) for r in ROWS], header=("user_id", "item_id", "behavior"))
+    path = _write(
+        tmp_path / "log.csv", [(r[0], r[1], r[2]) for r in ROWS], header=("user_id", "item_id", "behavior")
+    )
     events = _load(path)
     assert events.time_col is None
     assert events.actions == [["pv", "cart", "buy"], ["pv", "fav"]]
@@ -96,7 +105,9 @@ def test_named_time_column_must_exist(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix, where", [(".csv", "line 4"), (".jsonl", "line 3"), (".parquet", "row 3")])
-def test_unreadable_timestamp_names_file_line_column_and_value(tmp_path: Path, suffix: str, where: str) -> None:
+def test_unreadable_timestamp_names_file_line_column_and_value(
+    tmp_path: Path, suffix: str, where: str
+) -> None:
     rows = [(r[0], r[1], r[2], str(r[3])) for r in ROWS]
     rows[2] = ("u2", "i1", "pv", "yesterday")
     path = _write(tmp_path / f"log{suffix}", rows)
@@ -138,8 +149,17 @@ def test_vocabulary_reserves_pad_and_unk_and_folds_rare_actions() -> None:
 
 def _log(sequences: list[list[str]], times: list[list[float]] | None = None) -> EventLog:
     times = times or [[float(i) for i in range(len(s))] for s in sequences]
-    return EventLog(Path("mem.csv"), ("action",), "timestamp", [f"u{i}" for i in range(len(sequences))],
-                    sequences, times, sum(map(len, sequences)), 0, 0)
+    return EventLog(
+        Path("mem.csv"),
+        ("action",),
+        "timestamp",
+        [f"u{i}" for i in range(len(sequences))],
+        sequences,
+        times,
+        sum(map(len, sequences)),
+        0,
+        0,
+    )
 
 
 def test_leave_one_out_boundaries() -> None:
@@ -159,7 +179,9 @@ sequences = st.lists(st.lists(st.sampled_from("abcdefg"), min_size=1, max_size=1
 
 @settings(max_examples=40, deadline=None)
 @given(sequences, st.sampled_from(["leave-one-out", "time"]), st.data())
-def test_no_split_leaks_a_target_into_training_or_its_inputs(seqs: list[list[str]], name: str, data: st.DataObject) -> None:
+def test_no_split_leaks_a_target_into_training_or_its_inputs(
+    seqs: list[list[str]], name: str, data: st.DataObject
+) -> None:
     times = [sorted(data.draw(st.lists(st.integers(0, 30), min_size=len(s), max_size=len(s)))) for s in seqs]
     log = _log(seqs, [[float(t) for t in ts] for ts in times])
     try:

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from app.manifest import MODEL_FILE, PAD_TOKEN, UNK_TOKEN
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import ModelConfig
+from training.config import Cell, ModelConfig
 from training.errors import ArtifactError, ParityError
 from training.export import check_parity, export_model, model_version
 from training.model import NextActionModel
@@ -24,10 +24,18 @@ VOCAB = Vocabulary([PAD_TOKEN, UNK_TOKEN, *[f"a{i}" for i in range(38)]])
 WINDOW = 6
 
 
-def _model(cell: str) -> NextActionModel:
+def _model(cell: Cell) -> NextActionModel:
     torch.manual_seed(1)
-    model = NextActionModel(ModelConfig(vocab_size=len(VOCAB), cell=cell, embedding_dim=8, hidden_dim=12,  # type: ignore[arg-type]
-                                        dropout=0.1, window=WINDOW))
+    model = NextActionModel(
+        ModelConfig(
+            vocab_size=len(VOCAB),
+            cell=cell,
+            embedding_dim=8,
+            hidden_dim=12,  # type: ignore[arg-type]
+            dropout=0.1,
+            window=WINDOW,
+        )
+    )
     with torch.no_grad():  # a little away from the initialisation so that every gate matters
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -35,19 +43,29 @@ def _model(cell: str) -> NextActionModel:
 
 
 @pytest.fixture(scope="module", params=["lstm", "gru"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[NextActionModel, Path]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[NextActionModel, Path]:
     model = _model(request.param)
     path, diff = export_model(model, tmp_path_factory.mktemp(f"export-{request.param}"))
     assert diff <= 1e-5
     return model, path
 
 
-def test_export_passes_the_gate_with_dynamic_axes_and_masked_softmax(exported: tuple[NextActionModel, Path]) -> None:
+def test_export_passes_the_gate_with_dynamic_axes_and_masked_softmax(
+    exported: tuple[NextActionModel, Path],
+) -> None:
     model, path = exported
     graph = onnx.load(path).graph
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*graph.input, *graph.output]}
-    assert shapes == {"action_ids": ["batch", "time"], "lengths": ["batch"], "probabilities": ["batch", len(VOCAB)]}
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+    }
+    assert shapes == {
+        "action_ids": ["batch", "time"],
+        "lengths": ["batch"],
+        "probabilities": ["batch", len(VOCAB)],
+    }
     assert not (path.parent / (MODEL_FILE + ".tmp")).exists()
     session = open_session(path)
     ids = np.array([[5, 6, 7, 0, 0, 0, 0, 0, 0], [2] * 9, [0] * 9], dtype=np.int64)  # time 9 > window
@@ -88,8 +106,9 @@ def _broken_copy(path: Path, out: Path, edit: str) -> Path:
 
 
 @pytest.mark.parametrize("edit", ["weights", "gates"])
-def test_gate_rejects_a_wrong_graph_with_the_measured_difference(exported: tuple[NextActionModel, Path],
-                                                                 tmp_path: Path, edit: str) -> None:
+def test_gate_rejects_a_wrong_graph_with_the_measured_difference(
+    exported: tuple[NextActionModel, Path], tmp_path: Path, edit: str
+) -> None:
     model, path = exported
     with pytest.raises(ParityError, match=r"disagree: max \|difference\| [0-9.e-]+ > 1e-05 at batch=1") as e:
         check_parity(model, _broken_copy(path, tmp_path, edit))

@@ -16,12 +16,14 @@ from training.protocols import evaluate_cases, sample_negatives
 from training.splits import Split, leave_one_out
 
 # columns: <pad>, <unk>, a, b, c, d
-SCORES = np.array([
-    [0.0, 0.0, 0.5, 0.3, 0.5, 0.1],  # target a (2) ties with c: rank 1, not 0
-    [0.0, 0.0, 0.5, 0.3, 0.5, 0.1],  # target d (5): a, c, b above it: rank 3
-    [0.0, 0.0, 0.2, 0.9, 0.5, 0.1],  # target b (3) strictly best: rank 0
-    [0.0, 0.0, 0.2, 0.9, 0.5, 0.1],  # target <unk> (1): never a hit
-])
+SCORES = np.array(
+    [
+        [0.0, 0.0, 0.5, 0.3, 0.5, 0.1],  # target a (2) ties with c: rank 1, not 0
+        [0.0, 0.0, 0.5, 0.3, 0.5, 0.1],  # target d (5): a, c, b above it: rank 3
+        [0.0, 0.0, 0.2, 0.9, 0.5, 0.1],  # target b (3) strictly best: rank 0
+        [0.0, 0.0, 0.2, 0.9, 0.5, 0.1],  # target <unk> (1): never a hit
+    ]
+)
 TARGETS = np.array([2, 5, 3, 1])
 VALID = np.arange(6)[None, :] > 1
 OK = TARGETS > 1
@@ -50,7 +52,10 @@ def test_summary_against_hand_computed_values() -> None:
     assert m["mrr@1"] == pytest.approx(1 / 4)
     # predictions c, a, b, b for targets a, d, b, <unk>: only b has a true positive (F1 = 2/(2+1+0))
     assert m["macro_f1"] == pytest.approx((0 + 0 + 2 / 3 + 0 + 0) / 5)  # classes a, b, c, d, <unk>
-    assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10, 20)} | {"accuracy", "macro_f1"}
+    assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10, 20)} | {
+        "accuracy",
+        "macro_f1",
+    }
 
 
 def test_macro_f1_hand_computed() -> None:
@@ -61,9 +66,17 @@ def test_macro_f1_hand_computed() -> None:
 
 
 def _split(sequences: list[list[int]]) -> Split:
-    log = EventLog(Path("mem.csv"), ("action",), None, [f"u{i}" for i in range(len(sequences))],
-                   [[str(a) for a in s] for s in sequences], [[float(i) for i in range(len(s))] for s in sequences],
-                   0, 0, 0)
+    log = EventLog(
+        Path("mem.csv"),
+        ("action",),
+        None,
+        [f"u{i}" for i in range(len(sequences))],
+        [[str(a) for a in s] for s in sequences],
+        [[float(i) for i in range(len(s))] for s in sequences],
+        0,
+        0,
+        0,
+    )
     return Split(leave_one_out(log), [np.array(s, dtype=np.int64) for s in sequences])
 
 
@@ -112,9 +125,15 @@ class Oracle:
 def test_evaluate_cases_runs_both_protocols_for_every_scorer() -> None:
     split = _split([[2, 3, 4, 5, 6], [3, 4, 6, 2], [7, 8, 9], [2, 3]])
     vocab = 12
-    result = evaluate_cases(split, split.cases("test"), {"oracle": Oracle(split, vocab),
-                                                         "constant": lambda h: np.ones((len(h), vocab))},
-                            vocab, negatives=5, seed=0, batch_size=2)
+    result = evaluate_cases(
+        split,
+        split.cases("test"),
+        {"oracle": Oracle(split, vocab), "constant": lambda h: np.ones((len(h), vocab))},
+        vocab,
+        negatives=5,
+        seed=0,
+        batch_size=2,
+    )
     assert result.cases == 3 and result.mean_negatives == 5
     for protocol in ("full", "sampled"):
         assert result.metrics[protocol]["oracle"]["hr@1"] == 1.0

@@ -22,19 +22,35 @@ _M, _T = ModelConfig(vocab_size=3), TrainConfig()
 
 def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None) -> None:
     g = p.add_argument_group("data options")
-    g.add_argument("--data", type=Path, required=True,
-                   help="event log: .csv, .tsv, .jsonl/.ndjson or .parquet (chosen by extension)")
+    g.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="event log: .csv, .tsv, .jsonl/.ndjson or .parquet (chosen by extension)",
+    )
     g.add_argument("--user-col", default="user_id", help="user column (default: user_id)")
-    g.add_argument("--action-col", default=action_default,
-                   help="action column, or a comma-separated list joined with ':' into one token, e.g. "
-                        "behavior,category_id -> pv:4145813 (default: " + (action_default or "the artifact's") + ")")
-    g.add_argument("--time-col", default=None,
-                   help="time column, epoch seconds or ISO-8601 (default: timestamp if present, else file order; "
-                        "'none': file order)")
-    g.add_argument("--split", choices=["leave-one-out", "time"], default=None,
-                   help="leave-one-out: per user last event test, second-to-last validation; time: a global "
-                        "time cut-off (default: leave-one-out" + ("" if action_default else ", or the artifact's") + ")")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="time split: validation share of events (0.1)")
+    g.add_argument(
+        "--action-col",
+        default=action_default,
+        help="action column, or a comma-separated list joined with ':' into one token, e.g. "
+        "behavior,category_id -> pv:4145813 (default: " + (action_default or "the artifact's") + ")",
+    )
+    g.add_argument(
+        "--time-col",
+        default=None,
+        help="time column, epoch seconds or ISO-8601 (default: timestamp if present, else file order; "
+        "'none': file order)",
+    )
+    g.add_argument(
+        "--split",
+        choices=["leave-one-out", "time"],
+        default=None,
+        help="leave-one-out: per user last event test, second-to-last validation; time: a global "
+        "time cut-off (default: leave-one-out" + ("" if action_default else ", or the artifact's") + ")",
+    )
+    g.add_argument(
+        "--val-fraction", type=float, default=0.1, help="time split: validation share of events (0.1)"
+    )
     g.add_argument("--test-fraction", type=float, default=0.1, help="time split: test share of events (0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs; only the final JSON")
 
@@ -47,37 +63,81 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="artifact directory to write (created if needed)")
     _add_data_options(t, action_default="action")
     m = t.add_argument_group("model")
-    m.add_argument("--model", choices=["lstm", "gru"], default=_M.cell, help=f"recurrent cell (default: {_M.cell})")
-    m.add_argument("--window", type=int, default=_M.window, help=f"events looked back on (default: {_M.window})")
-    m.add_argument("--embedding-dim", type=int, default=_M.embedding_dim, help=f"(default: {_M.embedding_dim})")
+    m.add_argument(
+        "--model", choices=["lstm", "gru"], default=_M.cell, help=f"recurrent cell (default: {_M.cell})"
+    )
+    m.add_argument(
+        "--window", type=int, default=_M.window, help=f"events looked back on (default: {_M.window})"
+    )
+    m.add_argument(
+        "--embedding-dim", type=int, default=_M.embedding_dim, help=f"(default: {_M.embedding_dim})"
+    )
     m.add_argument("--hidden-dim", type=int, default=_M.hidden_dim, help=f"(default: {_M.hidden_dim})")
-    m.add_argument("--layers", type=int, default=_M.num_layers, help=f"recurrent layers (default: {_M.num_layers})")
+    m.add_argument(
+        "--layers", type=int, default=_M.num_layers, help=f"recurrent layers (default: {_M.num_layers})"
+    )
     m.add_argument("--dropout", type=float, default=_M.dropout, help=f"(default: {_M.dropout})")
-    m.add_argument("--tied", action=argparse.BooleanOptionalAction, default=_M.tied,
-                   help="score actions with the input embedding table (default: %(default)s)")
+    m.add_argument(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=_M.tied,
+        help="score actions with the input embedding table (default: %(default)s)",
+    )
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=_T.epochs, help=f"at most this many (default: {_T.epochs})")
-    o.add_argument("--batch-size", type=int, default=None,
-                   help="windows per batch (default: 256, fewer on small logs so an epoch has >= 20 steps)")
+    o.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per batch (default: 256, fewer on small logs so an epoch has >= 20 steps)",
+    )
     o.add_argument("--lr", type=float, default=_T.lr, help=f"Adam learning rate (default: {_T.lr})")
-    o.add_argument("--weight-decay", type=float, default=_T.weight_decay, help=f"(default: {_T.weight_decay})")
-    o.add_argument("--clip-norm", type=float, default=_T.clip_norm, help=f"gradient norm clip (default: {_T.clip_norm})")
-    o.add_argument("--patience", type=int, default=_T.patience,
-                   help=f"stop after this many epochs without validation improvement (default: {_T.patience})")
-    o.add_argument("--stop-metric", choices=["hr@10", "ndcg@10"], default=_T.stop_metric,
-                   help=f"validation metric for early stopping (default: {_T.stop_metric})")
-    o.add_argument("--min-count", type=int, default=_T.min_count,
-                   help=f"actions seen fewer times in training become <unk> (default: {_T.min_count})")
+    o.add_argument(
+        "--weight-decay", type=float, default=_T.weight_decay, help=f"(default: {_T.weight_decay})"
+    )
+    o.add_argument(
+        "--clip-norm", type=float, default=_T.clip_norm, help=f"gradient norm clip (default: {_T.clip_norm})"
+    )
+    o.add_argument(
+        "--patience",
+        type=int,
+        default=_T.patience,
+        help=f"stop after this many epochs without validation improvement (default: {_T.patience})",
+    )
+    o.add_argument(
+        "--stop-metric",
+        choices=["hr@10", "ndcg@10"],
+        default=_T.stop_metric,
+        help=f"validation metric for early stopping (default: {_T.stop_metric})",
+    )
+    o.add_argument(
+        "--min-count",
+        type=int,
+        default=_T.min_count,
+        help=f"actions seen fewer times in training become <unk> (default: {_T.min_count})",
+    )
     o.add_argument("--seed", type=int, default=_T.seed, help=f"(default: {_T.seed})")
-    o.add_argument("--negatives", type=int, default=_T.negatives,
-                   help=f"sampled protocol: negatives per test case (default: {_T.negatives})")
-    o.add_argument("--threads", type=int, default=_T.threads,
-                   help="torch CPU threads; 0: torch's default, one per core (on a busy shared machine 1 can be faster)")
+    o.add_argument(
+        "--negatives",
+        type=int,
+        default=_T.negatives,
+        help=f"sampled protocol: negatives per test case (default: {_T.negatives})",
+    )
+    o.add_argument(
+        "--threads",
+        type=int,
+        default=_T.threads,
+        help="torch CPU threads; 0: torch's default, one per core (on a busy shared machine 1 can be faster)",
+    )
 
     e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
-    e.add_argument("--artifact", type=Path, required=True, help="artifact directory (model.onnx, manifest.json)")
+    e.add_argument(
+        "--artifact", type=Path, required=True, help="artifact directory (model.onnx, manifest.json)"
+    )
     e.add_argument("--protocol", choices=["full", "sampled"], default="full", help="(default: full)")
-    e.add_argument("--negatives", type=int, default=_T.negatives, help=f"sampled protocol (default: {_T.negatives})")
+    e.add_argument(
+        "--negatives", type=int, default=_T.negatives, help=f"sampled protocol (default: {_T.negatives})"
+    )
     _add_data_options(e, action_default=None)
     return parser
 
@@ -110,12 +170,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.window < 1 or args.epochs < 1 or (args.batch_size or 1) < 1 or not 0 <= args.dropout < 1:
             raise TrainingError("--window, --epochs and --batch-size must be >= 1 and --dropout in [0, 1)")
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
-        model_args = {"cell": args.model, "embedding_dim": args.embedding_dim, "hidden_dim": args.hidden_dim,
-                      "num_layers": args.layers, "dropout": args.dropout, "window": args.window, "tied": args.tied}
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, clip_norm=args.clip_norm, patience=args.patience,
-                             stop_metric=args.stop_metric, min_count=args.min_count, seed=args.seed,
-                             quiet=args.quiet, negatives=args.negatives, threads=args.threads)
+        model_args = {
+            "cell": args.model,
+            "embedding_dim": args.embedding_dim,
+            "hidden_dim": args.hidden_dim,
+            "num_layers": args.layers,
+            "dropout": args.dropout,
+            "window": args.window,
+            "tied": args.tied,
+        }
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            clip_norm=args.clip_norm,
+            patience=args.patience,
+            stop_metric=args.stop_metric,
+            min_count=args.min_count,
+            seed=args.seed,
+            quiet=args.quiet,
+            negatives=args.negatives,
+            threads=args.threads,
+        )
         return train_command(options, model_args, config, args.out)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
@@ -126,8 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         result = run(args)
     except (TrainingError, ManifestError) as e:

@@ -38,7 +38,9 @@ class Markov:
         keys, counts = np.unique(prev * vocab_size + nxt, return_counts=True)  # sorted by (prev, next)
         self.next_ids = keys % vocab_size  # (K,)
         self.counts = counts.astype(np.float64)  # (K,)
-        self.row_start = np.searchsorted(keys // vocab_size, np.arange(vocab_size + 1))  # (V + 1,) CSR pointers
+        self.row_start = np.searchsorted(
+            keys // vocab_size, np.arange(vocab_size + 1)
+        )  # (V + 1,) CSR pointers
         popularity = Popularity(train_sequences, vocab_size).counts
         self.backoff = popularity / (popularity.sum() + 1.0)  # (V,) each below 1: below any transition
 

@@ -53,5 +53,7 @@ def load_checkpoint(path: Path) -> tuple[NextActionModel, Vocabulary]:
     except (KeyError, TypeError, RuntimeError) as e:
         raise ArtifactError(f"{path}: inconsistent checkpoint: {e}") from e
     if len(vocabulary) != config.vocab_size:
-        raise ArtifactError(f"{path}: vocabulary has {len(vocabulary)} actions, config says {config.vocab_size}")
+        raise ArtifactError(
+            f"{path}: vocabulary has {len(vocabulary)} actions, config says {config.vocab_size}"
+        )
     return model.eval(), vocabulary

@@ -39,7 +39,9 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.3
     window: int = 50
-    tied: bool = False  # score actions with the input embeddings (hidden -> E projection, then E @ embedding.T)
+    tied: bool = (
+        False  # score actions with the input embeddings (hidden -> E projection, then E @ embedding.T)
+    )
 
 
 @dataclass(frozen=True)

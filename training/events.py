@@ -28,7 +28,9 @@ class EventLog:
     time_col: str | None  # None: the file has no time column and file order is the time order
     users: list[str]  # user ids in order of first appearance
     actions: list[list[str]]  # per user: action tokens
-    times: list[list[float]]  # per user: event times (epoch seconds, or the file position when time_col is None)
+    times: list[
+        list[float]
+    ]  # per user: event times (epoch seconds, or the file position when time_col is None)
     rows_read: int
     dropped_missing: int
     dropped_duplicates: int
@@ -58,11 +60,14 @@ def format_time(t: float) -> str:
 
 
 def parse_time(value: Any) -> float:
-    """Epoch seconds from a number, a numeric string, an ISO-8601 string or a datetime; ValueError otherwise."""
+    """Epoch seconds from a number, a numeric string, an ISO-8601 string or a datetime.
+
+    Raises ValueError for an unreadable value and TypeError for a value of another type (a list, a bool).
+    """
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, bool):
-        raise ValueError("a boolean is not a time")
+        raise TypeError("a boolean is not a time")
     elif isinstance(value, int | float):
         t = float(value)
         if not math.isfinite(t):
@@ -79,7 +84,7 @@ def parse_time(value: Any) -> float:
                 raise ValueError("not a finite number")
             return t
     else:
-        raise ValueError(f"unsupported type {type(value).__name__}")
+        raise TypeError(f"unsupported type {type(value).__name__}")
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)  # naive times are taken as UTC
     return dt.timestamp()
@@ -133,7 +138,7 @@ def load_events(options: DataOptions) -> EventLog:
                 raise DataError(f"{table.where(i)}: column {time_col!r}: missing time value")
             try:
                 t = parse_time(raw)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise DataError(
                     f"{table.where(i)}: column {time_col!r}: cannot read {raw!r} as a time "
                     f"(epoch seconds or ISO-8601): {e}"
@@ -148,7 +153,9 @@ def load_events(options: DataOptions) -> EventLog:
             f"missing user or action: {dropped_missing})"
         )
     users = list(by_user)
-    ordered = [sorted(by_user[u], key=lambda e: e[0]) for u in users]  # sorted() is stable: file order breaks ties
+    ordered = [
+        sorted(by_user[u], key=lambda e: e[0]) for u in users
+    ]  # sorted() is stable: file order breaks ties
     return EventLog(
         path=path,
         action_cols=tuple(options.action_cols),

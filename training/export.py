@@ -74,7 +74,9 @@ def export_onnx(model: NextActionModel, path: Path) -> Path:
     _clear_rnn_dispatch_caches()
     fresh = copy.deepcopy(model).eval()  # the export must not touch the caller's module
     window = fresh.config.window
-    ids = torch.full((3, max(2, window)), PAD_ID + 2, dtype=torch.int64)  # (3, T) example, not used for shapes
+    ids = torch.full(
+        (3, max(2, window)), PAD_ID + 2, dtype=torch.int64
+    )  # (3, T) example, not used for shapes
     lengths = torch.tensor([ids.shape[1], 1, 0], dtype=torch.int64)  # (3,)
     batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
     exporter_log = logging.getLogger("torch.onnx")
@@ -102,7 +104,9 @@ def export_onnx(model: NextActionModel, path: Path) -> Path:
     return path
 
 
-def check_parity(model: NextActionModel, onnx_path: Path, tolerance: float = TOLERANCE, seed: int = 0) -> float:
+def check_parity(
+    model: NextActionModel, onnx_path: Path, tolerance: float = TOLERANCE, seed: int = 0
+) -> float:
     """Run the gate: ONNX Runtime vs PyTorch on `parity_cases`; returns the largest absolute difference.
 
     Raises ParityError naming the file, the input shape and the measured difference when they disagree by
@@ -115,17 +119,25 @@ def check_parity(model: NextActionModel, onnx_path: Path, tolerance: float = TOL
         try:
             got = run(session, case.action_ids, case.lengths, IO)  # (B, V)
         except Exception as e:  # onnxruntime raises its own exception types per failure
-            raise ParityError(f"{onnx_path}: ONNX Runtime cannot run the graph at {case.describe()}: {e}") from e
+            raise ParityError(
+                f"{onnx_path}: ONNX Runtime cannot run the graph at {case.describe()}: {e}"
+            ) from e
         if got.shape != expected.shape or got.dtype != np.float32:
-            raise ParityError(f"{onnx_path}: output {got.dtype}{list(got.shape)} at {case.describe()}, "
-                              f"expected float32{list(expected.shape)}")
+            raise ParityError(
+                f"{onnx_path}: output {got.dtype}{list(got.shape)} at {case.describe()}, "
+                f"expected float32{list(expected.shape)}"
+            )
         diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
         if not np.isfinite(diff) or diff > tolerance:
-            raise ParityError(f"{onnx_path}: ONNX Runtime and PyTorch disagree: max |difference| {diff:.3g} "
-                              f"> {tolerance:g} at {case.describe()}")
+            raise ParityError(
+                f"{onnx_path}: ONNX Runtime and PyTorch disagree: max |difference| {diff:.3g} "
+                f"> {tolerance:g} at {case.describe()}"
+            )
         if np.any(got[:, [PAD_ID, UNK_ID]] != 0):
-            raise ParityError(f"{onnx_path}: padding/unknown ids get probability "
-                              f"{float(got[:, [PAD_ID, UNK_ID]].max()):.3g} at {case.describe()}, expected 0")
+            raise ParityError(
+                f"{onnx_path}: padding/unknown ids get probability "
+                f"{float(got[:, [PAD_ID, UNK_ID]].max()):.3g} at {case.describe()}, expected 0"
+            )
         worst = max(worst, diff)
     return worst
 

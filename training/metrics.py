@@ -23,7 +23,9 @@ def ranks(scores: np.ndarray, target_col: np.ndarray, valid: np.ndarray, target_
     """
     rows = np.arange(len(scores))
     target_score = scores[rows, target_col]  # (N,)
-    at_least = (scores >= target_score[:, None]) & valid  # (N, C): candidates ranked above the target (ties too)
+    at_least = (
+        scores >= target_score[:, None]
+    ) & valid  # (N, C): candidates ranked above the target (ties too)
     rank = at_least.sum(axis=1) - 1  # the target itself is counted once
     return np.where(target_ok, rank, UNRANKED).astype(np.int64)
 
@@ -76,8 +78,14 @@ class RankAccumulator:
     targets: list[np.ndarray] = field(default_factory=list)
     predictions: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, scores: np.ndarray, candidates: np.ndarray | None, target_col: np.ndarray,
-            valid: np.ndarray, target_ok: np.ndarray) -> None:
+    def add(
+        self,
+        scores: np.ndarray,
+        candidates: np.ndarray | None,
+        target_col: np.ndarray,
+        valid: np.ndarray,
+        target_ok: np.ndarray,
+    ) -> None:
         """Score one batch. candidates (N, C) maps columns to action ids; None means column = action id."""
         rank = ranks(scores, target_col, valid, target_ok)
         col = top1(scores, target_col, valid, rank)
@@ -93,4 +101,6 @@ class RankAccumulator:
     def result(self) -> dict[str, float]:
         if not self.ranks:
             return {}
-        return summarize(np.concatenate(self.ranks), np.concatenate(self.targets), np.concatenate(self.predictions))
+        return summarize(
+            np.concatenate(self.ranks), np.concatenate(self.targets), np.concatenate(self.predictions)
+        )

@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from app.manifest import MODEL_FILE, DataSummary, Manifest, TrainingSummary, read_manifest, write_manifest
+from app.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    DataSummary,
+    Manifest,
+    TrainingSummary,
+    read_manifest,
+    write_manifest,
+)
 from training.baselines import Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
 from training.events import EventLog, load_events
@@ -22,15 +30,25 @@ from training.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 
-def prepare(options: DataOptions, vocabulary: Vocabulary | None = None, min_count: int = 1) -> tuple[EventLog, Split, Vocabulary]:
+def prepare(
+    options: DataOptions, vocabulary: Vocabulary | None = None, min_count: int = 1
+) -> tuple[EventLog, Split, Vocabulary]:
     """Read and clean the log, split it, and encode it with `vocabulary` (built from the training events if None)."""
     events = load_events(options)
     bounds = make_boundaries(events, options)
     if vocabulary is None:
-        vocabulary = Vocabulary.build((a[:e] for a, e in zip(events.actions, bounds.train_end, strict=True)), min_count)
+        vocabulary = Vocabulary.build(
+            (a[:e] for a, e in zip(events.actions, bounds.train_end, strict=True)), min_count
+        )
     split = Split(bounds, [vocabulary.encode(a) for a in events.actions])
-    log.info("%s: %d events, %d users, %d actions; vocabulary %d ids", events.path, events.rows, len(events.users),
-             events.distinct_actions(), len(vocabulary))
+    log.info(
+        "%s: %d events, %d users, %d actions; vocabulary %d ids",
+        events.path,
+        events.rows,
+        len(events.users),
+        events.distinct_actions(),
+        len(vocabulary),
+    )
     return events, split, vocabulary
 
 
@@ -44,11 +62,18 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
 
 
-def train_command(options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path) -> dict[str, Any]:
+def train_command(
+    options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path
+) -> dict[str, Any]:
     """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact."""
     from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
     from training.export import export_model, model_version
@@ -63,12 +88,23 @@ def train_command(options: DataOptions, model_args: dict[str, Any], config: Trai
 
     test = split.cases("test")
     scorers = {"model": model_scorer(model, model_config.window), **baseline_scorers(split, len(vocabulary))}
-    evaluation = evaluate_cases(split, test, scorers, len(vocabulary), ("full", "sampled"), config.negatives,
-                                EVAL_SEED, progress=not config.quiet)
+    evaluation = evaluate_cases(
+        split,
+        test,
+        scorers,
+        len(vocabulary),
+        ("full", "sampled"),
+        config.negatives,
+        EVAL_SEED,
+        progress=not config.quiet,
+    )
     if not len(test):
         log.warning("no test cases (every user has fewer than 3 events?): the artifact has no metrics")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(
+        missing_ok=True
+    )  # an older manifest must not describe the new model.onnx
     save_checkpoint(out_dir / CHECKPOINT_FILE, model, vocabulary)
     onnx_path, diff = export_model(model, out_dir)
     log.info("exported %s (parity max |diff| %.2g)", onnx_path, diff)
@@ -84,19 +120,39 @@ def train_command(options: DataOptions, model_args: dict[str, Any], config: Trai
         window=model_config.window,
         padding_side="right",
         vocabulary=vocabulary.tokens,
-        data=DataSummary(file=str(events.path), rows=events.rows, users=len(events.users),
-                         actions=events.distinct_actions(), action_columns=list(events.action_cols),
-                         time_start=time_start, time_end=time_end),
-        training=TrainingSummary(split=options.split, epochs_run=len(result.epochs), best_epoch=result.best_epoch,
-                                 seconds=round(result.seconds, 2),
-                                 events_per_second=round(result.events_per_second, 1), seed=config.seed,
-                                 batch_size=result.batch_size, learning_rate=config.lr),
+        data=DataSummary(
+            file=str(events.path),
+            rows=events.rows,
+            users=len(events.users),
+            actions=events.distinct_actions(),
+            action_columns=list(events.action_cols),
+            time_start=time_start,
+            time_end=time_end,
+        ),
+        training=TrainingSummary(
+            split=options.split,
+            epochs_run=len(result.epochs),
+            best_epoch=result.best_epoch,
+            seconds=round(result.seconds, 2),
+            events_per_second=round(result.events_per_second, 1),
+            seed=config.seed,
+            batch_size=result.batch_size,
+            learning_rate=config.lr,
+        ),
         metrics=evaluation.metrics if len(test) else {},
         versions=library_versions(),
     )
-    write_report(out_dir, manifest, result.epochs, rows_read=events.rows_read,
-                 dropped_missing=events.dropped_missing, dropped_duplicates=events.dropped_duplicates,
-                 evaluation=evaluation, min_count=config.min_count, export_diff=diff)
+    write_report(
+        out_dir,
+        manifest,
+        result.epochs,
+        rows_read=events.rows_read,
+        dropped_missing=events.dropped_missing,
+        dropped_duplicates=events.dropped_duplicates,
+        evaluation=evaluation,
+        min_count=config.min_count,
+        export_diff=diff,
+    )
     write_manifest(out_dir, manifest)  # last: a directory with a manifest is a complete artifact
     return {
         "artifact": str(out_dir),
@@ -110,8 +166,9 @@ def train_command(options: DataOptions, model_args: dict[str, Any], config: Trai
     }
 
 
-def evaluate_command(options: DataOptions, artifact_dir: Path, protocol: Protocol, negatives: int,
-                     progress: bool = False) -> dict[str, Any]:
+def evaluate_command(
+    options: DataOptions, artifact_dir: Path, protocol: Protocol, negatives: int, progress: bool = False
+) -> dict[str, Any]:
     """Score the artifact's model.onnx (with ONNX Runtime) and both baselines on the re-created test split."""
     from training.runtime import onnx_scorer, open_session
 
@@ -120,9 +177,13 @@ def evaluate_command(options: DataOptions, artifact_dir: Path, protocol: Protoco
     _, split, _ = prepare(options, vocabulary)
     test = split.cases("test")
     session = open_session(Path(artifact_dir) / MODEL_FILE)
-    scorers = {"model": onnx_scorer(session, manifest.window, manifest.io), **baseline_scorers(split, len(vocabulary))}
-    evaluation = evaluate_cases(split, test, scorers, len(vocabulary), (protocol,), negatives, EVAL_SEED,
-                                progress=progress)
+    scorers = {
+        "model": onnx_scorer(session, manifest.window, manifest.io),
+        **baseline_scorers(split, len(vocabulary)),
+    }
+    evaluation = evaluate_cases(
+        split, test, scorers, len(vocabulary), (protocol,), negatives, EVAL_SEED, progress=progress
+    )
     out: dict[str, Any] = {"protocol": protocol, "split": options.split, "cases": evaluation.cases}
     if evaluation.mean_negatives is not None:
         out["mean_negatives"] = round(evaluation.mean_negatives, 2)

@@ -28,8 +28,10 @@ def torch_probabilities(model: NextActionModel, action_ids: np.ndarray, lengths:
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(torch.from_numpy(np.ascontiguousarray(action_ids, dtype=np.int64)),
-                        torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)))  # (B, V)
+            out = model(
+                torch.from_numpy(np.ascontiguousarray(action_ids, dtype=np.int64)),
+                torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)),
+            )  # (B, V)
     finally:
         model.train(was_training)
     return out.numpy()
@@ -45,13 +47,17 @@ def model_scorer(model: NextActionModel, window: int) -> Scorer:
     return score
 
 
-def encode_sequences(vocabulary: Vocabulary, sequences: Sequence[Sequence[str]], window: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_sequences(
+    vocabulary: Vocabulary, sequences: Sequence[Sequence[str]], window: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Action strings -> (action_ids (B, T), lengths (B,)) as the service sends them: the last `window` events,
     unknown actions as UNK, right-padded."""
     return history_batch([vocabulary.encode(list(s)) for s in sequences], window)
 
 
-def predict(source: str | Path | tuple[NextActionModel, Vocabulary], sequences: Sequence[Sequence[str]]) -> np.ndarray:
+def predict(
+    source: str | Path | tuple[NextActionModel, Vocabulary], sequences: Sequence[Sequence[str]]
+) -> np.ndarray:
     """Next-action probabilities (B, V) float32 for action-string sequences, computed with PyTorch.
 
     `source` is an artifact directory, a checkpoint.pt, or a (model, vocabulary) pair. Each sequence is cut

@@ -32,7 +32,9 @@ class Evaluation:
     mean_negatives: float | None
 
 
-def sample_negatives(split: Split, cases: EvalCases, vocab_size: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_negatives(
+    split: Split, cases: EvalCases, vocab_size: int, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (N, 1 + n) with the target in column 0, and which columns are real candidates (N, 1 + n)."""
     rng = np.random.default_rng(seed)
     candidates = np.zeros((len(cases), 1 + n), dtype=np.int64)
@@ -46,7 +48,9 @@ def sample_negatives(split: Split, cases: EvalCases, vocab_size: int, n: int, se
         interacted = seen[user]
         pool_size = vocab_size - (UNK_ID + 1) - sum(1 for a in interacted if a > UNK_ID)
         if pool_size <= n:  # small vocabulary: take every action the user never did
-            drawn = np.array([a for a in range(UNK_ID + 1, vocab_size) if a not in interacted], dtype=np.int64)
+            drawn = np.array(
+                [a for a in range(UNK_ID + 1, vocab_size) if a not in interacted], dtype=np.int64
+            )
         else:
             picked: dict[int, None] = {}
             while len(picked) < n:
@@ -92,6 +96,10 @@ def evaluate_cases(
             if "sampled" in protocols:
                 cand = candidates[sl]  # (b, 1 + n)
                 picked = np.take_along_axis(scores, cand, axis=1)  # (b, 1 + n)
-                acc["sampled"][name].add(picked, cand, np.zeros(len(cand), dtype=np.int64), cand_valid[sl], ok)
-    metrics = {p: {name: a.result() for name, a in per.items()} for p, per in acc.items()}
+                acc["sampled"][name].add(
+                    picked, cand, np.zeros(len(cand), dtype=np.int64), cand_valid[sl], ok
+                )
+    metrics: dict[str, dict[str, dict[str, float]]] = {
+        str(p): {name: a.result() for name, a in per.items()} for p, per in acc.items()
+    }
     return Evaluation(metrics, len(cases), mean_negatives)

@@ -50,7 +50,10 @@ def plot_curves(epochs: Sequence[EpochLog], out_dir: Path) -> tuple[Path, Path]:
 def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
     names = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in KS] + ["accuracy", "macro_f1"]
     scorers = [s for s in SCORERS if s in per_scorer]
-    lines = ["| metric | " + " | ".join(scorers) + " | model - best baseline |", "|---|" + "---:|" * (len(scorers) + 1)]
+    lines = [
+        "| metric | " + " | ".join(scorers) + " | model - best baseline |",
+        "|---|" + "---:|" * (len(scorers) + 1),
+    ]
     for name in names:
         values = [per_scorer[s].get(name, float("nan")) for s in scorers]
         base = [v for s, v in zip(scorers, values, strict=True) if s != "model"]
@@ -59,9 +62,18 @@ def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, manifest: Manifest, epochs: Sequence[EpochLog], *, rows_read: int,
-                 dropped_missing: int, dropped_duplicates: int, evaluation: Evaluation,
-                 min_count: int, export_diff: float) -> Path:
+def write_report(
+    out_dir: Path,
+    manifest: Manifest,
+    epochs: Sequence[EpochLog],
+    *,
+    rows_read: int,
+    dropped_missing: int,
+    dropped_duplicates: int,
+    evaluation: Evaluation,
+    min_count: int,
+    export_diff: float,
+) -> Path:
     """Write report.md (and the two plots) into `out_dir`."""
     plot_curves(epochs, out_dir)
     d, t = manifest.data, manifest.training
@@ -73,27 +85,43 @@ def write_report(out_dir: Path, manifest: Manifest, epochs: Sequence[EpochLog], 
         "## Data",
         "",
         f"- file: `{d.file}`; action = `{':'.join(d.action_columns)}`",
-        f"- rows read {rows_read:,}; dropped: {dropped_missing:,} with a missing user or action, "
-        f"{dropped_duplicates:,} exact duplicates; events kept {d.rows:,}",
+        (
+            f"- rows read {rows_read:,}; dropped: {dropped_missing:,} with a missing user or action, "
+            f"{dropped_duplicates:,} exact duplicates; events kept {d.rows:,}"
+        ),
         f"- users {d.users:,}; distinct actions {d.actions:,}; time span {d.time_start} to {d.time_end}",
-        f"- vocabulary {manifest.vocab_size:,} ids (0 = `<pad>`, 1 = `<unk>`, actions seen at least "
-        f"{min_count}x in the training events)",
+        (
+            f"- vocabulary {manifest.vocab_size:,} ids (0 = `<pad>`, 1 = `<unk>`, actions seen at least "
+            f"{min_count}x in the training events)"
+        ),
         f"- split `{t.split}`; {evaluation.cases:,} test cases",
         "",
         "## Model and training",
         "",
-        f"- {manifest.cell} cell, embedding {manifest.embedding_dim}, hidden {manifest.hidden_dim}, layers "
-        f"{manifest.num_layers}, dropout {manifest.dropout}, window {manifest.window} (right-padded)",
-        f"- Adam lr {t.learning_rate}, batch {t.batch_size}, seed {t.seed}; {t.epochs_run} epochs run, best "
-        f"epoch {t.best_epoch} kept; {t.seconds:.0f} s; {t.events_per_second:,.0f} training events/s",
+        (
+            f"- {manifest.cell} cell, embedding {manifest.embedding_dim}, hidden {manifest.hidden_dim}, layers "
+            f"{manifest.num_layers}, dropout {manifest.dropout}, window {manifest.window} (right-padded)"
+        ),
+        (
+            f"- Adam lr {t.learning_rate}, batch {t.batch_size}, seed {t.seed}; {t.epochs_run} epochs run, best "
+            f"epoch {t.best_epoch} kept; {t.seconds:.0f} s; {t.events_per_second:,.0f} training events/s"
+        ),
         f"- ONNX parity gate passed: max |ONNX Runtime - PyTorch| = {export_diff:.2g}",
         "",
     ]
     for protocol, per_scorer in manifest.metrics.items():
         note = PROTOCOL_NOTES.get(protocol, protocol).format(negatives=evaluation.mean_negatives or 0.0)
-        lines += [f"## Test metrics, {protocol} protocol", "", f"{note.capitalize()}. Ties count against the "
-                  "scorer. Popularity and a first-order Markov chain (popularity breaks its ties) are fitted "
-                  "on the training events only.", "", *_metrics_table(per_scorer), ""]
+        lines += [
+            f"## Test metrics, {protocol} protocol",
+            "",
+            (
+                f"{note.capitalize()}. Ties count against the scorer. Popularity and a first-order Markov chain "
+                "(popularity breaks its ties) are fitted on the training events only."
+            ),
+            "",
+            *_metrics_table(per_scorer),
+            "",
+        ]
     lines += [
         "## Training curves",
         "",
@@ -103,8 +131,11 @@ def write_report(out_dir: Path, manifest: Manifest, epochs: Sequence[EpochLog], 
         "",
         "| epoch | train loss | val loss | val HR@10 | val NDCG@10 | events/s |",
         "|---:|---:|---:|---:|---:|---:|",
-        *[f"| {e.epoch} | {e.train_loss:.4f} | {e.val_loss:.4f} | {e.val_hr10:.4f} | {e.val_ndcg10:.4f} | "
-          f"{e.events_per_second:,.0f} |" for e in epochs],
+        *[
+            f"| {e.epoch} | {e.train_loss:.4f} | {e.val_loss:.4f} | {e.val_hr10:.4f} | {e.val_ndcg10:.4f} | "
+            f"{e.events_per_second:,.0f} |"
+            for e in epochs
+        ],
         "",
         "Library versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) + ".",
         "",

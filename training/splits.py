@@ -55,8 +55,10 @@ def time_cut(log: EventLog, val_fraction: float, test_fraction: float) -> Bounda
     """A global cut: the latest `test_fraction` of events are test targets, the `val_fraction` before them
     validation targets; training uses only events strictly before the validation cut-off time."""
     if not (0 < test_fraction < 1 and 0 < val_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(f"time split fractions must be in (0, 1) and sum below 1, got "
-                        f"validation {val_fraction}, test {test_fraction}")
+        raise DataError(
+            f"time split fractions must be in (0, 1) and sum below 1, got "
+            f"validation {val_fraction}, test {test_fraction}"
+        )
     all_times = np.sort(np.concatenate([np.asarray(t, dtype=np.float64) for t in log.times]))
     total = len(all_times)
     t_val = all_times[min(total - 1, int(total * (1 - val_fraction - test_fraction)))]
@@ -65,8 +67,10 @@ def time_cut(log: EventLog, val_fraction: float, test_fraction: float) -> Bounda
     train_end = np.array([bisect.bisect_left(t, t_val) for t in log.times], dtype=np.int64)
     val_end = np.array([bisect.bisect_left(t, t_test) for t in log.times], dtype=np.int64)
     if train_end.sum() == 0:
-        raise DataError(f"{log.path}: the time split leaves no training events (all events at or after "
-                        f"the validation cut-off {t_val}); too few distinct times?")
+        raise DataError(
+            f"{log.path}: the time split leaves no training events (all events at or after "
+            f"the validation cut-off {t_val}); too few distinct times?"
+        )
     n = np.array([len(a) for a in log.actions], dtype=np.int64)
     return Boundaries("time", train_end, val_end, n)
 
@@ -104,7 +108,9 @@ class Split:
         users = np.repeat(np.arange(len(counts)), counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         positions = np.repeat(lo, counts) + offsets
-        targets = np.array([self.sequences[u][p] for u, p in zip(users, positions, strict=True)], dtype=np.int64)
+        targets = np.array(
+            [self.sequences[u][p] for u, p in zip(users, positions, strict=True)], dtype=np.int64
+        )
         return EvalCases(users.astype(np.int64), positions.astype(np.int64), targets)
 
     def history(self, user: int, position: int) -> np.ndarray:

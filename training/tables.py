@@ -14,8 +14,15 @@ from typing import Any
 
 from training.errors import DataError
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-           ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,9 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg}): {line.strip()[:80]!r}") from e
+                raise DataError(
+                    f"{path}: line {number}: not valid JSON ({e.msg}): {line.strip()[:80]!r}"
+                ) from e
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {number}: expected a JSON object, got {line.strip()[:80]!r}")
             yield number, obj
@@ -145,5 +154,7 @@ def _read_parquet(path: Path, wanted: list[str], optional: frozenset[str]) -> Ta
     n = table.num_rows
     picked = [columns.get(c, [None] * n) for c in wanted]
     rows = list(zip(*picked, strict=True)) if picked else [() for _ in range(n)]
-    keys = [tuple(map(repr, row)) for row in zip(*columns.values(), strict=True)]  # repr: lists are unhashable
+    keys = [
+        tuple(map(repr, row)) for row in zip(*columns.values(), strict=True)
+    ]  # repr: lists are unhashable
     return Table(path, tuple(wanted), rows, list(range(1, n + 1)), "row", keys)

@@ -71,7 +71,7 @@ class TrainResult:
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch generators; the same seed and data give the same model on the same machine."""
     random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - for third-party code that uses the global generator
+    np.random.seed(seed)  # for third-party code that uses the global generator
     torch.manual_seed(seed)
 
 
@@ -85,7 +85,9 @@ def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[fl
     with torch.inference_mode():
         for start in range(0, len(cases), _VAL_BATCH):
             sl = slice(start, start + _VAL_BATCH)
-            histories = [split.history(u, p) for u, p in zip(cases.users[sl], cases.positions[sl], strict=True)]
+            histories = [
+                split.history(u, p) for u, p in zip(cases.users[sl], cases.positions[sl], strict=True)
+            ]
             ids, lengths = history_batch(histories, model.config.window)  # (b, T), (b,)
             logits = model.final_logits(torch.from_numpy(ids), torch.from_numpy(lengths))  # (b, V)
             targets = torch.from_numpy(cases.targets[sl])  # (b,)
@@ -112,8 +114,13 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
     val_cases = split.cases("validation")
     batch_size = config.batch_size or auto_batch_size(len(chunks))
     n_batches = math.ceil(len(chunks) / batch_size)
-    log.info("training on %d windows (%d batches of %d per epoch), validating on %d cases",
-             len(chunks), n_batches, batch_size, len(val_cases))
+    log.info(
+        "training on %d windows (%d batches of %d per epoch), validating on %d cases",
+        len(chunks),
+        n_batches,
+        batch_size,
+        len(val_cases),
+    )
 
     result = TrainResult(model=model, batch_size=batch_size)
     best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
@@ -122,10 +129,18 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
     for epoch in epochs:
         model.train()
         loss_sum, events, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(training_batches(chunks, batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
-                   unit="batch", leave=False, disable=config.quiet)
+        bar = tqdm(
+            training_batches(chunks, batch_size, rng),
+            total=n_batches,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            leave=False,
+            disable=config.quiet,
+        )
         for inputs, targets in bar:
-            logits, kept = model.position_logits(torch.from_numpy(inputs), torch.from_numpy(targets))  # (N, V), (N,)
+            logits, kept = model.position_logits(
+                torch.from_numpy(inputs), torch.from_numpy(targets)
+            )  # (N, V), (N,)
             if kept.numel() == 0:
                 continue
             loss = F.cross_entropy(logits, kept)
@@ -135,19 +150,46 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
             optimizer.step()
             loss_sum += float(loss.detach()) * kept.numel()
             events += kept.numel()
-            bar.set_postfix(loss=f"{loss_sum / events:.4f}", ev_s=f"{events / (time.perf_counter() - t0):,.0f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / events:.4f}", ev_s=f"{events / (time.perf_counter() - t0):,.0f}"
+            )
         seconds = time.perf_counter() - t0
         val_loss, val = validate(model, split, val_cases)
-        entry = EpochLog(epoch, loss_sum / max(events, 1), val_loss, val.get("hr@10", math.nan),
-                         val.get("ndcg@10", math.nan), events, seconds)
+        entry = EpochLog(
+            epoch,
+            loss_sum / max(events, 1),
+            val_loss,
+            val.get("hr@10", math.nan),
+            val.get("ndcg@10", math.nan),
+            events,
+            seconds,
+        )
         result.epochs.append(entry)
-        epochs.set_postfix(loss=f"{entry.train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                           hr10=f"{entry.val_hr10:.4f}", ev_s=f"{entry.events_per_second:,.0f}")
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val HR@10 %.4f, NDCG@10 %.4f, %.0f events/s",
-                 epoch, entry.train_loss, val_loss, entry.val_hr10, entry.val_ndcg10, entry.events_per_second)
-        score = val.get(config.stop_metric, -entry.train_loss)  # no validation cases: keep the lowest train loss
+        epochs.set_postfix(
+            loss=f"{entry.train_loss:.4f}",
+            val_loss=f"{val_loss:.4f}",
+            hr10=f"{entry.val_hr10:.4f}",
+            ev_s=f"{entry.events_per_second:,.0f}",
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val HR@10 %.4f, NDCG@10 %.4f, %.0f events/s",
+            epoch,
+            entry.train_loss,
+            val_loss,
+            entry.val_hr10,
+            entry.val_ndcg10,
+            entry.events_per_second,
+        )
+        score = val.get(
+            config.stop_metric, -entry.train_loss
+        )  # no validation cases: keep the lowest train loss
         if score > best_score:
-            best_score, best_state, stale, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
+            best_score, best_state, stale, result.best_epoch = (
+                score,
+                copy.deepcopy(model.state_dict()),
+                0,
+                epoch,
+            )
         else:
             stale += 1
             if stale >= config.patience:

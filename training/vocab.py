@@ -20,7 +20,9 @@ class Vocabulary:
             raise DataError(f"vocabulary must start with {PAD_TOKEN!r}, {UNK_TOKEN!r}, got {tokens[:2]!r}")
         self.tokens = tokens
         self.index = {t: i for i, t in enumerate(tokens)}
-        self._lookup = {t: i for t, i in self.index.items() if i != PAD_ID}  # an event named "<pad>" is unknown
+        self._lookup = {
+            t: i for t, i in self.index.items() if i != PAD_ID
+        }  # an event named "<pad>" is unknown
         if len(self.index) != len(tokens):
             dup = next(t for t, c in Counter(tokens).items() if c > 1)
             raise DataError(f"vocabulary lists the action {dup!r} twice")
@@ -33,7 +35,9 @@ class Vocabulary:
             counts.update(seq)
         counts.pop(PAD_TOKEN, None)  # an event literally named "<pad>"/"<unk>" maps onto the reserved ids
         counts.pop(UNK_TOKEN, None)
-        kept = [t for t, c in counts.most_common() if c >= min_count]  # most_common is stable for equal counts
+        kept = [
+            t for t, c in counts.most_common() if c >= min_count
+        ]  # most_common is stable for equal counts
         if not kept:
             raise DataError(f"no action occurs at least --min-count={min_count} times in the training events")
         return cls([PAD_TOKEN, UNK_TOKEN, *kept])
