@@ -208,6 +208,7 @@ class Reloader(Generic[M]):
         self._metrics = metrics
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
+        self._seen: tuple[Any, ...] | None = None  # artifact_stamp of the files last loaded (or refused)
         self.last_outcome: ReloadOutcome | None = None
 
     async def reload(self, reason: str = "api") -> ReloadOutcome:
@@ -216,6 +217,8 @@ class Reloader(Generic[M]):
             old = self._current()
             old_version = self._version(old) if old is not None else None
             start = time.perf_counter()
+            # what this attempt reads; files changing during the load differ from it and are loaded next
+            self._seen = await asyncio.to_thread(artifact_stamp, self.artifact_dir)
             try:
                 new = await asyncio.to_thread(self._load, self.artifact_dir)
             except Exception as e:
@@ -243,8 +246,13 @@ class Reloader(Generic[M]):
                       outcome.error)
 
     def start_watch(self, interval_seconds: float) -> None:
-        """Poll the artifact directory; reload when its files changed and then stayed unchanged for one poll."""
+        """Poll the artifact directory; reload when its files changed and then stayed unchanged for one poll.
+
+        Call it right after the current model was loaded: the files as they are now count as served.
+        A refused artifact is not retried until its files change again.
+        """
         if interval_seconds > 0 and self._watch_task is None:
+            self._seen = artifact_stamp(self.artifact_dir)
             self._watch_task = asyncio.create_task(self._watch(interval_seconds), name="nextact-artifact-watch")
 
     async def stop_watch(self) -> None:
@@ -257,19 +265,18 @@ class Reloader(Generic[M]):
                 pass
 
     async def _watch(self, interval: float) -> None:
-        served = artifact_stamp(self.artifact_dir)  # what is loaded now (or a refused stamp: not retried)
         pending: tuple[Any, ...] | None = None
         while True:
             await asyncio.sleep(interval)
             stamp = await asyncio.to_thread(artifact_stamp, self.artifact_dir)
-            if stamp is None or stamp == served:
+            if stamp is None or stamp == self._seen:
                 pending = None
                 continue
             if stamp != pending:  # changed since the last poll: maybe still being written, wait one more poll
                 pending = stamp
                 continue
-            served, pending = stamp, None
+            pending = None
             try:
                 await self.reload(reason="file watch")
             except ReloadError:
-                pass  # logged and counted by reload(); this stamp is not retried until the files change again
+                pass  # logged and counted by reload()

@@ -6,23 +6,22 @@
 ceiling  bare FastAPI: the same route, the same request body model (validated), answers a UserPrediction of
          the same shape and size rendered the same way, and does nothing else: no Redis, no model, no
          middleware. What one uvicorn worker can do at all for this request.
-torch    the same application as nextact (create_app: routes, middleware, the Redis window script), with
-         the model replaced by PyTorch eager on checkpoint.pt, called inline per request (no batching, no
-         ONNX Runtime): the service anyone could write in an afternoon. One torch thread by default, its
-         fastest setting next to an event loop on a small machine (see --torch-threads).
+torch    the same application as nextact (create_app and its lifespan: routes, middleware, metrics, the Redis
+         window script, the worker thread), with the model replaced by PyTorch eager on checkpoint.pt and
+         batching off (NEXTACT_BATCH_MAX_SIZE=1): one forward per request, no ONNX Runtime. The service
+         anyone could write in an afternoon. One torch thread by default, its fastest setting next to an
+         event loop on a small machine (see --torch-threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -60,7 +59,7 @@ def ceiling_app(k_default: int = 10) -> FastAPI:
 # ---- PyTorch eager, no batching -----------------------------------------------------------------------------
 
 class TorchModel:
-    """Stands where app.model.ServingModel stands: encode, one forward per request, torch.topk, decode."""
+    """Stands where app.model.ServingModel stands: encode, one forward per window, torch.topk, decode."""
 
     def __init__(self, artifact_dir: Path, threads: int) -> None:
         import torch
@@ -84,6 +83,9 @@ class TorchModel:
         self.providers = [self.provider]
         self.device = "cpu"
 
+    def knows(self, action: str) -> bool:
+        return action in self.index
+
     def predict(self, requests: list[tuple[list[str], int]]) -> list[Any]:
         from app.model import Prediction
 
@@ -99,47 +101,21 @@ class TorchModel:
         return out
 
 
-@dataclass
-class InlineTorch:
-    """In place of the micro-batcher: every prediction runs at once, on the event loop, on its own."""
-
-    model: TorchModel
-
-    async def submit(self, item: tuple[list[str], int]) -> Any:
-        return self.model.predict([item])[0]
-
-    async def close(self) -> None:
-        return None
-
-
 def torch_app(artifact_dir: Path, threads: int) -> FastAPI:
-    from app.deps import Services
-    from app.main import create_app
-    from app.model import ModelHolder
-    from app.redis_client import connect
-    from app.settings import get_settings
-    from app.windows import WindowStore
+    """nextact's create_app() and lifespan, unchanged but for two things: the model it loads is TorchModel,
+    and NEXTACT_BATCH_MAX_SIZE=1, so every prediction is its own call (in the batcher's one worker thread)."""
+    import app.main as service
 
-    settings = get_settings()
-    model = TorchModel(artifact_dir, threads)
+    if not hasattr(service, "_load_checked"):
+        raise SystemExit("app.main._load_checked is gone: update bench/baseline_apps.py to the new lifespan")
+    os.environ["NEXTACT_BATCH_MAX_SIZE"] = "1"
+    os.environ["NEXTACT_ARTIFACT_DIR"] = str(artifact_dir)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            if settings.redis_url is None:
-                raise SystemExit("the torch variant needs NEXTACT_REDIS_URL")
-            redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_timeout_seconds,
-                            settings.redis_retries)
-            stack.push_async_callback(redis.close)
-            store = WindowStore(redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address)
-            await store.load_script()
-            holder = ModelHolder(cast(Any, model))
-            app.state.services = Services(settings, holder, redis, store, cast(Any, InlineTorch(model)))
-            yield
+    def load(artifact_dir: Path, device: str, intra_op_threads: int) -> Any:
+        return TorchModel(artifact_dir, threads)
 
-    app = create_app(settings)
-    app.router.lifespan_context = lifespan
-    return app
+    service._load_checked = load  # type: ignore[assignment]
+    return service.create_app()
 
 
 def main(argv: list[str] | None = None) -> int:

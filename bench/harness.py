@@ -168,7 +168,8 @@ def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
         per[le] = int(c - prev)
         prev = c
     n = after["count"] - before["count"]
-    return {"per_bucket": per, "count": int(n), "mean": round((after["sum"] - before["sum"]) / n, 2) if n else None}
+    total = after["sum"] - before["sum"]
+    return {"per_bucket": per, "count": int(n), "sum": total, "mean": round(total / n, 2) if n else None}
 
 
 # ---- the machine ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import asyncio
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "service_profile.md")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     if not shutil.which("py-spy"):
         raise BenchError("py-spy not found: pip install py-spy")
 

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,32 +154,34 @@ def scrape_batches(port: int) -> dict[str, Any] | None:
     return hist if hist["buckets"] else None
 
 
-def read_probe(path: Path) -> dict[int, int]:
-    try:
-        return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError):
-        return {}
-
-
-def batch_stats(before: dict[int, int], after: dict[int, int]) -> dict[str, Any] | None:
-    """Exact batch sizes of one phase: calls per size, mean, and the share of requests per size band."""
-    calls = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
-    n_calls = sum(calls.values())
-    if not n_calls:
+def batch_stats(delta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Batch sizes of one phase from the service's histogram: ORT calls per bucket, the exact mean, and the
+    approximate share of requests per bucket (each call counted at its bucket's midpoint, scaled to the
+    exact total of windows scored)."""
+    if not delta or not delta["count"]:
         return None
-    rows = sum(k * v for k, v in calls.items())
-    bands = {"1": (1, 1), "2-4": (2, 4), "5-8": (5, 8), "9-16": (9, 16), "17-32": (17, 32), "33-64": (33, 64),
-             ">64": (65, 10**9)}
-    share = {b: round(sum(k * v for k, v in calls.items() if lo <= k <= hi) / rows, 4) for b, (lo, hi) in bands.items()}
-    return {"calls": n_calls, "rows": rows, "mean": round(rows / n_calls, 2), "max": max(calls),
-            "requests_share_by_batch_size": share, "calls_by_size": {str(k): v for k, v in calls.items()}}
+    edges = [0.0] + [float(le) for le in delta["per_bucket"] if le != "+Inf"]
+    rows: dict[str, float] = {}
+    for i, (le, calls) in enumerate(delta["per_bucket"].items()):
+        if le == "+Inf":
+            mid = edges[-1] * 1.5
+            label = f">{edges[-1]:.0f}"
+        else:
+            lo, hi = edges[i] + 1, edges[i + 1]
+            mid = (lo + hi) / 2
+            label = f"{hi:.0f}" if lo >= hi else f"{lo:.0f}-{hi:.0f}"
+        rows[label] = calls * mid
+    scale = delta["sum"] / (sum(rows.values()) or 1)
+    labels = list(rows)
+    calls_by = dict(zip(labels, delta["per_bucket"].values(), strict=True))
+    return {"calls": delta["count"], "windows": int(delta["sum"]), "mean": delta["mean"], "calls_by_bucket": calls_by,
+            "approx_request_share": {k: round(v * scale / delta["sum"], 4) for k, v in rows.items()}}
 
 
 def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
             args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
     tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
     before_batches = scrape_batches(port) if name == "nextact" else None
-    before_probe = read_probe(work / "batches.json") if name == "nextact" else {}
     before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
     result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
     after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
@@ -192,11 +195,9 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
     result["server_rss_mib"] = after["rss_mib"]
     result["server_threads"] = after["threads"]
     if name == "nextact":
-        time.sleep(0.3)  # the probe writes every 0.25 s
-        result["batches"] = batch_stats(before_probe, read_probe(work / "batches.json"))
         after_batches = scrape_batches(port)
         if before_batches and after_batches:
-            result["batch_size_metric"] = histogram_delta(before_batches, after_batches)
+            result["batch_size"] = histogram_delta(before_batches, after_batches)
     bad = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
     if bad or result["errors"]:
         print(f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
@@ -247,11 +248,20 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """nextact's batch sizes in one kind of phase, all rounds together."""
-    calls: dict[int, int] = {}
+    total: dict[str, Any] | None = None
     for r in rounds:
-        for size, count in ((r.get("nextact", {}).get(mode, {}).get("batches") or {}).get("calls_by_size") or {}).items():
-            calls[int(size)] = calls.get(int(size), 0) + count
-    return batch_stats({}, calls)
+        h = r.get("nextact", {}).get(mode, {}).get("batch_size")
+        if not h:
+            continue
+        if total is None:
+            total = {"per_bucket": dict.fromkeys(h["per_bucket"], 0), "count": 0, "sum": 0.0}
+        for le, c in h["per_bucket"].items():
+            total["per_bucket"][le] = total["per_bucket"].get(le, 0) + c
+        total["count"] += h["count"]
+        total["sum"] += h["sum"]
+    if total and total["count"]:
+        total["mean"] = round(total["sum"] / total["count"], 2)
+    return batch_stats(total)
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -313,18 +323,20 @@ def markdown(res: dict[str, Any]) -> str:
                        f"{fmt(own['rps'], ',.0f')} req/s answered.")]
     hists = {mode: h for mode, h in res["batch_size_histogram"].items() if h}
     if hists:
-        bands = list(next(iter(hists.values()))["requests_share_by_batch_size"])
+        buckets = [b for b in next(iter(hists.values()))["approx_request_share"] if any(
+            h["approx_request_share"].get(b) for h in hists.values())]
         labels = {"closed": "saturated (64 connections)", "open": f"open loop, {rate:.0f} req/s",
                   "open_own": "open loop, half nextact's throughput"}
-        lines += ["", ("nextact micro-batches (counted through the batcher's on_batch hook): share of requests "
-                       "served in a batch of each size"), "",
-                  "| phase | ORT calls | mean batch | max | " + " | ".join(bands) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(bands)]
+        lines += ["", ("nextact micro-batches, from its nextact_inference_batch_size histogram on /metrics: ONNX "
+                       "Runtime calls, mean windows per call, and the approximate share of requests served in a "
+                       "batch of each size"), "",
+                  "| phase | ORT calls | mean batch | " + " | ".join(buckets) + " |",
+                  "|---|---:|---:|" + "---:|" * len(buckets)]
         for mode, h in hists.items():
-            shares = " | ".join(f"{h['requests_share_by_batch_size'][b]:.0%}" for b in bands)
-            lines.append(f"| {labels.get(mode, mode)} | {h['calls']:,} | {h['mean']} | {h['max']} | {shares} |")
+            shares = " | ".join(f"{h['approx_request_share'][b]:.0%}" for b in buckets)
+            lines.append(f"| {labels.get(mode, mode)} | {h['calls']:,} | {h['mean']} | {shares} |")
     else:
-        lines += ["", "Batch sizes: not available (no probe file, no nextact_inference_batch_size on /metrics)."]
+        lines += ["", "Batch sizes: not available (no nextact_inference_batch_size histogram on /metrics)."]
     if res.get("model_bench_markdown"):
         lines += ["", "## Model micro-benchmark (same model, one process, no HTTP)", "", res["model_bench_markdown"]]
     return "\n".join(lines) + "\n"
@@ -354,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results path without suffix (default bench/results/service[_quick])")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     if args.quick:
         args.duration, args.warmup, args.rounds = min(args.duration, 5.0), min(args.warmup, 1.5), 1
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
@@ -413,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                     "NEXTACT_HOST": "127.0.0.1", "NEXTACT_WORKERS": "1"}
         extra = dict(e.split("=", 1) for e in args.env)
         cmds = {
-            # python -m app, counting batch sizes through the batcher's on_batch hook (bench/batch_probe.py)
-            "nextact": [sys.executable, str(ROOT / "bench" / "batch_probe.py"), str(work / "batches.json")],
+            "nextact": [sys.executable, "-m", "app"],
             "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
             "torch": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--artifact-dir", str(art)],
         }

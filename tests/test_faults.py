@@ -9,6 +9,7 @@ but may lose the last second on a crash; see the README's operations section.)
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections import Counter
@@ -156,6 +157,9 @@ async def test_redis_outage_fails_fast_and_recovers_without_losing_acked_events(
         assert not traffic.bad_503, f"503 without Retry-After or the redis_unavailable code: {traffic.bad_503[:3]}"
         assert traffic.slowest_failure < FAIL_FAST, f"a failing request took {traffic.slowest_failure:.2f}s"
         assert recovered < 10
+        scrape = (await http.get(f"{service.base_url}/metrics")).text
+        errors = [line for line in scrape.splitlines() if line.startswith('nextact_redis_errors_total{op="append"}')]
+        assert errors and float(errors[0].split()[-1]) > 0, errors
         assert service.process is not None and service.process.poll() is None  # the same process recovered
 
         lost = {}
@@ -193,3 +197,28 @@ async def test_redis_down_at_start_up_then_up(behavior_artifact: Path, tmp_path:
     finally:
         svc.kill()
         server.stop()
+
+
+async def test_a_hung_redis_gives_503_within_the_timeout(service: ServiceProcess, durable_redis: EmbeddedRedis) -> None:
+    """SIGSTOP: Redis accepts connections but never answers. Requests must not hang: bounded by the socket
+    timeout and the retries, they answer 503, and the service carries on once Redis resumes."""
+    assert durable_redis.process is not None
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})).status_code == 200
+        durable_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            answers = await asyncio.gather(*(
+                http.post(f"{service.base_url}/v1/users/h{i}/events", json={"action": "pv"}) for i in range(6)
+            ))
+            elapsed = time.monotonic() - started
+            ready = await http.get(f"{service.base_url}/readyz")
+        finally:
+            durable_redis.process.send_signal(signal.SIGCONT)
+        assert [r.status_code for r in answers] == [503] * 6
+        assert all(r.headers["retry-after"] and r.json()["error"] == "redis_unavailable" for r in answers)
+        # connect/read timeout 0.5 s, 2 retries with short backoff: ~1.5 s; the bound leaves room for busy CPUs
+        assert elapsed < 3 * REDIS_TIMEOUT * 3, f"requests to a hung Redis took {elapsed:.1f}s"
+        assert ready.status_code == 503
+        await _eventually(http, f"{service.base_url}/readyz", 200, timeout=10)
+        assert (await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})).status_code == 200

@@ -27,6 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 from schemathesis import GenerationMode
 
 from app.events import InvalidField, epoch_seconds, field_path, new_event
+from app.manifest import read_manifest
 from app.schemas import BulkEvents, EventIn, UserEventsBody
 from app.settings import Settings
 from app.windows import NewEvent, WindowStore
@@ -253,12 +254,13 @@ def _hostile_requests() -> list[tuple[str, str, Any, int]]:
         ("POST", "/v1/users/" + long_user + "/events", '{"action": "pv"}', 422),
         ("GET", "/v1/users/%F0%9F%99%82%E6%BC%A2/predictions?k=1000000", None, 422),
         ("GET", "/v1/users/u/predictions?k=0", None, 422),
+        ("GET", "/v1/users/u/predictions?k=100000", None, 200),  # capped at the model's actions
         ("GET", "/v1/users/u/predictions?k=nan", None, 422),
     ]
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), _hostile_requests())
-def test_hostile_requests(fuzzed_service: ServiceProcess, method: str, path: str, body: str | None,
+def test_hostile_requests(fuzzed_service: ServiceProcess, behavior_artifact: Path, method: str, path: str, body: str | None,
                           status: int) -> None:
     response = httpx.request(
         method, fuzzed_service.base_url + path, content=body, timeout=10,
@@ -267,3 +269,5 @@ def test_hostile_requests(fuzzed_service: ServiceProcess, method: str, path: str
     assert response.status_code == status, response.text[:500]
     if status >= 400:
         assert {"error", "message"} <= set(response.json()), response.text[:500]
+    elif "predictions" in response.json():
+        assert 0 < len(response.json()["predictions"]) <= read_manifest(behavior_artifact).vocab_size - 2

@@ -153,7 +153,8 @@ async def test_app_rate_limit_is_off_by_default_and_429s_when_set(behavior_artif
         statuses = [(await client.get("/v1/users/u/predictions", headers=one)).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
         refused = await client.post("/v1/users/u/events", json={"action": "pv"}, headers=one)
-        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        # sliding: the spent window has to slide partly out of the next one, so up to two windows
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 120
         assert refused.json()["error"] == "rate_limited"
         assert (await client.get("/v1/model", headers=two)).status_code == 200  # its own budget
         assert [(await client.get("/readyz")).status_code for _ in range(5)] == [200] * 5  # not limited

@@ -4,6 +4,7 @@ and every acknowledged event is in its append-only file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -69,6 +70,9 @@ async def test_sigterm_finishes_in_flight_requests_and_loses_nothing(behavior_ar
     assert code == 0, log
     assert exited - signalled < 12, "shutdown took longer than the graceful timeout allows"
     assert "Traceback" not in log, log
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # structured logs: JSON only
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any(line["message"] == "Application shutdown complete." for line in lines)
     statuses = {s for _, _, s in spans}
     assert statuses <= {200, 503}, f"answers during shutdown: {statuses}\n{log}"
     straddling = [s for sent, answered, s in spans if sent < signalled < answered]

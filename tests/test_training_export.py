@@ -25,15 +25,18 @@ WINDOW = 6
 
 
 def _model(cell: Cell) -> NextActionModel:
+    """LSTM with the residual path, GRU with tied embeddings: every branch of the graph goes through the gate."""
     torch.manual_seed(1)
     model = NextActionModel(
         ModelConfig(
             vocab_size=len(VOCAB),
             cell=cell,
             embedding_dim=8,
-            hidden_dim=12,  # type: ignore[arg-type]
+            hidden_dim=12,
             dropout=0.1,
             window=WINDOW,
+            residual=cell == "lstm",
+            tied=cell == "gru",
         )
     )
     with torch.no_grad():  # a little away from the initialisation so that every gate matters

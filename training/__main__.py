@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_M.tied,
         help="score actions with the input embedding table (default: %(default)s)",
     )
+    m.add_argument(
+        "--residual",
+        action=argparse.BooleanOptionalAction,
+        default=_M.residual,
+        help="add a projection of the last event's embedding to the recurrent state (default: %(default)s)",
+    )
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=_T.epochs, help=f"at most this many (default: {_T.epochs})")
     o.add_argument(
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_T.patience,
         help=f"stop after this many epochs without validation improvement (default: {_T.patience})",
+    )
+    o.add_argument(
+        "--lr-decay",
+        type=float,
+        default=_T.lr_decay,
+        help=f"multiply the learning rate by this after an epoch without improvement (default: {_T.lr_decay})",
     )
     o.add_argument(
         "--stop-metric",
@@ -178,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dropout": args.dropout,
             "window": args.window,
             "tied": args.tied,
+            "residual": args.residual,
         }
         config = TrainConfig(
             epochs=args.epochs,
@@ -186,6 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             weight_decay=args.weight_decay,
             clip_norm=args.clip_norm,
             patience=args.patience,
+            lr_decay=args.lr_decay,
             stop_metric=args.stop_metric,
             min_count=args.min_count,
             seed=args.seed,

@@ -39,9 +39,8 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.3
     window: int = 50
-    tied: bool = (
-        False  # score actions with the input embeddings (hidden -> E projection, then E @ embedding.T)
-    )
+    tied: bool = False  # score actions with the input embedding table (hidden -> E, then E @ embedding.T)
+    residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 5.0
     patience: int = 3
+    lr_decay: float = 1.0  # multiply the learning rate by this after an epoch without validation improvement
     stop_metric: StopMetric = "ndcg@10"
     min_count: int = 1
     seed: int = 0

@@ -33,6 +33,11 @@ class NextActionModel(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         self.dropout = nn.Dropout(config.dropout)
+        # The last event decides much of what comes next (item-to-item transitions); a residual path from its
+        # embedding keeps its identity sharp in the state the head reads, instead of only through the gates.
+        self.skip = (
+            nn.Linear(config.embedding_dim, config.hidden_dim, bias=False) if config.residual else None
+        )
         if config.tied:
             self.project: nn.Module = nn.Linear(config.hidden_dim, config.embedding_dim)
             self.head = nn.Linear(config.embedding_dim, config.vocab_size)
@@ -52,6 +57,8 @@ class NextActionModel(nn.Module):
         """
         x = self.dropout(self.embedding(action_ids))  # (B, T, E)
         out, _ = self.rnn(x)  # (B, T, H)
+        if self.skip is not None:
+            out = out + self.skip(x)  # (B, T, H)
         return self.dropout(out)  # (B, T, H)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
