@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     sequences = read_sequences(data, col)
     work = Path(tempfile.mkdtemp(prefix="nextact-profile-"))
+    print(f"==> scratch directory {work} (logs, Redis data): removed after a successful run", flush=True)
     templates = work / "requests.json"
     request_templates(templates, sequences, args.users, args.templates, rng)
     raw_dir = RESULTS / "tmp"

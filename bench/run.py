@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     windows = make_windows(sequences, args.users, manifest.window, rng)
     work = Path(tempfile.mkdtemp(prefix="nextact-bench-"))
+    print(f"==> scratch directory {work} (logs, Redis data): removed after a successful run", flush=True)
     templates = work / "requests.json"
     request_templates(templates, sequences, args.users, args.templates, rng)
 

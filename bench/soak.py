@@ -200,7 +200,7 @@ class Soak:
                     if 200 <= r.status_code < 300:
                         self.tally.acked[user].add(event_id)
                 elif roll < 0.75:
-                    batch = []
+                    batch: list[dict[str, Any]] = []
                     for _ in range(rng.randint(2, 20)):
                         user = self._user_for_event(rng, users)
                         batch.append({"user_id": user, "action": rng.choice(self.events),
@@ -209,7 +209,7 @@ class Soak:
                     self._record("post_bulk", r, started)
                     if 200 <= r.status_code < 300:
                         for e in batch:
-                            self.tally.acked[e["user_id"]].add(e["event_id"])
+                            self.tally.acked[str(e["user_id"])].add(str(e["event_id"]))
                 else:
                     user = users[rng.randrange(len(users))] if users else "nobody"
                     r = await client.get(f"{self.base}/v1/users/{user}/predictions", params={"k": 5},
