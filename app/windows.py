@@ -140,7 +140,7 @@ class WindowStore:
 
     def __init__(
         self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int = 64,
-        direct: DirectCommands | None = None,
+        direct: DirectCommands | None = None, queue_timeout_seconds: float = 5.0,
     ) -> None:
         self.client = client
         self._direct = direct  # the scripts' fast path (single server); None: everything through `client`
@@ -150,7 +150,9 @@ class WindowStore:
         # Callers queue here (FIFO, no timeout) rather than in the pool: the single-server pool gives up after
         # its timeout ("No connection available") and the cluster pool at once, which would turn a burst
         # (one bulk request for 1000 users) into 503s although Redis is fine.
+        # The wait is bounded all the same, so a hung Redis cannot pile up requests without end.
         self._limit = asyncio.Semaphore(max_concurrency)
+        self._queue_timeout = queue_timeout_seconds
 
     def keys(self, user_id: str) -> tuple[str, str]:
         """(window zset, dedupe hash) of a user."""
@@ -212,7 +214,15 @@ class WindowStore:
 
     async def _guard(self, op: str, call: Callable[[], Awaitable[V]]) -> V:
         try:
-            async with self._limit:
-                return await call()
+            async with asyncio.timeout(self._queue_timeout):
+                await self._limit.acquire()
+        except TimeoutError as e:
+            raise StoreUnavailable(
+                f"Redis at {self.address} is unavailable ({op}): no connection free within {self._queue_timeout}s"
+            ) from e
+        try:
+            return await call()
         except (RedisError, RedisClusterException, OSError) as e:
             raise StoreUnavailable(f"Redis at {self.address} is unavailable ({op}): {type(e).__name__}: {e}") from e
+        finally:
+            self._limit.release()

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_dir = RESULTS / "tmp"
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_dir / "service_profile.collapsed"
-    redis = EmbeddedRedis(work / "redis", port=0)
+    redis = EmbeddedRedis(work / "redis", port=0, appendfsync="everysec")
     server: Child | None = None
     spy: subprocess.Popen[bytes] | None = None
     try:

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         print(done.stdout, flush=True)
 
     children: list[Child] = []
-    redis = EmbeddedRedis(work / "redis", port=0)
+    redis = EmbeddedRedis(work / "redis", port=0, appendfsync="everysec")
     try:
         redis.start()
         assert redis.process is not None

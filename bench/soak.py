@@ -45,9 +45,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest  # noqa: E402
-from app.redis_server import EmbeddedRedis, free_port  # noqa: E402
-from app.reload import model_hash  # noqa: E402
+from app.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest
+from app.redis_server import EmbeddedRedis, free_port
+from app.reload import model_hash
 
 API_KEY = "soak-" + uuid.uuid4().hex
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -71,7 +71,7 @@ class Tally:
 
 def _retag(src: Path, dst: Path, tag: str) -> str:
     """A copy of the artifact under a new content hash: same network, new graph doc string."""
-    import onnx  # noqa: PLC0415  (training extra; only the soak needs it)
+    import onnx
 
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / MODEL_FILE))
