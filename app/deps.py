@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.batching import Batcher
-from app.model import ModelHolder, Prediction
+from app.model import ModelHolder, Prediction, StepRequest
 from app.redis_client import RedisConnection
 from app.settings import Settings
-from app.windows import WindowStore
+from app.windows import AppendResult, NewEvent, WindowStore
 
 PredictRequest = tuple[list[str], int]  # (window actions oldest first, k)
 
@@ -25,6 +25,7 @@ class Services:
     redis: RedisConnection
     store: WindowStore
     batcher: Batcher[PredictRequest, Prediction]
+    step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None  # incremental state on
 
     @property
     def capacity(self) -> int:
@@ -34,6 +35,27 @@ class Services:
     async def predict(self, actions: list[str], k: int) -> Prediction:
         """The model's top-k for one window, through the micro-batcher."""
         return await self.batcher.submit((actions, k))
+
+    async def append_and_predict(self, user_id: str, events: list[NewEvent], k: int) -> tuple[AppendResult, Prediction]:
+        """Store the events and predict from the updated window; with incremental state, from the carried state.
+
+        Incremental: the append returns the stored state when it covers the window before these events; the
+        step graph then runs over the new events only (else over the window from the zero state), and the new
+        state is stored unless another event for the user arrived meanwhile (then the next append rebuilds).
+        """
+        model = self.models.current
+        if self.step_batcher is None or model.step is None:
+            stored = await self.store.append(user_id, events, self.capacity)
+            return stored, await self.predict(stored.actions, k)
+        got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
+        stored = got.result
+        if not stored.accepted:  # only duplicates: the stored state (if any) still covers the window
+            return stored, await self.predict(stored.actions, k)
+        request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version)
+        prediction, state = await self.step_batcher.submit(request)
+        if state is not None:
+            await self.store.save_state(user_id, got.seq, prediction.model_version, state)
+        return stored, prediction
 
 
 async def get_services(request: Request) -> Services:

@@ -15,7 +15,7 @@ from app import routes
 from app.batching import Batcher
 from app.deps import PredictRequest, Services
 from app.errors import BodyLimitMiddleware, install_error_handlers
-from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, load_model
+from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
 from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
 from app.ratelimit import RateLimiter
 from app.redis_client import connect
@@ -42,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        if settings.incremental_state:  # off: the same call as before the option existed
+            load = partial(load, incremental=True)
         try:
             model = await asyncio.to_thread(load, settings.artifact_dir)
         except ReloadError as e:  # the same checks as a reload; at start-up they stop the service
@@ -77,6 +79,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             on_batch=metrics.observe_batch,
         )
         stack.push_async_callback(batcher.close)
+        step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
+        if settings.incremental_state:
+
+            def advance(batch: list[StepRequest]) -> list[tuple[Prediction, bytes | None]]:
+                return holder.current.advance(batch)
+
+            step_batcher = Batcher(
+                advance, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
+                on_batch=metrics.observe_batch, name="nextact-step",
+            )
+            stack.push_async_callback(step_batcher.close)
         if settings.rate_limit_requests:
             app.state.rate_limiter = RateLimiter(
                 redis.client, limit=settings.rate_limit_requests, window_seconds=settings.rate_limit_window_seconds,
@@ -94,15 +107,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.reloader = reloader
         reloader.start_watch(settings.artifact_watch_seconds)
         stack.push_async_callback(reloader.stop_watch)
-        app.state.services = Services(settings, holder, redis, store, batcher)
+        app.state.services = Services(settings, holder, redis, store, batcher, step_batcher)
         log.info("nextact ready: model %s, Redis at %s, window %d", model.version, redis.address,
                  app.state.services.capacity)
         yield
 
 
-def _load_checked(artifact_dir: Path, device: Device, intra_op_threads: int) -> ServingModel:
+def _load_checked(
+    artifact_dir: Path, device: Device, intra_op_threads: int, incremental: bool = False
+) -> ServingModel:
     """load_model plus the reload self-check (hash, probe batch): start-up and reloads serve only checked models."""
-    return load_and_check(artifact_dir, partial(load_model, device=device, intra_op_threads=intra_op_threads))
+    return load_and_check(
+        artifact_dir,
+        partial(load_model, device=device, intra_op_threads=intra_op_threads, incremental=incremental),
+    )
 
 
 def _show_model(metrics: Metrics, model: ServingModel) -> None:

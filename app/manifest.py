@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
+STEP_FILE = "step.onnx"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
 PAD_TOKEN = "<pad>"
@@ -35,6 +36,27 @@ class IONames(_Strict):
     action_ids: str = "action_ids"  # int64 (batch, time), padded with PAD_ID on `padding_side`
     lengths: str = "lengths"  # int64 (batch,), real events per row, 0 allowed
     probabilities: str = "probabilities"  # float32 (batch, vocab), PAD/UNK masked to 0
+
+
+class StepSpec(_Strict):
+    """The optional single-step graph (step.onnx): a carried recurrent state plus S new events -> new state.
+
+    Inputs: `action_ids` int64 (batch, steps), every row the same number of real events (no padding);
+    `h` (and for an LSTM `c`) float32 (num_layers, batch, hidden_dim), zeros for an empty history.
+    Outputs: `probabilities` float32 (batch, vocab) after the last step, masked like model.onnx, and the
+    new state `h_out` (and `c_out`). Its probabilities equal model.onnx's for the same history.
+    """
+
+    file: str = STEP_FILE
+    sha256: str = Field(description="sha256 of the step graph's bytes, first 16 hex digits.")
+    action_ids: str = "action_ids"
+    h: str = "h"
+    c: str | None = Field("c", description="Cell-state input; None for a GRU.")
+    probabilities: str = "probabilities"
+    h_out: str = "h_out"
+    c_out: str | None = "c_out"
+    state_shape: tuple[int, int] = Field(description="(num_layers, hidden_dim) of each of h and c.")
+    parity_max_abs_diff: float = Field(ge=0, description="Largest difference from model.onnx seen by the gate.")
 
 
 class DataSummary(_Strict):
@@ -80,6 +102,7 @@ class Manifest(_Strict):
     # metrics[protocol][scorer][metric], e.g. metrics["sampled"]["model"]["hr@10"]; scorer in model/popularity/markov
     metrics: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict, description="Library versions used to train/export.")
+    step: StepSpec | None = Field(None, description="Optional single-step graph for incremental state.")
 
     @property
     def vocab_size(self) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
+from app.manifest import MODEL_FILE, Manifest, ManifestError, StepSpec, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,21 @@ Device = Literal["auto", "cpu", "cuda"]
 
 class ModelLoadError(Exception):
     """The artifact cannot be served; the message names the file (or the device) and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRequest:
+    """One incremental prediction: the window after the append, k, and the stored state if it is usable.
+
+    `state` (from the model `version`) covers the window without its last `new` actions; without it, or for
+    another version, the window is rebuilt from the zero state.
+    """
+
+    actions: list[str]
+    k: int
+    state: bytes | None = None
+    new: int = 0
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +55,13 @@ class Prediction:
 class ServingModel:
     """A loaded artifact: manifest, ONNX Runtime session and the lookup tables for encoding and decoding."""
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device) -> None:
+    def __init__(
+        self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device, step: Any = None
+    ) -> None:
         self.artifact_dir = artifact_dir
         self.manifest = manifest
         self.session = session
+        self.step = step  # the step graph's session (incremental state), or None
         self.device = device
         self.providers: list[str] = list(session.get_providers())
         self.provider = self.providers[0]
@@ -104,14 +122,84 @@ class ServingModel:
         """Score a batch of (window actions, k) in one session run; one Prediction per request, in order."""
         encoded = [self.encode(actions) for actions, _ in requests]
         probs = self.probabilities([ids for ids, _ in encoded])  # (B, V)
+        return self._decode(probs, [k for _, k in requests], [unknown for _, unknown in encoded])
+
+    def _decode(self, probs: np.ndarray, ks: Sequence[int], unknowns: Sequence[int]) -> list[Prediction]:
+        """Top-k of each (V,) row of probs (overwritten), as Predictions."""
         probs[:, self._special] = -1.0  # keeps pad/unk out of any top-k
-        k_max = min(max(k for _, k in requests), probs.shape[1] - len(self._special))
+        k_max = min(max(ks), probs.shape[1] - len(self._special))
         top, values = _top_k(probs, k_max)  # (B, k_max) each, most probable first, ties by id
         tokens = self._tokens[top]  # (B, k_max) action strings
         return [
             Prediction(self.version, unknown, tokens[i, :k].tolist(), values[i, :k].tolist())
-            for i, ((_, k), (_, unknown)) in enumerate(zip(requests, encoded, strict=True))
+            for i, (k, unknown) in enumerate(zip(ks, unknowns, strict=True))
         ]
+
+    def step_state(self, rows: Sequence[np.ndarray], states: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the step graph: each id row (>= 1 event) from its state ((n, L, H), None = zeros).
+
+        Returns probabilities (B, V) and the new states (B, n, L, H), n = 2 for an LSTM (h, c), 1 for a GRU.
+        Rows are grouped by length, one session run per length.
+        """
+        spec = self.manifest.step
+        assert spec is not None and self.step is not None, "no step graph loaded"
+        n_states = 2 if spec.c else 1
+        layers, hidden = spec.state_shape
+        probs = np.empty((len(rows), self.vocab_size), dtype=np.float32)  # (B, V)
+        out = np.zeros((len(rows), n_states, layers, hidden), dtype=np.float32)  # (B, n, L, H)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(len(row), []).append(i)
+        names = [spec.probabilities, spec.h_out] + ([spec.c_out] if spec.c_out else [])
+        for index in groups.values():
+            ids = np.stack([rows[i] for i in index])  # (b, S)
+            init = np.zeros((n_states, layers, len(index), hidden), dtype=np.float32)  # (n, L, b, H)
+            for j, i in enumerate(index):
+                state = states[i]
+                if state is not None:
+                    init[:, :, j] = state
+            feed = {spec.action_ids: ids, spec.h: init[0]} | ({spec.c: init[1]} if spec.c else {})
+            p, *new = self.step.run(names, feed)  # (b, V), (L, b, H) per state
+            probs[index] = p
+            out[index] = np.stack(new).transpose(2, 0, 1, 3)  # (b, n, L, H)
+        return probs, out
+
+    def advance(self, requests: Sequence[StepRequest]) -> list[tuple[Prediction, bytes | None]]:
+        """Incremental predictions: step the new events from the stored state, else rebuild from the window.
+
+        Each result carries the new state's bytes (None for an empty window, which is scored by model.onnx).
+        """
+        spec = self.manifest.step
+        assert spec is not None, "no step graph loaded"
+        shape = (2 if spec.c else 1, *spec.state_shape)  # (n, L, H)
+        size = int(np.prod(shape)) * 4
+        encoded = [self.encode(r.actions) for r in requests]
+        rows: list[np.ndarray] = []
+        states: list[np.ndarray | None] = []
+        live: list[int] = []
+        for i, (r, (ids, _)) in enumerate(zip(requests, encoded, strict=True)):
+            if not len(ids):
+                continue
+            live.append(i)
+            if r.state is not None and r.version == self.version and len(r.state) == size and 0 < r.new <= len(ids):
+                rows.append(ids[-r.new :])
+                states.append(np.frombuffer(r.state, dtype=np.float32).reshape(shape))
+            else:
+                rows.append(ids)  # rebuild: the model's whole window from the zero state
+                states.append(None)
+        probs = np.empty((len(requests), self.vocab_size), dtype=np.float32)  # (B, V)
+        blobs: list[bytes | None] = [None] * len(requests)
+        if live:
+            p, new = self.step_state(rows, states)
+            probs[live] = p
+            for j, i in enumerate(live):
+                blobs[i] = new[j].tobytes()
+        if len(live) < len(requests):
+            done = set(live)
+            empty = [i for i in range(len(requests)) if i not in done]
+            probs[empty] = self.probabilities([encoded[i][0] for i in empty])
+        preds = self._decode(probs, [r.k for r in requests], [u for _, u in encoded])
+        return list(zip(preds, blobs, strict=True))
 
 
 _ARGMAX_UP_TO = 32  # below this k, k argmax passes beat argpartition by ~10x on a few-thousand vocabulary
@@ -178,8 +266,13 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
             ort.set_default_logger_severity(3)
 
 
-def load_model(artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0) -> ServingModel:
-    """Read manifest.json and model.onnx, create the session on the requested device and check it answers."""
+def load_model(
+    artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0, incremental: bool = False
+) -> ServingModel:
+    """Read manifest.json and model.onnx, create the session on the requested device and check it answers.
+
+    With `incremental` and a manifest naming a step graph, that graph is loaded and checked too.
+    """
     artifact_dir = Path(artifact_dir)
     try:
         manifest = read_manifest(artifact_dir)
@@ -205,8 +298,16 @@ def load_model(artifact_dir: Path, device: Device = "auto", intra_op_threads: in
             f"{model_path}: graph inputs {sorted(names)} / outputs {sorted(outputs)} do not match the manifest's "
             f"io ({sorted(want)} -> {manifest.io.probabilities!r})"
         )
-    model = ServingModel(artifact_dir, manifest, session, device)
+    step = None
+    if incremental and manifest.step is not None:
+        step = _step_session(artifact_dir, manifest.step, device, intra_op_threads)
+    elif incremental:
+        log.warning("NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training export-step "
+                    "--artifact %s): recomputing every window", artifact_dir, artifact_dir)
+    model = ServingModel(artifact_dir, manifest, session, device, step)
     _check_answers(model, model_path)
+    if step is not None:
+        _check_step(model)
     log.info(
         "model %s loaded from %s: %s, window %d, %d actions, on %s",
         manifest.model_version, artifact_dir, manifest.cell, manifest.window, manifest.vocab_size, model.provider,
@@ -232,3 +333,40 @@ def _check_answers(model: ServingModel, model_path: Path) -> None:
             f"{model_path}: output shape {tuple(probs.shape)} but the manifest's vocabulary has "
             f"{model.vocab_size} actions (model and manifest.json from different trainings?)"
         )
+
+
+STEP_TOLERANCE = 1e-4  # the export gate holds it to 1e-5 on the CPU; a GPU's kernels may differ a little more
+
+
+def _step_session(artifact_dir: Path, spec: StepSpec, device: Device, intra_op_threads: int) -> Any:
+    import hashlib
+
+    path = artifact_dir / spec.file
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: step graph named in the manifest not found")
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if actual != spec.sha256:
+        raise ModelLoadError(f"{path}: content hash {actual} does not match the manifest's step.sha256 {spec.sha256}")
+    session = _session(path, device, intra_op_threads)
+    names = {i.name for i in session.get_inputs()}
+    want = {spec.action_ids, spec.h} | ({spec.c} if spec.c else set())
+    if names != want:
+        raise ModelLoadError(f"{path}: step graph inputs {sorted(names)}, the manifest says {sorted(want)}")
+    return session
+
+
+def _check_step(model: ServingModel) -> None:
+    """The step graph must reproduce model.onnx: a whole window in one call, then one more event from that state."""
+    path = model.artifact_dir / (model.manifest.step.file if model.manifest.step else "")
+    rng = np.random.default_rng(0)
+    window = model.manifest.window
+    ids = rng.integers(model.manifest.unk_id, model.vocab_size, size=window + 1, dtype=np.int64)  # (T + 1,)
+    try:
+        _, states = model.step_state([ids[:-1]], [None])
+        got, _ = model.step_state([ids[-1:]], [states[0]])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ModelLoadError(f"{path}: a warm-up run of the step graph failed: {e}") from e
+    want = model.probabilities([ids])
+    diff = float(np.abs(got - want).max())
+    if not diff <= STEP_TOLERANCE:
+        raise ModelLoadError(f"{path}: step graph differs from {MODEL_FILE} by {diff:.3g} (> {STEP_TOLERANCE:g})")

@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.windows import AppendResult, NewEvent, StoredEvent, WindowStore
+from app.windows import AppendResult, NewEvent, StatefulAppend, StoredEvent, WindowStore
 
 log = logging.getLogger("nextact.access")
 
@@ -84,6 +84,11 @@ class Metrics:
         self.unknown_actions = Counter(
             "unknown_actions", "Posted events whose action the served model does not know (scored as <unk>).",
             namespace=ns, registry=r,
+        )
+        self.incremental_appends = Counter(
+            "incremental_appends", "Appends with incremental state by how they were scored: step (from the stored "
+            "state) or rebuild (the window from the zero state: new user, late event, other model version).",
+            ["path"], namespace=ns, registry=r,
         )
         self.model_info = Gauge(
             "model_info", "The model being served (value 1); labels carry its version.",
@@ -291,6 +296,23 @@ class MeteredWindowStore(WindowStore):
         if self.known is not None:
             self.metrics.unknown_actions.inc(sum(1 for e in events if not self.known(e.action)))
         return result
+
+    async def append_with_state(
+        self, user_id: str, events: Sequence[NewEvent], capacity: int, model_version: str
+    ) -> StatefulAppend:
+        with self.metrics.redis_op("append"):
+            got = await super().append_with_state(user_id, events, capacity, model_version)
+        self.metrics.events_ingested.inc(got.result.accepted)
+        self.metrics.duplicates_dropped.inc(got.result.duplicates)
+        if got.result.accepted:
+            self.metrics.incremental_appends.labels(path="step" if got.state is not None else "rebuild").inc()
+        if self.known is not None:
+            self.metrics.unknown_actions.inc(sum(1 for e in events if not self.known(e.action)))
+        return got
+
+    async def save_state(self, user_id: str, seq: int, model_version: str, state: bytes) -> bool:
+        with self.metrics.redis_op("save_state"):
+            return await super().save_state(user_id, seq, model_version, state)
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         with self.metrics.redis_op("read"):

@@ -82,8 +82,7 @@ async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesD
         events = [new_event(e, now, settings, ("body", "events", i)) for i, e in enumerate(body.events)]
     else:
         events = [new_event(body, time.time(), settings, ("body",))]
-    stored = await svc.store.append(user_id, events, svc.capacity)
-    p = await svc.predict(stored.actions, k or settings.default_k)
+    stored, p = await svc.append_and_predict(user_id, events, k or settings.default_k)
     return JSONBytes(_prediction(user_id, len(stored.actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
@@ -106,14 +105,17 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
         per_user.setdefault(e.user_id, []).append(new_event(e, now, settings, ("body", "events", i)))
     capacity = svc.capacity
     users = list(per_user)
-    stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
+    if predict:
+        kk = k or settings.default_k
+        pairs = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk) for u in users))
+        stored, preds = [s for s, _ in pairs], [p for _, p in pairs]
+    else:
+        stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
     result: dict[str, Any] = {
         "accepted": sum(s.accepted for s in stored),
         "duplicates": sum(s.duplicates for s in stored),
     }
     if predict:
-        kk = k or settings.default_k
-        preds = await asyncio.gather(*(svc.predict(s.actions, kk) for s in stored))
         result["predictions"] = [_prediction(u, len(s.actions), p) for u, s, p in zip(users, stored, preds, strict=True)]
     return JSONBytes(result)
 
@@ -152,7 +154,7 @@ async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
     responses=_errors(422, 503),
 )
 async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
-    """Erase everything stored for the user (their window and its dedupe index). 204 even if nothing was there."""
+    """Erase everything stored for the user (window, dedupe index, carried state). 204 even if nothing was there."""
     check_user_id(user_id, svc.settings)
     await svc.store.delete(user_id)
     return Response(status_code=204)

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         1.5, ge=0, description="Longest a prediction waits for others to join its batch."
     )
 
+    incremental_state: bool = Field(
+        False,
+        description="Keep each user's recurrent state in Redis and score a new event with the single-step graph "
+        "(step.onnx, when the artifact has one) instead of re-reading the window. Off: every request recomputes "
+        "the window.",
+    )
+
     log_level: str = Field("info", description="Python log level.")
 
     # security, limits, operations (issue 6)

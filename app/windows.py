@@ -8,11 +8,20 @@ Key layout (one hash slot per user: the user id is the key's hash tag, so this w
                                    (Redis orders equal scores by member bytes). ZRANGE = oldest first.
     {prefix}:{<user_id>}:i   HASH  dedupe index: event_id -> "" for every event in the window; the field ""
                                    (never a valid event id) holds the arrival counter.
+    {prefix}:{<user_id>}:s   HASH  incremental state (only with NEXTACT_INCREMENTAL_STATE): v = model_version,
+                                   n = the arrival counter it has consumed up to, x = the recurrent state
+                                   (float32 bytes). Refreshed, expired and deleted with the other two.
 
 Both keys are written by one Lua script (APPEND_LUA) that, atomically: skips event ids already in the
 index, inserts the rest in timestamp order, trims the oldest beyond the window's capacity (and their index
 entries), refreshes both TTLs and returns the counts and the window. Windows hold action strings, not
 model ids, so a model with another vocabulary can be served on the same data.
+
+With incremental state, APPEND_STATE_LUA does the same and also returns the stored state when it is usable
+for this append: written for the caller's model version, covering every event that arrived before this append
+(n = the arrival counter), and every accepted event no older than the window's newest (so the new events are
+the window's tail, in order). The state computed from it is written back by SAVE_STATE_LUA only if no other
+event arrived meanwhile (compare-and-set on the counter); otherwise the next append rebuilds it.
 
 Dedupe covers the events in the window: an event that was trimmed away and is sent again is inserted and,
 being older than the rest, trimmed again at once (unless it ties with the oldest timestamp).
@@ -79,13 +88,65 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1))}
 """
 
+# APPEND_LUA plus KEYS[3] state hash and ARGV[3] model version; events from ARGV[4]. Returns {accepted,
+# duplicates, actions, arrival counter after the append, state bytes or "" when the state is not usable}.
+APPEND_STATE_LUA = _ACTIONS_LUA + """
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
+local before = seq
+local newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or '')
+local in_order = true
+local accepted, duplicates = 0, 0
+for i = 4, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HSETNX', KEYS[2], id, '') == 1 then
+    seq = seq + 1
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
+    accepted = accepted + 1
+    if newest and tonumber(ARGV[i + 2]) < newest then in_order = false end
+  else
+    duplicates = duplicates + 1
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - cap
+if excess > 0 then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
+    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + tonumber(string.sub(m, 13, 16), 16)))
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+end
+redis.call('HSET', KEYS[2], '', seq)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+local state = ''
+local st = redis.call('HMGET', KEYS[3], 'v', 'n', 'x')
+if in_order and accepted > 0 and accepted < cap and st[1] == ARGV[3] and tonumber(st[2]) == before then
+  state = st[3]
+end
+return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq, state}
+"""
+
+# KEYS[1] index hash, KEYS[2] state hash. ARGV[1] arrival counter the state covers, ARGV[2] model version,
+# ARGV[3] state bytes, ARGV[4] ttl. Writes only if no event arrived since; returns 1 if written, else 0.
+SAVE_STATE_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], '') or '-1') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'v', ARGV[2], 'n', ARGV[1], 'x', ARGV[3])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+return 1
+"""
+
 # KEYS[1] window zset. ARGV[1] how many of the newest. Returns the actions string.
 READ_LUA = _ACTIONS_LUA + """
 return actions(redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1))
 """
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
-SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA}
+APPEND_STATE_SHA = hashlib.sha1(APPEND_STATE_LUA.encode()).hexdigest()
+SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
+SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA, APPEND_STATE_SHA: APPEND_STATE_LUA,
+           SAVE_STATE_SHA: SAVE_STATE_LUA}
 
 _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
 
@@ -115,6 +176,15 @@ class AppendResult:
     accepted: int
     duplicates: int
     actions: list[str]  # the window after the append, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class StatefulAppend:
+    """An append with incremental state: the window, the arrival counter after it, the usable stored state."""
+
+    result: AppendResult
+    seq: int
+    state: bytes | None  # covers the window before the `accepted` new events (its tail); None: rebuild
 
 
 def _split(member: bytes) -> tuple[str, str]:
@@ -159,6 +229,10 @@ class WindowStore:
         base = f"{self.prefix}:{{{user_id}}}"
         return f"{base}:w", f"{base}:i"
 
+    def state_key(self, user_id: str) -> str:
+        """The user's incremental-state hash (same hash tag, so the same cluster slot as the window)."""
+        return f"{self.prefix}:{{{user_id}}}:s"
+
     async def load_script(self) -> None:
         """Preload the scripts (on every primary of a cluster) so requests can use EVALSHA."""
         for source in SCRIPTS.values():
@@ -185,6 +259,27 @@ class WindowStore:
         reply = await self._guard(f"append for user {user_id!r}", lambda: self._evalsha(APPEND_SHA, keys, args))
         return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
 
+    async def append_with_state(
+        self, user_id: str, events: Sequence[NewEvent], capacity: int, model_version: str
+    ) -> StatefulAppend:
+        """append(), plus the stored state when it covers the window before these events; one round trip."""
+        args: list[Any] = [capacity, self.ttl_seconds, model_version]
+        for e in events:
+            args += (e.event_id, e.action, repr(e.timestamp))
+        keys = (*self.keys(user_id), self.state_key(user_id))
+        reply = await self._guard(
+            f"append for user {user_id!r}", lambda: self._evalsha(APPEND_STATE_SHA, keys, args)
+        )
+        result = AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
+        return StatefulAppend(result, int(reply[3]), bytes(reply[4]) or None)
+
+    async def save_state(self, user_id: str, seq: int, model_version: str, state: bytes) -> bool:
+        """Store the state covering arrivals up to `seq`, unless another event arrived since; True if stored."""
+        keys = (self.keys(user_id)[1], self.state_key(user_id))
+        args = [seq, model_version, state, self.ttl_seconds]
+        reply = await self._guard(f"state for user {user_id!r}", lambda: self._evalsha(SAVE_STATE_SHA, keys, args))
+        return bool(int(reply))
+
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""
         keys = self.keys(user_id)[:1]
@@ -204,8 +299,8 @@ class WindowStore:
         return out
 
     async def delete(self, user_id: str) -> None:
-        """Erase everything stored for the user (both keys, one command, one slot)."""
-        keys = self.keys(user_id)
+        """Erase everything stored for the user (window, index and state: one command, one slot)."""
+        keys = (*self.keys(user_id), self.state_key(user_id))
         await self._guard(f"delete for user {user_id!r}", lambda: self.client.delete(*keys))
 
     async def ping(self) -> None:

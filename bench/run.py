@@ -52,7 +52,9 @@ from bench.harness import (
     write_json,
 )
 
-TARGETS = ("ceiling", "nextact", "torch")
+TARGETS = ("ceiling", "nextact", "incremental", "torch")  # incremental: only with --incremental
+NEXTACTS = ("nextact", "incremental")  # the targets that are nextact itself
+INCREMENTAL_PREFIX = "nextinc"  # its own copy of the population, with carried states
 BATCH_METRIC = "nextact_inference_batch_size"
 PHASES = itertools.count(1)
 
@@ -74,6 +76,20 @@ def ensure_artifact(args: argparse.Namespace) -> Path:
     return art
 
 
+def ensure_step(art: Path) -> Any:
+    """The artifact's model with its step graph loaded (exported here first when the artifact has none)."""
+    from app.manifest import read_manifest
+    from app.model import load_model
+
+    if read_manifest(art).step is None:
+        print(f"==> exporting the step graph into {art}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "training.step", "--artifact", str(art)], cwd=ROOT,
+                              timeout=600, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"exporting the step graph into {art} failed")
+    return load_model(art, device="cpu", intra_op_threads=1, incremental=True)
+
+
 def population_source(manifest: Any, args: argparse.Namespace) -> tuple[Path, str]:
     """Where the windows' actions come from: --data, else the model's own training file, else the sample."""
     col = manifest.data.action_columns[0] if len(manifest.data.action_columns) == 1 else "item_id"
@@ -83,13 +99,19 @@ def population_source(manifest: Any, args: argparse.Namespace) -> tuple[Path, st
     raise BenchError("no event data for the user population: pass --data")
 
 
-async def prefill(redis_url: str, windows: list[list[str]], capacity: int) -> float:
-    """Write every user's full window with the service's own append script (one EVALSHA per user)."""
+async def prefill(redis_url: str, windows: list[list[str]], capacity: int, prefix: str = "nextact",
+                  model: Any = None) -> float:
+    """Write every user's full window with the service's own append script (one EVALSHA per user).
+
+    With `model` (a ServingModel with its step graph): the incremental service's population, each window
+    with its state, computed by the service's own code, so the run measures steady state, not first touches.
+    """
+    from app.model import StepRequest
     from app.redis_client import connect
     from app.windows import NewEvent, WindowStore
 
     redis = connect(redis_url, 64, 10.0, 2)
-    store = WindowStore(redis.client, "nextact", 30 * 24 * 3600, redis.address)
+    store = WindowStore(redis.client, prefix, 30 * 24 * 3600, redis.address)
     await store.load_script()
     start = time.perf_counter()
     t0 = time.time() - 86_400  # a day ago: every event the benchmark posts is newer
@@ -98,7 +120,13 @@ async def prefill(redis_url: str, windows: list[list[str]], capacity: int) -> fl
     async def one(i: int, actions: list[str]) -> None:
         async with limit:
             events = [NewEvent(f"pre-{i}-{j}", a, t0 + j) for j, a in enumerate(actions)]
-            result = await store.append(user_id(i), events, capacity)
+            if model is None:
+                result = await store.append(user_id(i), events, capacity)
+            else:
+                got = await store.append_with_state(user_id(i), events, capacity, model.version)
+                result = got.result
+                ((_, state),) = model.advance([StepRequest(result.actions, 1)])
+                await store.save_state(user_id(i), got.seq, model.version, state)
             if len(result.actions) != capacity:
                 raise BenchError(f"prefill: user {user_id(i)} has {len(result.actions)} events, want {capacity}")
 
@@ -181,7 +209,7 @@ def batch_stats(delta: dict[str, Any] | None) -> dict[str, Any] | None:
 def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
             args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
     tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
-    before_batches = scrape_batches(port) if name == "nextact" else None
+    before_batches = scrape_batches(port) if name in NEXTACTS else None
     before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
     result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
     after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
@@ -194,7 +222,7 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
     result["redis_cpu_ms_per_request"] = per_req(redis_after["cpu_s"] - redis_before["cpu_s"])
     result["server_rss_mib"] = after["rss_mib"]
     result["server_threads"] = after["threads"]
-    if name == "nextact":
+    if name in NEXTACTS:
         after_batches = scrape_batches(port)
         if before_batches and after_batches:
             result["batch_size"] = histogram_delta(before_batches, after_batches)
@@ -238,11 +266,19 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             }
         s["rss_mib"] = max(m["server_rss_mib"] for r in runs for m in r.values())
         out[name] = s
-    c, n, t = (out.get(k, {}).get("closed", {}).get("rps") for k in TARGETS)
+    c, n, i, t = (out.get(k, {}).get("closed", {}).get("rps") for k in ("ceiling", "nextact", "incremental", "torch"))
     out["ratios"] = {
         "nextact_over_ceiling": round(n / c, 3) if n and c else None,
         "nextact_over_torch": round(n / t, 3) if n and t else None,
     }
+    if i:
+        cpu = {k: out[k]["closed"]["server_cpu_ms_per_request"] for k in ("nextact", "incremental") if k in out}
+        out["ratios"] |= {
+            "incremental_over_ceiling": round(i / c, 3) if c else None,
+            "incremental_over_nextact": round(i / n, 3) if n else None,
+            "nextact_cpu_over_incremental_cpu": (round(cpu["nextact"] / cpu["incremental"], 3)
+                                                 if len(cpu) == 2 and cpu["incremental"] else None),
+        }
     return out
 
 
@@ -293,7 +329,8 @@ def markdown(res: dict[str, Any]) -> str:
          "| p99 ms (open loop) | server CPU ms/req | Redis CPU ms/req | RSS MiB |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    labels = {"ceiling": "bare FastAPI (ceiling)", "nextact": "**nextact**", "torch": "FastAPI + PyTorch eager"}
+    labels = {"ceiling": "bare FastAPI (ceiling)", "nextact": "**nextact**", "torch": "FastAPI + PyTorch eager",
+              "incremental": "nextact (incremental state)"}
     for name in TARGETS:
         if name not in s:
             continue
@@ -316,6 +353,10 @@ def markdown(res: dict[str, Any]) -> str:
          f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
          f"{'met' if t['p99_met'] else 'not met'})."),
     ]
+    if r.get("incremental_over_nextact"):
+        lines += ["", (f"nextact (incremental state) / nextact = **{r['incremental_over_nextact']}** in req/s, "
+                       f"**{r['nextact_cpu_over_incremental_cpu']}x** less server CPU per request; "
+                       f"/ ceiling = {r['incremental_over_ceiling']}.")]
     own = s.get("nextact", {}).get("open_own")
     if own:
         lines += ["", (f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
@@ -361,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--skip-model-bench", action="store_true")
+    p.add_argument("--incremental", action="store_true",
+                   help="also serve 'nextact (incremental state)': NEXTACT_INCREMENTAL_STATE=true on its own copy "
+                        "of the population with states; exports step.onnx into the artifact if it has none")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)")
     p.add_argument("--out", type=Path, help="results path without suffix (default bench/results/service[_quick])")
@@ -370,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.warmup, args.rounds = min(args.duration, 5.0), min(args.warmup, 1.5), 1
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
-    targets = [t for t in TARGETS if t in args.targets.split(",")]
+    targets = [t for t in TARGETS if t in args.targets.split(",") + (["incremental"] if args.incremental else [])]
     started = time.monotonic()
 
     from app.manifest import read_manifest
@@ -421,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         seconds = asyncio.run(prefill(redis.url, windows, manifest.window))
         result["prefill_seconds"] = round(seconds, 2)
+        if "incremental" in targets:
+            stepped = ensure_step(art)
+            print(f"==> the same users again under {INCREMENTAL_PREFIX}: with states", flush=True)
+            seconds = asyncio.run(prefill(redis.url, windows, manifest.window, INCREMENTAL_PREFIX, stepped))
+            result["prefill_incremental_seconds"] = round(seconds, 2)
 
         ports = {name: free_port() for name in targets}
         env_base = {"NEXTACT_REDIS_URL": redis.url, "NEXTACT_ARTIFACT_DIR": str(art), "NEXTACT_LOG_LEVEL": "warning",
@@ -428,13 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         extra = dict(e.split("=", 1) for e in args.env)
         cmds = {
             "nextact": [sys.executable, "-m", "app"],
+            "incremental": [sys.executable, "-m", "app"],
             "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
             "torch": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--artifact-dir", str(art)],
         }
         servers: dict[str, Child] = {}
         for name in targets:
-            env = {**env_base, "NEXTACT_PORT": str(ports[name]), **(extra if name == "nextact" else {})}
-            cmd = cmds[name] + ([] if name == "nextact" else ["--port", str(ports[name])])
+            env = {**env_base, "NEXTACT_PORT": str(ports[name]), **(extra if name in NEXTACTS else {})}
+            if name == "incremental":
+                env |= {"NEXTACT_INCREMENTAL_STATE": "true", "NEXTACT_KEY_PREFIX": INCREMENTAL_PREFIX}
+            cmd = cmds[name] + ([] if name in NEXTACTS else ["--port", str(ports[name])])
             servers[name] = Child(name, cmd, work / f"{name}.log", env).start()
             children.append(servers[name])
         for name in targets:

@@ -36,6 +36,7 @@ def _model(cell: Cell) -> NextActionModel:
             dropout=0.1,
             window=WINDOW,
             residual=cell == "lstm",
+            history_bias=True,
             tied=cell == "gru",
         )
     )

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="score actions with the input embedding table (default: %(default)s)",
     )
     m.add_argument(
+        "--history-bias",
+        action=argparse.BooleanOptionalAction,
+        default=_M.history_bias,
+        help="learn one score offset for actions already in the window (default: %(default)s)",
+    )
+    m.add_argument(
         "--residual",
         action=argparse.BooleanOptionalAction,
         default=_M.residual,
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "window": args.window,
             "tied": args.tied,
             "residual": args.residual,
+            "history_bias": args.history_bias,
         }
         config = TrainConfig(
             epochs=args.epochs,

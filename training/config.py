@@ -40,6 +40,7 @@ class ModelConfig:
     dropout: float = 0.3
     window: int = 50
     tied: bool = False  # score actions with the input embedding table (hidden -> E, then E @ embedding.T)
+    history_bias: bool = False  # learn one score offset for actions already in the window
     residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
 
 

@@ -45,6 +45,9 @@ class NextActionModel(nn.Module):
         else:
             self.project = nn.Identity()
             self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+        # One learned number added to the score of every action already in the window: data where actions
+        # repeat (page views) learn it positive, data where they never do (one review per item) negative.
+        self.history_bias = nn.Parameter(torch.zeros(1)) if config.history_bias else None
         masked = torch.zeros(config.vocab_size, dtype=torch.bool)
         masked[[PAD_ID, UNK_ID]] = True  # never predicted: probability exactly 0
         self.register_buffer("masked", masked, persistent=False)
@@ -63,10 +66,15 @@ class NextActionModel(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary from hidden states (..., H) -> (..., V), PAD and UNK at -inf."""
-        bias = self.head.bias.masked_fill(
-            self.masked, float("-inf")
-        )  # (V,): masking the bias, not the logits,
-        return F.linear(self.project(states), self.head.weight, bias)  # (..., V)  saves a pass over (N, V)
+        bias = self.head.bias.masked_fill(self.masked, float("-inf"))  # (V,): cheaper than masking (N, V)
+        return F.linear(self.project(states), self.head.weight, bias)  # (..., V)
+
+    def _add_history(self, logits: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """logits (N, V) + history_bias where the action occurs among ids (N, T) at positions `seen` (N, T)."""
+        if self.history_bias is None:
+            return logits
+        onehot = torch.zeros_like(logits).scatter(1, ids * seen, seen.to(logits.dtype))  # (N, V)
+        return logits + self.history_bias * onehot  # (N, V); PAD stays -inf
 
     def position_logits(
         self, action_ids: torch.Tensor, targets: torch.Tensor
@@ -74,7 +82,13 @@ class NextActionModel(nn.Module):
         """Training: logits (N, V) and targets (N,) at every position whose target is a known action."""
         states = self.states(action_ids)  # (B, T, H)
         keep = targets > UNK_ID  # (B, T): not padding, not unknown
-        return self.logits(states[keep]), targets[keep]  # (N, V), (N,)
+        logits = self.logits(states[keep])  # (N, V)
+        if self.history_bias is not None:
+            rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
+            steps = torch.arange(action_ids.shape[1], device=action_ids.device)  # (T,)
+            seen = steps.unsqueeze(0) <= cols.unsqueeze(1)  # (N, T): the prefix the prediction reads
+            logits = self._add_history(logits, action_ids[rows], seen)
+        return logits, targets[keep]  # (N, V), (N,)
 
     def final_logits(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after the first `lengths` events of right-padded ids (B, T); PAD and UNK at -inf.
@@ -87,7 +101,9 @@ class NextActionModel(nn.Module):
         index = last.view(-1, 1, 1).expand(-1, 1, states.shape[2])  # (B, 1, H)
         final = states.gather(1, index).squeeze(1)  # (B, H)
         final = torch.where((lengths > 0).unsqueeze(1), final, torch.zeros_like(final))  # (B, H)
-        return self.logits(final)  # (B, V)
+        steps = torch.arange(action_ids.shape[1], device=action_ids.device)  # (T,)
+        seen = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T): real events, not padding
+        return self._add_history(self.logits(final), action_ids, seen)  # (B, V)
 
     def forward(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Next-action probabilities (B, V): the exported graph. action_ids (B, T) right-padded, lengths (B,)."""

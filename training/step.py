@@ -1,0 +1,167 @@
+"""step.onnx: the single-step graph for incremental state, exported from checkpoint.pt and gated against model.onnx.
+
+    python -m training.step --artifact DIR        (also: python -m training export-step --artifact DIR)
+
+The graph takes the recurrent state a user's history left behind and S new events (S >= 1, the same for
+every row of a call) and returns the probabilities after the last of them plus the new state, so the
+service can score a new event without re-reading the whole window. It is written only if ONNX Runtime
+agrees with model.onnx (the graph actually served) to TOLERANCE on every prefix of several histories, both
+stepping one event at a time from the zero state and running a whole history in one call; then the
+manifest gains its `step` entry (model_version is unchanged: it is model.onnx's hash).
+
+A history of length 0 has no step: the zero state's probabilities come from model.onnx at length 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.manifest import MODEL_FILE, PAD_ID, STEP_FILE, StepSpec, read_manifest, write_manifest
+from training.checkpoint import load_checkpoint
+from training.errors import ParityError
+from training.model import NextActionModel
+from training.runtime import open_session
+
+TOLERANCE = 1e-5
+
+
+class StepModel(nn.Module):
+    """NextActionModel's weights, run from a given state over S events: (B, S), state -> (B, V), state."""
+
+    def __init__(self, model: NextActionModel) -> None:
+        super().__init__()
+        self.m = model
+        self.lstm = model.config.cell == "lstm"
+
+    def forward(self, action_ids: torch.Tensor, h: torch.Tensor, *c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.m
+        x = m.embedding(action_ids)  # (B, S, E); dropout is the identity in eval mode
+        if self.lstm:
+            out, (h_out, c_out) = m.rnn(x, (h, c[0]))  # (B, S, H), (L, B, H) x2
+        else:
+            out, h_out = m.rnn(x, h)  # (B, S, H), (L, B, H)
+        last = out[:, -1]  # (B, H)
+        if m.skip is not None:
+            last = last + m.skip(x[:, -1])  # (B, H)
+        probs = torch.softmax(m.logits(last), dim=-1)  # (B, V)
+        return (probs, h_out, c_out) if self.lstm else (probs, h_out)
+
+
+def step_spec(model: NextActionModel, sha256: str, parity: float) -> StepSpec:
+    cfg = model.config
+    lstm = cfg.cell == "lstm"
+    return StepSpec(sha256=sha256, c="c" if lstm else None, c_out="c_out" if lstm else None,
+                    state_shape=(cfg.num_layers, cfg.hidden_dim), parity_max_abs_diff=parity)
+
+
+def export_step_onnx(model: NextActionModel, path: Path) -> Path:
+    """Export the step graph with dynamic batch and step axes (ONNX LSTM/GRU op); no check."""
+    cfg = model.config
+    step = StepModel(model).eval()
+    spec = step_spec(model, "0" * 16, 0.0)
+    ids = torch.full((2, 3), PAD_ID + 2, dtype=torch.int64)  # (B, S) example
+    h = torch.zeros(cfg.num_layers, 2, cfg.hidden_dim)  # (L, B, H)
+    args: tuple[torch.Tensor, ...] = (ids, h, h.clone()) if spec.c else (ids, h)
+    inputs = [spec.action_ids, spec.h] + ([spec.c] if spec.c else [])
+    outputs = [spec.probabilities, spec.h_out] + ([spec.c_out] if spec.c_out else [])
+    axes = {spec.action_ids: {0: "batch", 1: "steps"}, spec.probabilities: {0: "batch"}}
+    axes |= {name: {1: "batch"} for name in inputs[1:] + outputs[1:]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # the TorchScript exporter maps nn.LSTM/GRU with an initial state onto one ONNX LSTM/GRU node with a
+        # dynamic sequence axis: cheaper per call than the dynamo exporter's loop for a one-event step
+        torch.onnx.export(step, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+    return path
+
+
+def _histories(vocab_size: int, window: int, seed: int) -> np.ndarray:
+    """Seven random histories (UNK included) of window + 3 events: prefixes cover every length up to there."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(PAD_ID + 1, vocab_size, size=(7, window + 3), dtype=np.int64)  # (B, T)
+
+
+def check_step_parity(artifact_dir: Path, step_path: Path, tolerance: float = TOLERANCE, seed: int = 0) -> float:
+    """Step graph vs model.onnx on every prefix of several histories; returns the largest |difference|.
+
+    Checked: stepping one event at a time from the zero state (the incremental path), the whole history in
+    one call from the zero state (the service's rebuild), and a state carried across calls of 3 events.
+    Raises ParityError naming the file, the prefix length and the difference.
+    """
+    manifest = read_manifest(artifact_dir)
+    full = open_session(Path(artifact_dir) / MODEL_FILE)
+    step = open_session(step_path)
+    layers, hidden = manifest.num_layers, manifest.hidden_dim
+    lstm = manifest.cell == "lstm"
+    ids = _histories(manifest.vocab_size, manifest.window, seed)  # (B, T)
+    b, t = ids.shape
+
+    def run_step(chunk: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {"action_ids": chunk, "h": state[0]} | ({"c": state[1]} if lstm else {})
+        try:
+            return [np.asarray(x) for x in step.run(None, feed)]
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ParityError(f"{step_path}: ONNX Runtime cannot run the step graph on {chunk.shape}: {e}") from e
+
+    def compare(got: np.ndarray, n: int, how: str) -> float:
+        (want,) = full.run(None, {"action_ids": ids[:, :n], "lengths": np.full(b, n, dtype=np.int64)})
+        diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.shape == want.shape else float("inf")
+        if not np.isfinite(diff) or diff > tolerance:
+            raise ParityError(f"{step_path}: step graph and {MODEL_FILE} disagree after {n} events ({how}): "
+                              f"max |difference| {diff:.3g} > {tolerance:g} (shape {got.shape} vs {want.shape})")
+        return diff
+
+    zero = [np.zeros((layers, b, hidden), dtype=np.float32) for _ in range(2 if lstm else 1)]
+    worst, state = 0.0, zero
+    for n in range(1, t + 1):  # one event at a time
+        probs, *state = run_step(ids[:, n - 1 : n], state)
+        worst = max(worst, compare(probs, n, "one event per call"))
+    for n in sorted({1, 2, manifest.window // 2 or 1, manifest.window, t}):  # whole history at once
+        probs, *_ = run_step(ids[:, :n], zero)
+        worst = max(worst, compare(probs, n, "whole history in one call"))
+    state = zero
+    for start in range(0, t, 3):  # chunks of 3 carried across calls
+        probs, *state = run_step(ids[:, start : start + 3], state)
+        worst = max(worst, compare(probs, min(start + 3, t), "3 events per call"))
+    return worst
+
+
+def export_step(artifact_dir: Path, tolerance: float = TOLERANCE) -> StepSpec:
+    """Export step.onnx from the artifact's checkpoint.pt, gate it, move it into place, record it in the manifest."""
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    model, _ = load_checkpoint(artifact_dir)
+    final, tmp = artifact_dir / STEP_FILE, artifact_dir / (STEP_FILE + ".tmp")
+    try:
+        export_step_onnx(model, tmp)
+        diff = check_step_parity(artifact_dir, tmp, tolerance)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]
+    os.replace(tmp, final)
+    spec = step_spec(model, sha, diff)
+    write_manifest(artifact_dir, manifest.model_copy(update={"step": spec}))
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.step", description=export_step.__doc__)
+    parser.add_argument("--artifact", type=Path, required=True, help="artifact directory with checkpoint.pt")
+    args = parser.parse_args(argv)
+    spec = export_step(args.artifact)
+    sys.stdout.write(f"{args.artifact / spec.file}: parity {spec.parity_max_abs_diff:.2e}, sha256 {spec.sha256}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
