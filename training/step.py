@@ -140,6 +140,9 @@ def export_step(artifact_dir: Path, tolerance: float = TOLERANCE) -> StepSpec:
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     model, _ = load_checkpoint(artifact_dir)
+    if getattr(model.config, "history_bias", False):
+        raise ParityError(f"{artifact_dir}: a --history-bias model scores the whole window's action set, which a "
+                          "carried recurrent state does not hold: no step graph for it")
     final, tmp = artifact_dir / STEP_FILE, artifact_dir / (STEP_FILE + ".tmp")
     try:
         export_step_onnx(model, tmp)
