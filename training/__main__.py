@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="windows per batch (default: 256, fewer on small logs so an epoch has >= 20 steps)",
+        help="windows per batch (default: 64, fewer on small logs so an epoch has >= 20 steps)",
     )
     o.add_argument("--lr", type=float, default=_T.lr, help=f"Adam learning rate (default: {_T.lr})")
     o.add_argument(
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_T.patience,
         help=f"stop after this many epochs without validation improvement (default: {_T.patience})",
+    )
+    o.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=_T.refit,
+        help="after early stopping, retrain from scratch on training + validation events for the best epoch "
+        "count and test/export that model (default: %(default)s)",
     )
     o.add_argument(
         "--lr-decay",
@@ -207,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clip_norm=args.clip_norm,
             patience=args.patience,
             lr_decay=args.lr_decay,
+            refit=args.refit,
             stop_metric=args.stop_metric,
             min_count=args.min_count,
             seed=args.seed,
@@ -225,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("training").setLevel(
+        logging.WARNING if args.quiet else logging.INFO
+    )  # not the libraries'
     try:
         result = run(args)
     except (TrainingError, ManifestError) as e:

@@ -1,4 +1,4 @@
-"""The two baselines every run is compared with, fitted on the training events only.
+"""The two baselines every run is compared with, fitted on the events before the test targets.
 
 Both score a batch of histories into (B, V) float64 scores, like the model; PAD and UNK are never candidates.
 """

@@ -34,13 +34,13 @@ class ModelConfig:
 
     vocab_size: int
     cell: Cell = "lstm"
-    embedding_dim: int = 64
+    embedding_dim: int = 256
     hidden_dim: int = 256
     num_layers: int = 1
-    dropout: float = 0.3
+    dropout: float = 0.4
     window: int = 50
     tied: bool = False  # score actions with the input embedding table (hidden -> E, then E @ embedding.T)
-    history_bias: bool = False  # learn one score offset for actions already in the window
+    history_bias: bool = True  # learn one score offset for actions already in the window
     residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
 
 
@@ -49,15 +49,16 @@ class TrainConfig:
     """The optimisation: everything `train` needs beyond the data and the network's shape."""
 
     epochs: int = 30
-    batch_size: int | None = None  # None: 256, fewer on small logs (see train.auto_batch_size)
+    batch_size: int | None = None  # None: 64, fewer on small logs (see train.auto_batch_size)
     lr: float = 2e-3
     weight_decay: float = 0.0
     clip_norm: float = 5.0
     patience: int = 3
-    lr_decay: float = 1.0  # multiply the learning rate by this after an epoch without validation improvement
+    lr_decay: float = 0.3  # multiply the learning rate by this after an epoch without validation improvement
     stop_metric: StopMetric = "ndcg@10"
     min_count: int = 1
     seed: int = 0
     quiet: bool = False
     negatives: int = 100
+    refit: bool = True  # after early stopping, retrain on training + validation events before testing
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)

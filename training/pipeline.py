@@ -79,17 +79,26 @@ def train_command(
     from training.export import export_model, model_version
     from training.predict import model_scorer
     from training.report import write_report
-    from training.train import fit
+    from training.train import fit, refit
 
     events, split, vocabulary = prepare(options, min_count=config.min_count)
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     result = fit(split, model_config, config)
-    model = result.model
+    model, seconds = result.model, result.seconds
+    # Tested (and served): fitted on every event before the test targets; so are the baselines.
+    final_split = split.with_validation_as_training()
+    refit_epochs = 0
+    if config.refit and len(split.cases("validation")) and result.best_epoch:
+        final = refit(final_split, model_config, config, result)
+        model, seconds, refit_epochs = final.model, seconds + final.seconds, len(final.epochs)
 
-    test = split.cases("test")
-    scorers = {"model": model_scorer(model, model_config.window), **baseline_scorers(split, len(vocabulary))}
+    test = final_split.cases("test")
+    scorers = {
+        "model": model_scorer(model, model_config.window),
+        **baseline_scorers(final_split, len(vocabulary)),
+    }
     evaluation = evaluate_cases(
-        split,
+        final_split,
         test,
         scorers,
         len(vocabulary),
@@ -102,9 +111,7 @@ def train_command(
         log.warning("no test cases (every user has fewer than 3 events?): the artifact has no metrics")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(
-        missing_ok=True
-    )  # an older manifest must not describe the new model.onnx
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an old manifest must not describe the new model
     save_checkpoint(out_dir / CHECKPOINT_FILE, model, vocabulary)
     onnx_path, diff = export_model(model, out_dir)
     log.info("exported %s (parity max |diff| %.2g)", onnx_path, diff)
@@ -133,7 +140,7 @@ def train_command(
             split=options.split,
             epochs_run=len(result.epochs),
             best_epoch=result.best_epoch,
-            seconds=round(result.seconds, 2),
+            seconds=round(seconds, 2),
             events_per_second=round(result.events_per_second, 1),
             seed=config.seed,
             batch_size=result.batch_size,
@@ -152,6 +159,7 @@ def train_command(
         evaluation=evaluation,
         min_count=config.min_count,
         export_diff=diff,
+        refit_epochs=refit_epochs,
     )
     write_manifest(out_dir, manifest)  # last: a directory with a manifest is a complete artifact
     return {
@@ -160,6 +168,7 @@ def train_command(
         "vocabulary": manifest.vocab_size,
         "model": dataclasses.asdict(model_config),
         "training": manifest.training.model_dump(),
+        "refit_epochs": refit_epochs,
         "test_cases": len(test),
         "parity_max_abs_diff": diff,
         "metrics": manifest.metrics,
@@ -175,6 +184,7 @@ def evaluate_command(
     manifest = read_manifest(artifact_dir)
     vocabulary = Vocabulary(manifest.vocabulary)
     _, split, _ = prepare(options, vocabulary)
+    split = split.with_validation_as_training()  # the baselines see what the tested model saw
     test = split.cases("test")
     session = open_session(Path(artifact_dir) / MODEL_FILE)
     scorers = {

@@ -73,6 +73,7 @@ def write_report(
     evaluation: Evaluation,
     min_count: int,
     export_diff: float,
+    refit_epochs: int = 0,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`."""
     plot_curves(epochs, out_dir)
@@ -106,6 +107,12 @@ def write_report(
             f"- Adam lr {t.learning_rate}, batch {t.batch_size}, seed {t.seed}; {t.epochs_run} epochs run, best "
             f"epoch {t.best_epoch} kept; {t.seconds:.0f} s; {t.events_per_second:,.0f} training events/s"
         ),
+        (
+            f"- then refitted from scratch on training + validation events for {refit_epochs} epochs at the same "
+            "learning rates: that model is tested and exported"
+            if refit_epochs
+            else "- the best epoch's model is tested and exported"
+        ),
         f"- ONNX parity gate passed: max |ONNX Runtime - PyTorch| = {export_diff:.2g}",
         "",
     ]
@@ -116,7 +123,7 @@ def write_report(
             "",
             (
                 f"{note.capitalize()}. Ties count against the scorer. Popularity and a first-order Markov chain "
-                "(popularity breaks its ties) are fitted on the training events only."
+                "(popularity breaks its ties) are fitted on every event before the test targets."
             ),
             "",
             *_metrics_table(per_scorer),

@@ -113,6 +113,12 @@ class Split:
         )
         return EvalCases(users.astype(np.int64), positions.astype(np.int64), targets)
 
+    def with_validation_as_training(self) -> Split:
+        """The same split with the validation events moved into training (no validation cases left): what
+        the final model and the baselines are fitted on before they are tested."""
+        b = self.boundaries
+        return Split(Boundaries(b.name, b.val_end.copy(), b.val_end.copy(), b.lengths), self.sequences)
+
     def history(self, user: int, position: int) -> np.ndarray:
         """The inputs of case (user, position): the user's events before it."""
         return self.sequences[user][:position]

@@ -42,7 +42,9 @@ class StepModel(nn.Module):
         self.m = model
         self.lstm = model.config.cell == "lstm"
 
-    def forward(self, action_ids: torch.Tensor, h: torch.Tensor, *c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, action_ids: torch.Tensor, h: torch.Tensor, *c: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         m = self.m
         x = m.embedding(action_ids)  # (B, S, E); dropout is the identity in eval mode
         if self.lstm:
@@ -59,8 +61,13 @@ class StepModel(nn.Module):
 def step_spec(model: NextActionModel, sha256: str, parity: float) -> StepSpec:
     cfg = model.config
     lstm = cfg.cell == "lstm"
-    return StepSpec(sha256=sha256, c="c" if lstm else None, c_out="c_out" if lstm else None,
-                    state_shape=(cfg.num_layers, cfg.hidden_dim), parity_max_abs_diff=parity)
+    return StepSpec(
+        sha256=sha256,
+        c="c" if lstm else None,
+        c_out="c_out" if lstm else None,
+        state_shape=(cfg.num_layers, cfg.hidden_dim),
+        parity_max_abs_diff=parity,
+    )
 
 
 def export_step_onnx(model: NextActionModel, path: Path) -> Path:
@@ -79,8 +86,16 @@ def export_step_onnx(model: NextActionModel, path: Path) -> Path:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # the TorchScript exporter maps nn.LSTM/GRU with an initial state onto one ONNX LSTM/GRU node with a
         # dynamic sequence axis: cheaper per call than the dynamo exporter's loop for a one-event step
-        torch.onnx.export(step, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            step,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
@@ -90,7 +105,9 @@ def _histories(vocab_size: int, window: int, seed: int) -> np.ndarray:
     return rng.integers(PAD_ID + 1, vocab_size, size=(7, window + 3), dtype=np.int64)  # (B, T)
 
 
-def check_step_parity(artifact_dir: Path, step_path: Path, tolerance: float = TOLERANCE, seed: int = 0) -> float:
+def check_step_parity(
+    artifact_dir: Path, step_path: Path, tolerance: float = TOLERANCE, seed: int = 0
+) -> float:
     """Step graph vs model.onnx on every prefix of several histories; returns the largest |difference|.
 
     Checked: stepping one event at a time from the zero state (the incremental path), the whole history in
@@ -110,14 +127,20 @@ def check_step_parity(artifact_dir: Path, step_path: Path, tolerance: float = TO
         try:
             return [np.asarray(x) for x in step.run(None, feed)]
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ParityError(f"{step_path}: ONNX Runtime cannot run the step graph on {chunk.shape}: {e}") from e
+            raise ParityError(
+                f"{step_path}: ONNX Runtime cannot run the step graph on {chunk.shape}: {e}"
+            ) from e
 
     def compare(got: np.ndarray, n: int, how: str) -> float:
         (want,) = full.run(None, {"action_ids": ids[:, :n], "lengths": np.full(b, n, dtype=np.int64)})
-        diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.shape == want.shape else float("inf")
+        diff = (
+            float(np.max(np.abs(got.astype(np.float64) - want))) if got.shape == want.shape else float("inf")
+        )
         if not np.isfinite(diff) or diff > tolerance:
-            raise ParityError(f"{step_path}: step graph and {MODEL_FILE} disagree after {n} events ({how}): "
-                              f"max |difference| {diff:.3g} > {tolerance:g} (shape {got.shape} vs {want.shape})")
+            raise ParityError(
+                f"{step_path}: step graph and {MODEL_FILE} disagree after {n} events ({how}): "
+                f"max |difference| {diff:.3g} > {tolerance:g} (shape {got.shape} vs {want.shape})"
+            )
         return diff
 
     zero = [np.zeros((layers, b, hidden), dtype=np.float32) for _ in range(2 if lstm else 1)]
@@ -141,8 +164,10 @@ def export_step(artifact_dir: Path, tolerance: float = TOLERANCE) -> StepSpec:
     manifest = read_manifest(artifact_dir)
     model, _ = load_checkpoint(artifact_dir)
     if getattr(model.config, "history_bias", False):
-        raise ParityError(f"{artifact_dir}: a --history-bias model scores the whole window's action set, which a "
-                          "carried recurrent state does not hold: no step graph for it")
+        raise ParityError(
+            f"{artifact_dir}: a --history-bias model scores the whole window's action set, which a "
+            "carried recurrent state does not hold: no step graph for it"
+        )
     final, tmp = artifact_dir / STEP_FILE, artifact_dir / (STEP_FILE + ".tmp")
     try:
         export_step_onnx(model, tmp)
@@ -162,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, required=True, help="artifact directory with checkpoint.pt")
     args = parser.parse_args(argv)
     spec = export_step(args.artifact)
-    sys.stdout.write(f"{args.artifact / spec.file}: parity {spec.parity_max_abs_diff:.2e}, sha256 {spec.sha256}\n")
+    sys.stdout.write(
+        f"{args.artifact / spec.file}: parity {spec.parity_max_abs_diff:.2e}, sha256 {spec.sha256}\n"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,12 +26,12 @@ from training.windows import history_batch, training_batches, training_windows
 log = logging.getLogger(__name__)
 
 _VAL_BATCH = 1024
-_MAX_AUTO_BATCH = 256
+_MAX_AUTO_BATCH = 64
 _MIN_STEPS = 20
 
 
 def auto_batch_size(n_windows: int) -> int:
-    """256 windows per batch, fewer when that would leave an epoch with under 20 optimiser steps (small logs)."""
+    """64 windows per batch, fewer when that would leave an epoch with under 20 optimiser steps (small logs)."""
     return max(8, min(_MAX_AUTO_BATCH, n_windows // _MIN_STEPS))
 
 
@@ -45,6 +46,7 @@ class EpochLog:
     val_ndcg10: float
     events: int  # training targets seen
     seconds: float  # training only, validation excluded
+    lr: float  # learning rate used in this epoch
 
     @property
     def events_per_second(self) -> float:
@@ -100,8 +102,14 @@ def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[fl
     return (loss_sum / loss_n if loss_n else math.nan), acc.result()
 
 
-def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainResult:
-    """Train on the split's training events, stop early on the validation metric, return the best model."""
+def fit(
+    split: Split, model_config: ModelConfig, config: TrainConfig, schedule: Sequence[float] | None = None
+) -> TrainResult:
+    """Train on the split's training events, stop early on the validation metric, return the best model.
+
+    With a `schedule` (one learning rate per epoch, e.g. from an earlier run) it trains exactly that many
+    epochs at those rates, without early stopping, and returns the last epoch's weights.
+    """
     seed_everything(config.seed)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -125,8 +133,13 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
     result = TrainResult(model=model, batch_size=batch_size)
     best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
     started = time.perf_counter()
-    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=config.quiet)
+    n_epochs = len(schedule) if schedule is not None else config.epochs
+    epochs = tqdm(range(1, n_epochs + 1), desc="epochs", unit="epoch", disable=config.quiet)
     for epoch in epochs:
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule[epoch - 1]
+        lr = float(optimizer.param_groups[0]["lr"])
         model.train()
         loss_sum, events, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(
@@ -163,6 +176,7 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
             val.get("ndcg@10", math.nan),
             events,
             seconds,
+            lr,
         )
         result.epochs.append(entry)
         epochs.set_postfix(
@@ -180,6 +194,9 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
             entry.val_ndcg10,
             entry.events_per_second,
         )
+        if schedule is not None:  # a fixed schedule: the last epoch is the result
+            best_state, result.best_epoch = model.state_dict(), epoch
+            continue
         score = val.get(config.stop_metric, -entry.train_loss)  # no validation cases: lowest train loss
         if score > best_score:
             best_score, best_state, stale, result.best_epoch = (
@@ -199,3 +216,12 @@ def fit(split: Split, model_config: ModelConfig, config: TrainConfig) -> TrainRe
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def refit(split: Split, model_config: ModelConfig, config: TrainConfig, selected: TrainResult) -> TrainResult:
+    """A fresh model trained on training + validation events for the selected run's best epoch count, at the
+    learning rates that run used: the model that is tested and served has seen every event before the test
+    targets, as the baselines have. `split` must already count validation events as training."""
+    schedule = [e.lr for e in selected.epochs[: selected.best_epoch]]
+    log.info("refit on training + validation events: %d epochs", len(schedule))
+    return fit(split, model_config, config, schedule=schedule)
