@@ -20,6 +20,7 @@ from app.redis_client import connect
 from app.windows import NewEvent, WindowStore
 from tests.app_client import running_app
 from tests.artifact_edits import copy_artifact
+from tests.conftest import EXAMPLES, train_artifact
 from training.checkpoint import load_checkpoint
 from training.errors import ParityError
 from training.step import check_step_parity, export_step, export_step_onnx
@@ -30,25 +31,46 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture(scope="module")
-def behavior_step(behavior_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def plain_behavior(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The behaviour model without --history-bias (a carried state cannot hold the window's action set)."""
+    return train_artifact(
+        tmp_path_factory.mktemp("plain-behavior"), EXAMPLES / "taobao_sample.csv", "--action-col", "behavior",
+        "--window", "20", "--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+    )
+
+
+@pytest.fixture(scope="module")
+def behavior_step(plain_behavior: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the behaviour model with step.onnx exported into it."""
-    out = copy_artifact(behavior_artifact, tmp_path_factory.mktemp("behavior-step"))
+    out = copy_artifact(plain_behavior, tmp_path_factory.mktemp("behavior-step"))
     export_step(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def item_step(item_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = copy_artifact(item_artifact, tmp_path_factory.mktemp("item-step"))
+def item_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    plain = train_artifact(
+        tmp_path_factory.mktemp("plain-item"), EXAMPLES / "beauty_sample.csv", "--action-col", "item_id",
+        "--window", "20", "--epochs", "1", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+    )
+    out = copy_artifact(plain, tmp_path_factory.mktemp("item-step"))
     export_step(out)
     return out
+
+
+def test_export_refuses_a_history_bias_model(behavior_artifact: Path, tmp_path: Path) -> None:
+    out = copy_artifact(behavior_artifact, tmp_path / "hb")
+    if not read_manifest(out).model_dump().get("history_bias", True):
+        pytest.skip("the default behaviour model has no history bias")
+    with pytest.raises(ParityError, match="history-bias"):
+        export_step(out)
 
 
 # --- training side: export and gate -------------------------------------------------------------------------
 
 
-def test_export_records_the_step_graph_and_keeps_the_version(behavior_artifact: Path, behavior_step: Path) -> None:
-    before, after = read_manifest(behavior_artifact), read_manifest(behavior_step)
+def test_export_records_the_step_graph_and_keeps_the_version(plain_behavior: Path, behavior_step: Path) -> None:
+    before, after = read_manifest(plain_behavior), read_manifest(behavior_step)
     assert before.step is None  # old manifests stay valid without the field
     assert after.step is not None and (behavior_step / STEP_FILE).is_file()
     assert after.model_version == before.model_version
