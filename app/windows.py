@@ -58,71 +58,63 @@ local function actions(members)
 end
 """
 
-# KEYS[1] window zset, KEYS[2] index hash. ARGV[1] capacity, ARGV[2] ttl seconds,
-# then one (event_id, action, timestamp) triple per event. Returns {accepted, duplicates, actions}.
-APPEND_LUA = _ACTIONS_LUA + """
-local cap = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
-local accepted, duplicates = 0, 0
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HSETNX', KEYS[2], id, '') == 1 then
-    seq = seq + 1
-    redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
-    accepted = accepted + 1
-  else
-    duplicates = duplicates + 1
+# The append shared by both append scripts. KEYS[1] window zset, KEYS[2] index hash; ARGV[1] capacity,
+# ARGV[2] ttl seconds, then one (event_id, action, timestamp) triple per event from ARGV[first]. Skips ids
+# already indexed, inserts the rest, trims the oldest beyond the capacity (and their index entries), stores
+# the arrival counter and refreshes both TTLs. Returns accepted, duplicates, the arrival counter before and
+# after, and (only when check_order) whether no accepted event is older than the window's newest before.
+_APPEND_FN_LUA = """
+local function append(first, check_order)
+  local cap = tonumber(ARGV[1])
+  local ttl = tonumber(ARGV[2])
+  local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
+  local before = seq
+  local newest = nil
+  if check_order then
+    newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or '')
   end
-end
-local excess = redis.call('ZCARD', KEYS[1]) - cap
-if excess > 0 then
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
-    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + tonumber(string.sub(m, 13, 16), 16)))
+  local in_order = true
+  local accepted, duplicates = 0, 0
+  for i = first, #ARGV, 3 do
+    local id = ARGV[i]
+    if redis.call('HSETNX', KEYS[2], id, '') == 1 then
+      seq = seq + 1
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
+      accepted = accepted + 1
+      if newest and tonumber(ARGV[i + 2]) < newest then in_order = false end
+    else
+      duplicates = duplicates + 1
+    end
   end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  local excess = redis.call('ZCARD', KEYS[1]) - cap
+  if excess > 0 then
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
+      redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + tonumber(string.sub(m, 13, 16), 16)))
+    end
+    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  end
+  redis.call('HSET', KEYS[2], '', seq)
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  return accepted, duplicates, before, seq, in_order
 end
-redis.call('HSET', KEYS[2], '', seq)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+"""
+
+# Events from ARGV[3]. Returns {accepted, duplicates, actions}.
+APPEND_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
+local accepted, duplicates = append(3, false)
 return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1))}
 """
 
-# APPEND_LUA plus KEYS[3] state hash and ARGV[3] model version; events from ARGV[4]. Returns {accepted,
+# The same plus KEYS[3] state hash and ARGV[3] model version; events from ARGV[4]. Returns {accepted,
 # duplicates, actions, arrival counter after the append, state bytes or "" when the state is not usable}.
-APPEND_STATE_LUA = _ACTIONS_LUA + """
-local cap = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
-local before = seq
-local newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or '')
-local in_order = true
-local accepted, duplicates = 0, 0
-for i = 4, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HSETNX', KEYS[2], id, '') == 1 then
-    seq = seq + 1
-    redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
-    accepted = accepted + 1
-    if newest and tonumber(ARGV[i + 2]) < newest then in_order = false end
-  else
-    duplicates = duplicates + 1
-  end
-end
-local excess = redis.call('ZCARD', KEYS[1]) - cap
-if excess > 0 then
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
-    redis.call('HDEL', KEYS[2], string.sub(m, 17, 16 + tonumber(string.sub(m, 13, 16), 16)))
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
-end
-redis.call('HSET', KEYS[2], '', seq)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('EXPIRE', KEYS[3], ttl)
+APPEND_STATE_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
+local accepted, duplicates, before, seq, in_order = append(4, true)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
 local state = ''
 local st = redis.call('HMGET', KEYS[3], 'v', 'n', 'x')
-if in_order and accepted > 0 and accepted < cap and st[1] == ARGV[3] and tonumber(st[2]) == before then
+if in_order and accepted > 0 and accepted < tonumber(ARGV[1]) and st[1] == ARGV[3]
+    and tonumber(st[2]) == before then
   state = st[3]
 end
 return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq, state}
