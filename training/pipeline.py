@@ -57,6 +57,16 @@ def baseline_scorers(split: Split, vocab_size: int) -> dict[str, Scorer]:
     return {"popularity": Popularity(train, vocab_size), "markov": Markov(train, vocab_size)}
 
 
+def validation_baselines(split: Split, vocab_size: int) -> dict[str, dict[str, float]]:
+    """Both baselines on the validation targets (full protocol), fitted on the training events: the reference
+    lines of the model's validation curve. Empty when there are no validation cases."""
+    cases = split.cases("validation")
+    if not len(cases):
+        return {}
+    evaluation = evaluate_cases(split, cases, baseline_scorers(split, vocab_size), vocab_size, ("full",))
+    return evaluation.metrics["full"]
+
+
 def library_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -85,6 +95,7 @@ def train_command(
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     result = fit(split, model_config, config)
     model, seconds = result.model, result.seconds
+    baseline_validation = validation_baselines(split, len(vocabulary))
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
     final_split = split.with_validation_as_training()
     refit_epochs = 0
@@ -160,6 +171,7 @@ def train_command(
         min_count=config.min_count,
         export_diff=diff,
         refit_epochs=refit_epochs,
+        baseline_validation=baseline_validation,
     )
     write_manifest(out_dir, manifest)  # last: a directory with a manifest is a complete artifact
     return {

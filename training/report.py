@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from app.manifest import REPORT_FILE, Manifest
 from training.metrics import KS
@@ -22,8 +23,12 @@ PROTOCOL_NOTES = {
 }
 
 
-def plot_curves(epochs: Sequence[EpochLog], out_dir: Path) -> tuple[Path, Path]:
-    """loss.png (training and validation loss per epoch) and val_hr10.png (validation HR@10 per epoch)."""
+def plot_curves(
+    epochs: Sequence[EpochLog], out_dir: Path, baselines: Mapping[str, Mapping[str, float]] | None = None
+) -> tuple[Path, Path]:
+    """loss.png (training and validation loss per epoch) and val_hr10.png (validation HR@10 and NDCG@10 per
+    epoch, with the baselines' validation values as dashed lines when given)."""
+    baselines = baselines or {}
     x = [e.epoch for e in epochs]
     fig = Figure(figsize=(6, 3.6), dpi=100)  # no pyplot: no global state, no display backend
     ax = fig.add_subplot()
@@ -36,11 +41,22 @@ def plot_curves(epochs: Sequence[EpochLog], out_dir: Path) -> tuple[Path, Path]:
     loss_path = out_dir / LOSS_PLOT
     fig.savefig(loss_path)
 
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(x, [e.val_hr10 for e in epochs], marker="o", color="tab:green")
-    ax.set(xlabel="epoch", ylabel="HR@10", title="Validation HR@10 per epoch (full ranking)")
-    ax.grid(alpha=0.3)
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    for i, (key, label, values) in enumerate(
+        (
+            ("hr@10", "HR@10", [e.val_hr10 for e in epochs]),
+            ("ndcg@10", "NDCG@10", [e.val_ndcg10 for e in epochs]),
+        )
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(x, values, marker="o", color="tab:green", label="model")
+        for (name, metrics), color in zip(baselines.items(), ("tab:gray", "tab:red"), strict=False):
+            if key in metrics:
+                ax.axhline(metrics[key], linestyle="--", color=color, label=f"{name} {metrics[key]:.4f}")
+        ax.set(xlabel="epoch", ylabel=label, title=f"Validation {label} per epoch (full ranking)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     hr_path = out_dir / HR_PLOT
     fig.savefig(hr_path)
@@ -74,9 +90,15 @@ def write_report(
     min_count: int,
     export_diff: float,
     refit_epochs: int = 0,
+    baseline_validation: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
-    """Write report.md (and the two plots) into `out_dir`."""
-    plot_curves(epochs, out_dir)
+    """Write report.md (and the two plots) into `out_dir`.
+
+    `baseline_validation`: the baselines' validation metrics (fitted on the training events, like the model
+    during selection), drawn as reference lines next to the model's validation curve.
+    """
+    base_val = dict(baseline_validation or {})
+    plot_curves(epochs, out_dir, base_val)
     d, t = manifest.data, manifest.training
     lines = [
         f"# nextact model {manifest.model_version}",
@@ -134,8 +156,21 @@ def write_report(
         "",
         f"![loss per epoch]({LOSS_PLOT})",
         "",
-        f"![validation HR@10 per epoch]({HR_PLOT})",
+        f"![validation HR@10 and NDCG@10 per epoch]({HR_PLOT})",
         "",
+        *(
+            [
+                "Baselines on the same validation targets (fitted on the training events): "
+                + "; ".join(
+                    f"{name} HR@10 {m['hr@10']:.4f}, NDCG@10 {m['ndcg@10']:.4f}"
+                    for name, m in base_val.items()
+                )
+                + ".",
+                "",
+            ]
+            if base_val
+            else []
+        ),
         "| epoch | train loss | val loss | val HR@10 | val NDCG@10 | events/s |",
         "|---:|---:|---:|---:|---:|---:|",
         *[
