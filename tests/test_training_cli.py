@@ -64,6 +64,8 @@ def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> Non
     report = (behavior_artifact / REPORT_FILE).read_text()
     assert f"]({LOSS_PLOT})" in report and f"]({HR_PLOT})" in report
     assert "| hr@10 |" in report and "sampled protocol" in report
+    # the baselines' validation figures, which the validation curves draw as reference lines
+    assert "Baselines on the same validation targets" in report and "markov HR@10 " in report
     assert (behavior_artifact / LOSS_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 
