@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
-    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--targets", default=",".join(t for t in TARGETS if t != "incremental"),
+                   help="servers to load (incremental is added by --incremental)")
     p.add_argument("--skip-model-bench", action="store_true")
     p.add_argument("--incremental", action="store_true",
                    help="also serve 'nextact (incremental state)': NEXTACT_INCREMENTAL_STATE=true on its own copy "
