@@ -43,6 +43,7 @@ class StepSpec(_Strict):
 
     Inputs: `action_ids` int64 (batch, steps), every row the same number of real events (no padding);
     `h` (and for an LSTM `c`) float32 (num_layers, batch, hidden_dim), zeros for an empty history.
+    With a history bias, also `history` int64 (batch, time): the whole window's ids, right-padded with 0.
     Outputs: `probabilities` float32 (batch, vocab) after the last step, masked like model.onnx, and the
     new state `h_out` (and `c_out`). Its probabilities equal model.onnx's for the same history.
     """
@@ -55,6 +56,11 @@ class StepSpec(_Strict):
     probabilities: str = "probabilities"
     h_out: str = "h_out"
     c_out: str | None = "c_out"
+    history: str | None = Field(
+        None,
+        description="Input int64 (batch, time): the window's action ids after the new events, right-padded with 0, "
+        "for models with a history bias (which scores the window's action set); None: no such input.",
+    )
     state_shape: tuple[int, int] = Field(description="(num_layers, hidden_dim) of each of h and c.")
     parity_max_abs_diff: float = Field(ge=0, description="Largest difference from model.onnx seen by the gate.")
 

@@ -135,8 +135,16 @@ class ServingModel:
             for i, (k, unknown) in enumerate(zip(ks, unknowns, strict=True))
         ]
 
-    def step_state(self, rows: Sequence[np.ndarray], states: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    def step_state(
+        self,
+        rows: Sequence[np.ndarray],
+        states: Sequence[np.ndarray | None],
+        windows: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Run the step graph: each id row (>= 1 event) from its state ((n, L, H), None = zeros).
+
+        `windows`: each row's whole window of ids after its events, needed by a graph with a `history` input
+        (history-bias models); the rows themselves when not given.
 
         Returns probabilities (B, V) and the new states (B, n, L, H), n = 2 for an LSTM (h, c), 1 for a GRU.
         Rows are grouped by length, one session run per length.
@@ -159,6 +167,12 @@ class ServingModel:
                 if state is not None:
                     init[:, :, j] = state
             feed = {spec.action_ids: ids, spec.h: init[0]} | ({spec.c: init[1]} if spec.c else {})
+            if spec.history:
+                seen = [windows[i] if windows is not None else rows[i] for i in index]
+                history = np.full((len(index), max(len(w) for w in seen)), self.manifest.pad_id, dtype=np.int64)
+                for j, w in enumerate(seen):
+                    history[j, : len(w)] = w  # (b, T) right-padded: padding lands on the pad column, never scored
+                feed[spec.history] = history
             p, *new = self.step.run(names, feed)  # (b, V), (L, b, H) per state
             probs[index] = p
             out[index] = np.stack(new).transpose(2, 0, 1, 3)  # (b, n, L, H)
@@ -176,11 +190,13 @@ class ServingModel:
         encoded = [self.encode(r.actions) for r in requests]
         rows: list[np.ndarray] = []
         states: list[np.ndarray | None] = []
+        windows: list[np.ndarray] = []
         live: list[int] = []
         for i, (r, (ids, _)) in enumerate(zip(requests, encoded, strict=True)):
             if not len(ids):
                 continue
             live.append(i)
+            windows.append(ids)
             if r.state is not None and r.version == self.version and len(r.state) == size and 0 < r.new <= len(ids):
                 rows.append(ids[-r.new :])
                 states.append(np.frombuffer(r.state, dtype=np.float32).reshape(shape))
@@ -190,7 +206,7 @@ class ServingModel:
         probs = np.empty((len(requests), self.vocab_size), dtype=np.float32)  # (B, V)
         blobs: list[bytes | None] = [None] * len(requests)
         if live:
-            p, new = self.step_state(rows, states)
+            p, new = self.step_state(rows, states, windows)
             probs[live] = p
             for j, i in enumerate(live):
                 blobs[i] = new[j].tobytes()
@@ -302,7 +318,7 @@ def load_model(
     if incremental and manifest.step is not None:
         step = _step_session(artifact_dir, manifest.step, device, intra_op_threads)
     elif incremental:
-        log.warning("NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training export-step "
+        log.warning("NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training.step "
                     "--artifact %s): recomputing every window", artifact_dir, artifact_dir)
     model = ServingModel(artifact_dir, manifest, session, device, step)
     _check_answers(model, model_path)
@@ -349,7 +365,7 @@ def _step_session(artifact_dir: Path, spec: StepSpec, device: Device, intra_op_t
         raise ModelLoadError(f"{path}: content hash {actual} does not match the manifest's step.sha256 {spec.sha256}")
     session = _session(path, device, intra_op_threads)
     names = {i.name for i in session.get_inputs()}
-    want = {spec.action_ids, spec.h} | ({spec.c} if spec.c else set())
+    want = {spec.action_ids, spec.h} | ({spec.c} if spec.c else set()) | ({spec.history} if spec.history else set())
     if names != want:
         raise ModelLoadError(f"{path}: step graph inputs {sorted(names)}, the manifest says {sorted(want)}")
     return session
@@ -363,7 +379,7 @@ def _check_step(model: ServingModel) -> None:
     ids = rng.integers(model.manifest.unk_id, model.vocab_size, size=window + 1, dtype=np.int64)  # (T + 1,)
     try:
         _, states = model.step_state([ids[:-1]], [None])
-        got, _ = model.step_state([ids[-1:]], [states[0]])
+        got, _ = model.step_state([ids[-1:]], [states[0]], [ids])
     except Exception as e:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"{path}: a warm-up run of the step graph failed: {e}") from e
     want = model.probabilities([ids])

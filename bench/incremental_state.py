@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = read_manifest(args.artifact_dir)
     model, vocab = load_checkpoint(args.artifact_dir)
+    if model.history_bias is not None:
+        sys.exit(f"{args.artifact_dir}: this exploration's single-step graph has no window input, so it needs a model "
+                 "trained with --no-history-bias (the service's step.onnx from `train` handles history bias)")
     cfg = model.config
     data = args.data or Path(manifest.data.file)
     col = manifest.data.action_columns[0]

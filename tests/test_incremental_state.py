@@ -32,10 +32,11 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture(scope="module")
 def plain_behavior(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The behaviour model without --history-bias (a carried state cannot hold the window's action set)."""
+    """The behaviour model without a history bias and without step.onnx (exported by the fixtures below)."""
     return train_artifact(
         tmp_path_factory.mktemp("plain-behavior"), EXAMPLES / "taobao_sample.csv", "--action-col", "behavior",
         "--window", "20", "--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+        "--no-step",
     )
 
 
@@ -52,18 +53,30 @@ def item_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plain = train_artifact(
         tmp_path_factory.mktemp("plain-item"), EXAMPLES / "beauty_sample.csv", "--action-col", "item_id",
         "--window", "20", "--epochs", "1", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+        "--no-step",
     )
     out = copy_artifact(plain, tmp_path_factory.mktemp("item-step"))
     export_step(out)
     return out
 
 
-def test_export_refuses_a_history_bias_model(behavior_artifact: Path, tmp_path: Path) -> None:
-    out = copy_artifact(behavior_artifact, tmp_path / "hb")
-    if not read_manifest(out).model_dump().get("history_bias", True):
-        pytest.skip("the default behaviour model has no history bias")
-    with pytest.raises(ParityError, match="history-bias"):
-        export_step(out)
+def test_train_writes_a_step_graph_that_reads_the_window_for_the_history_bias(behavior_artifact: Path) -> None:
+    """The default model has a history bias: `train` exports its step graph with the window as an input."""
+    model, _ = load_checkpoint(behavior_artifact)
+    assert model.history_bias is not None
+    step = read_manifest(behavior_artifact).step
+    assert step is not None and step.history == "history" and (behavior_artifact / STEP_FILE).is_file()
+    assert step.parity_max_abs_diff <= TOL
+
+
+def test_gate_refuses_a_step_graph_that_forgets_the_window(behavior_artifact: Path, tmp_path: Path) -> None:
+    model, _ = load_checkpoint(behavior_artifact)
+    assert model.history_bias is not None and float(model.history_bias.detach()) != 0.0
+    with torch.no_grad():
+        model.history_bias.fill_(0.0)  # the step graph ignores the window's action set; model.onnx does not
+    broken = export_step_onnx(model, tmp_path / STEP_FILE)
+    with pytest.raises(ParityError, match="disagree"):
+        check_step_parity(behavior_artifact, broken)
 
 
 # --- training side: export and gate -------------------------------------------------------------------------
@@ -290,9 +303,21 @@ async def test_delete_erases_the_state(behavior_step: Path, redis_url: str) -> N
             _assert_same(await _post(on, "u", [e], 10), await _post(off, "u", [e], 10))
 
 
-async def test_option_on_without_a_step_graph_serves_the_full_window(behavior_artifact: Path, redis_url: str) -> None:
-    events = _stream(read_manifest(behavior_artifact).vocabulary, 4, seed=11)
-    for on, off in await _twins(behavior_artifact, redis_url, [[e] for e in events]):
+async def test_history_bias_model_stream_matches_the_full_window(behavior_artifact: Path, redis_url: str) -> None:
+    """The default (history-bias) model: stepping with the window as the history input == recomputing it."""
+    m = read_manifest(behavior_artifact)
+    stream = _stream(m.vocabulary, m.window - 4, seed=21)
+    batches = [[e] for e in stream[:-3]] + [stream[-3:]]
+    for on, off in await _twins(behavior_artifact, redis_url, batches):
+        _assert_same(on, off)
+    state = redis.Redis.from_url(redis_url).hget("on:{u1}:s", "n")
+    assert state is not None and int(state) == len(stream)
+
+
+async def test_option_on_without_a_step_graph_serves_the_full_window(plain_behavior: Path, redis_url: str) -> None:
+    assert read_manifest(plain_behavior).step is None
+    events = _stream(read_manifest(plain_behavior).vocabulary, 4, seed=11)
+    for on, off in await _twins(plain_behavior, redis_url, [[e] for e in events]):
         _assert_same(on, off)
     assert not redis.Redis.from_url(redis_url).exists("on:{u1}:s")
 

@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "count and test/export that model (default: %(default)s)",
     )
     o.add_argument(
+        "--step",
+        action=argparse.BooleanOptionalAction,
+        default=_T.step,
+        help="also write step.onnx, the single-step graph the service's NEXTACT_INCREMENTAL_STATE uses, "
+        "after its own parity gate against model.onnx (default: %(default)s)",
+    )
+    o.add_argument(
         "--lr-decay",
         type=float,
         default=_T.lr_decay,
@@ -221,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             quiet=args.quiet,
             negatives=args.negatives,
             threads=args.threads,
+            step=args.step,
         )
         return train_command(options, model_args, config, args.out)
     manifest = read_manifest(args.artifact)

@@ -62,3 +62,4 @@ class TrainConfig:
     negatives: int = 100
     refit: bool = True  # after early stopping, retrain on training + validation events before testing
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    step: bool = True  # also export step.onnx (incremental state in the service), gated against model.onnx

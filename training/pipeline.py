@@ -22,6 +22,7 @@ from app.manifest import (
 )
 from training.baselines import Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
+from training.errors import TrainingError
 from training.events import EventLog, load_events
 from training.protocols import Protocol, Scorer, evaluate_cases
 from training.splits import Split, make_boundaries
@@ -173,7 +174,19 @@ def train_command(
         refit_epochs=refit_epochs,
         baseline_validation=baseline_validation,
     )
-    write_manifest(out_dir, manifest)  # last: a directory with a manifest is a complete artifact
+    write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
+    step = None
+    if config.step:
+        from training.step import export_step
+
+        try:
+            step = export_step(out_dir)  # gated against the model.onnx just written; adds manifest.step
+        except TrainingError as e:
+            raise TrainingError(
+                f"{e} (the artifact in {out_dir} is complete and servable without incremental state; "
+                "train with --no-step to skip this export)"
+            ) from e
+        log.info("exported %s (parity max |diff| %.2g)", out_dir / step.file, step.parity_max_abs_diff)
     return {
         "artifact": str(out_dir),
         "model_version": manifest.model_version,
@@ -183,6 +196,7 @@ def train_command(
         "refit_epochs": refit_epochs,
         "test_cases": len(test),
         "parity_max_abs_diff": diff,
+        "step": step.model_dump() if step is not None else None,
         "metrics": manifest.metrics,
     }
 

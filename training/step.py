@@ -1,6 +1,6 @@
 """step.onnx: the single-step graph for incremental state, exported from checkpoint.pt and gated against model.onnx.
 
-    python -m training.step --artifact DIR        (also: python -m training export-step --artifact DIR)
+    python -m training.step --artifact DIR
 
 The graph takes the recurrent state a user's history left behind and S new events (S >= 1, the same for
 every row of a call) and returns the probabilities after the last of them plus the new state, so the
@@ -9,7 +9,11 @@ agrees with model.onnx (the graph actually served) to TOLERANCE on every prefix 
 stepping one event at a time from the zero state and running a whole history in one call; then the
 manifest gains its `step` entry (model_version is unchanged: it is model.onnx's hash).
 
+A model with a history bias (the default) scores the window's action set too, which no recurrent state
+holds: its step graph takes the window's ids as one more input, `history`, and adds the bias from them.
+
 A history of length 0 has no step: the zero state's probabilities come from model.onnx at length 0.
+`python -m training train` writes step.onnx into every artifact it makes (`--no-step` to skip).
 """
 
 from __future__ import annotations
@@ -43,18 +47,27 @@ class StepModel(nn.Module):
         self.lstm = model.config.cell == "lstm"
 
     def forward(
-        self, action_ids: torch.Tensor, h: torch.Tensor, *c: torch.Tensor
+        self, action_ids: torch.Tensor, h: torch.Tensor, *rest: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        """rest: c (LSTM only), then history (B, T) (history-bias models only: the window's ids, 0-padded)."""
         m = self.m
         x = m.embedding(action_ids)  # (B, S, E); dropout is the identity in eval mode
         if self.lstm:
-            out, (h_out, c_out) = m.rnn(x, (h, c[0]))  # (B, S, H), (L, B, H) x2
+            out, (h_out, c_out) = m.rnn(x, (h, rest[0]))  # (B, S, H), (L, B, H) x2
         else:
             out, h_out = m.rnn(x, h)  # (B, S, H), (L, B, H)
         last = out[:, -1]  # (B, H)
         if m.skip is not None:
             last = last + m.skip(x[:, -1])  # (B, H)
-        probs = torch.softmax(m.logits(last), dim=-1)  # (B, V)
+        logits = m.logits(last)  # (B, V)
+        if m.history_bias is not None:
+            # the window's action set, as model.onnx scores it; padding lands on PAD's column, already -inf
+            history = rest[-1]  # (B, T)
+            onehot = torch.zeros_like(logits).scatter(
+                1, history, torch.ones_like(history, dtype=logits.dtype)
+            )
+            logits = logits + m.history_bias * onehot  # (B, V)
+        probs = torch.softmax(logits, dim=-1)  # (B, V)
         return (probs, h_out, c_out) if self.lstm else (probs, h_out)
 
 
@@ -65,6 +78,7 @@ def step_spec(model: NextActionModel, sha256: str, parity: float) -> StepSpec:
         sha256=sha256,
         c="c" if lstm else None,
         c_out="c_out" if lstm else None,
+        history="history" if cfg.history_bias else None,
         state_shape=(cfg.num_layers, cfg.hidden_dim),
         parity_max_abs_diff=parity,
     )
@@ -82,6 +96,10 @@ def export_step_onnx(model: NextActionModel, path: Path) -> Path:
     outputs = [spec.probabilities, spec.h_out] + ([spec.c_out] if spec.c_out else [])
     axes = {spec.action_ids: {0: "batch", 1: "steps"}, spec.probabilities: {0: "batch"}}
     axes |= {name: {1: "batch"} for name in inputs[1:] + outputs[1:]}
+    if spec.history:
+        args += (torch.full((2, 5), PAD_ID + 2, dtype=torch.int64),)  # (B, T) example window
+        inputs.append(spec.history)
+        axes[spec.history] = {0: "batch", 1: "time"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # the TorchScript exporter maps nn.LSTM/GRU with an initial state onto one ONNX LSTM/GRU node with a
@@ -111,7 +129,8 @@ def check_step_parity(
     """Step graph vs model.onnx on every prefix of several histories; returns the largest |difference|.
 
     Checked: stepping one event at a time from the zero state (the incremental path), the whole history in
-    one call from the zero state (the service's rebuild), and a state carried across calls of 3 events.
+    one call from the zero state (the service's rebuild), and a state carried across calls of 3 events; for a
+    history-bias model the window input is the events so far, also right-padded.
     Raises ParityError naming the file, the prefix length and the difference.
     """
     manifest = read_manifest(artifact_dir)
@@ -122,8 +141,14 @@ def check_step_parity(
     ids = _histories(manifest.vocab_size, manifest.window, seed)  # (B, T)
     b, t = ids.shape
 
-    def run_step(chunk: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+    history = "history" in {i.name for i in step.get_inputs()}  # a history-bias model's window input
+
+    def run_step(chunk: np.ndarray, state: list[np.ndarray], seen: int, pad: int = 0) -> list[np.ndarray]:
+        """`chunk` from `state`; `seen`: events in the window after it (the history input), then `pad` zeros
+        (the service pads the windows of one call to the longest)."""
         feed = {"action_ids": chunk, "h": state[0]} | ({"c": state[1]} if lstm else {})
+        if history:
+            feed["history"] = np.pad(ids[:, :seen], ((0, 0), (0, pad)), constant_values=PAD_ID)
         try:
             return [np.asarray(x) for x in step.run(None, feed)]
         except Exception as e:  # onnxruntime raises its own exception types
@@ -146,14 +171,17 @@ def check_step_parity(
     zero = [np.zeros((layers, b, hidden), dtype=np.float32) for _ in range(2 if lstm else 1)]
     worst, state = 0.0, zero
     for n in range(1, t + 1):  # one event at a time
-        probs, *state = run_step(ids[:, n - 1 : n], state)
+        probs, *state = run_step(ids[:, n - 1 : n], state, n)
         worst = max(worst, compare(probs, n, "one event per call"))
     for n in sorted({1, 2, manifest.window // 2 or 1, manifest.window, t}):  # whole history at once
-        probs, *_ = run_step(ids[:, :n], zero)
+        probs, *_ = run_step(ids[:, :n], zero, n)
         worst = max(worst, compare(probs, n, "whole history in one call"))
+        if history:
+            probs, *_ = run_step(ids[:, :n], zero, n, pad=3)
+            worst = max(worst, compare(probs, n, "whole history in one call, window input padded"))
     state = zero
     for start in range(0, t, 3):  # chunks of 3 carried across calls
-        probs, *state = run_step(ids[:, start : start + 3], state)
+        probs, *state = run_step(ids[:, start : start + 3], state, min(start + 3, t))
         worst = max(worst, compare(probs, min(start + 3, t), "3 events per call"))
     return worst
 
@@ -163,11 +191,6 @@ def export_step(artifact_dir: Path, tolerance: float = TOLERANCE) -> StepSpec:
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     model, _ = load_checkpoint(artifact_dir)
-    if getattr(model.config, "history_bias", False):
-        raise ParityError(
-            f"{artifact_dir}: a --history-bias model scores the whole window's action set, which a "
-            "carried recurrent state does not hold: no step graph for it"
-        )
     final, tmp = artifact_dir / STEP_FILE, artifact_dir / (STEP_FILE + ".tmp")
     try:
         export_step_onnx(model, tmp)
