@@ -15,8 +15,10 @@ import hmac
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import HTTPException, Request, status
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +110,25 @@ def client_identity(request: Request) -> str:
     return f"ip:{host}"
 
 
-async def require_api_key(request: Request) -> str | None:
+# Declared in the OpenAPI document (so /docs has an "Authorize" button); they never reject a request
+# themselves (auto_error=False): require_api_key decides, and only when NEXTACT_API_KEYS is set.
+_KEY_HELP = "One of the keys in NEXTACT_API_KEYS; only checked when that setting is not empty."
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearerKey", description=f"`Authorization: Bearer <key>`. {_KEY_HELP}"
+)
+header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader",
+                             description=f"`X-API-Key: <key>`. {_KEY_HELP}")
+
+
+async def require_api_key(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
+    _header: Annotated[str | None, Security(header_scheme)] = None,
+) -> str | None:
     """FastAPI dependency for /v1 routes: 401 unless the request carries an accepted key (when auth is on).
 
     Returns the principal ("key:<fingerprint>") and stores it on request.state for the rate limiter and logs.
+    The two scheme parameters only document the accepted headers; the key is read by `presented_key`.
     """
     auth: ApiKeyAuth | None = getattr(request.app.state, "auth", None)
     if auth is None or not auth.enabled:

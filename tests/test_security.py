@@ -116,6 +116,25 @@ async def test_open_routes_and_auth_off() -> None:
     assert (await _get(_app(ApiKeyAuth(())), "/v1/thing")).status_code == 200
 
 
+def test_openapi_declares_both_key_headers_on_v1_routes_only() -> None:
+    """/docs gets an Authorize button for either header; open routes stay open in the schema too."""
+    from app import routes
+
+    app = FastAPI()
+    app.include_router(routes.v1)
+    app.include_router(routes.router)
+    doc = app.openapi()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearerKey"] == {"type": "http", "scheme": "bearer", "description": schemes["bearerKey"]["description"]}
+    assert schemes["apiKeyHeader"]["in"] == "header" and schemes["apiKeyHeader"]["name"] == "X-API-Key"
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"bearerKey": []}, {"apiKeyHeader": []}], path
+            else:
+                assert "security" not in operation, path
+
+
 def test_auth_off_warns_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="app.security"):
         assert not ApiKeyAuth.from_setting(None).enabled
