@@ -65,7 +65,7 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
         return error_response(413, "payload_too_large", str(exc))
 
     async def on_store(_: Request, exc: Exception) -> Response:
-        log.warning("%s", exc)
+        log.warning("%s", getattr(exc, "log_message", exc))  # without the user id
         return error_response(
             503, "redis_unavailable",
             f"{exc}. Retry after {retry_after_seconds}s; resending events that carry an event_id is safe.",

@@ -144,7 +144,14 @@ _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its even
 
 
 class StoreUnavailable(Exception):
-    """Redis did not answer (down, timing out, or refusing); the message names the server and the operation."""
+    """Redis did not answer (down, timing out, or refusing); the message names the server and the operation.
+
+    `log_message` is the same without the user id, for logs (user ids can be personal data).
+    """
+
+    def __init__(self, message: str, log_message: str | None = None) -> None:
+        super().__init__(message)
+        self.log_message = log_message or message
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +255,7 @@ class WindowStore:
         for e in events:
             args += (e.event_id, e.action, repr(e.timestamp))
         keys = self.keys(user_id)
-        reply = await self._guard(f"append for user {user_id!r}", lambda: self._evalsha(APPEND_SHA, keys, args))
+        reply = await self._guard("append", lambda: self._evalsha(APPEND_SHA, keys, args), user_id)
         return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
 
     async def append_with_state(
@@ -260,7 +267,7 @@ class WindowStore:
             args += (e.event_id, e.action, repr(e.timestamp))
         keys = (*self.keys(user_id), self.state_key(user_id))
         reply = await self._guard(
-            f"append for user {user_id!r}", lambda: self._evalsha(APPEND_STATE_SHA, keys, args)
+            "append", lambda: self._evalsha(APPEND_STATE_SHA, keys, args), user_id
         )
         result = AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
         return StatefulAppend(result, int(reply[3]), bytes(reply[4]) or None)
@@ -269,20 +276,20 @@ class WindowStore:
         """Store the state covering arrivals up to `seq`, unless another event arrived since; True if stored."""
         keys = (self.keys(user_id)[1], self.state_key(user_id))
         args = [seq, model_version, state, self.ttl_seconds]
-        reply = await self._guard(f"state for user {user_id!r}", lambda: self._evalsha(SAVE_STATE_SHA, keys, args))
+        reply = await self._guard("state", lambda: self._evalsha(SAVE_STATE_SHA, keys, args), user_id)
         return bool(int(reply))
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""
         keys = self.keys(user_id)[:1]
-        blob = await self._guard(f"read for user {user_id!r}", lambda: self._evalsha(READ_SHA, keys, [capacity]))
+        blob = await self._guard("read", lambda: self._evalsha(READ_SHA, keys, [capacity]), user_id)
         return _actions(blob)
 
     async def events(self, user_id: str) -> list[StoredEvent]:
         """The stored window with ids and timestamps, oldest first."""
         zkey = self.keys(user_id)[0]
         pairs = await self._guard(
-            f"read for user {user_id!r}", lambda: self.client.zrange(zkey, 0, -1, withscores=True)
+            "read", lambda: self.client.zrange(zkey, 0, -1, withscores=True), user_id
         )
         out = []
         for member, score in pairs:
@@ -293,23 +300,32 @@ class WindowStore:
     async def delete(self, user_id: str) -> None:
         """Erase everything stored for the user (window, index and state: one command, one slot)."""
         keys = (*self.keys(user_id), self.state_key(user_id))
-        await self._guard(f"delete for user {user_id!r}", lambda: self.client.delete(*keys))
+        await self._guard("delete", lambda: self.client.delete(*keys), user_id)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
         await self._guard("PING", self.client.ping)
 
-    async def _guard(self, op: str, call: Callable[[], Awaitable[V]]) -> V:
+    async def _guard(self, op: str, call: Callable[[], Awaitable[V]], user_id: str | None = None) -> V:
+        """Run one Redis call within the connection limit; failures become StoreUnavailable. The message (sent to
+        the client) names the user; the log line does not."""
+        where = f"{op} for user {user_id!r}" if user_id is not None else op
         try:
             async with asyncio.timeout(self._queue_timeout):
                 await self._limit.acquire()
         except TimeoutError as e:
+            why = f"no connection free within {self._queue_timeout}s"
             raise StoreUnavailable(
-                f"Redis at {self.address} is unavailable ({op}): no connection free within {self._queue_timeout}s"
+                f"Redis at {self.address} is unavailable ({where}): {why}",
+                f"Redis at {self.address} is unavailable ({op}): {why}",
             ) from e
         try:
             return await call()
         except (RedisError, RedisClusterException, OSError) as e:
-            raise StoreUnavailable(f"Redis at {self.address} is unavailable ({op}): {type(e).__name__}: {e}") from e
+            why = f"{type(e).__name__}: {e}"
+            raise StoreUnavailable(
+                f"Redis at {self.address} is unavailable ({where}): {why}",
+                f"Redis at {self.address} is unavailable ({op}): {why}",
+            ) from e
         finally:
             self._limit.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -118,19 +119,27 @@ async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
     assert _error(await client.put("/v1/users/u/events"), 405, "method_not_allowed") == "Method Not Allowed"
 
 
-async def test_redis_unreachable_is_503_with_retry_after(behavior_artifact: Path) -> None:
+async def test_redis_unreachable_is_503_with_retry_after(
+    behavior_artifact: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
+    user = "user-7f3a9c"
     async with running_app(behavior_artifact, f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.5,
                            retry_after_seconds=7) as (_, client):
         assert (await client.get("/healthz")).status_code == 200
-        calls = [client.post("/v1/users/u/events", json={"action": "pv"}),
-                 client.post("/v1/events", json={"events": [{"user_id": "u", "action": "pv"}]}),
-                 client.get("/v1/users/u/predictions"), client.get("/v1/users/u/events"), client.delete("/v1/users/u")]
+        calls = [client.post(f"/v1/users/{user}/events", json={"action": "pv"}),
+                 client.post("/v1/events", json={"events": [{"user_id": user, "action": "pv"}]}),
+                 client.get(f"/v1/users/{user}/predictions"), client.get(f"/v1/users/{user}/events"),
+                 client.delete(f"/v1/users/{user}")]
         for call in calls:
-            r = await call
+            with caplog.at_level(logging.WARNING, logger="app"):
+                r = await call
             message = _error(r, 503, "redis_unavailable")
             assert r.headers["retry-after"] == "7"
             assert f"Redis at 127.0.0.1:{port} is unavailable" in message and "Traceback" not in r.text
+            assert user in message  # the client is told which of its users failed
+        logged = [rec.getMessage() for rec in caplog.records if "is unavailable" in rec.getMessage()]
+        assert logged and not any(user in line for line in logged)  # the logs are not
         ready = await client.get("/readyz")
         assert _error(ready, 503, "not_ready").startswith(f"Redis at 127.0.0.1:{port} is unavailable")
         assert ready.headers["retry-after"] == "7"
