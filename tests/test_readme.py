@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_readme_opens_with_the_two_setup_commands() -> None:
-    first_block = re.search(r"```bash\n(.*?)```", README, re.S)
+    first_block = re.search(r"```bash\n(.*?)```", README, re.DOTALL)
     assert first_block, "README has no bash block"
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
     assert commands == ["./dev.sh serve", "./dev.sh test"]
