@@ -134,7 +134,8 @@ def fit(
     best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
     started = time.perf_counter()
     n_epochs = len(schedule) if schedule is not None else config.epochs
-    epochs = tqdm(range(1, n_epochs + 1), desc="epochs", unit="epoch", disable=config.quiet)
+    desc = "epochs" if schedule is None else "refit epochs"
+    epochs = tqdm(range(1, n_epochs + 1), desc=desc, unit="epoch", disable=config.quiet)
     for epoch in epochs:
         if schedule is not None:
             for group in optimizer.param_groups:
@@ -179,21 +180,30 @@ def fit(
             lr,
         )
         result.epochs.append(entry)
-        epochs.set_postfix(
-            loss=f"{entry.train_loss:.4f}",
-            val_loss=f"{val_loss:.4f}",
-            hr10=f"{entry.val_hr10:.4f}",
-            ev_s=f"{entry.events_per_second:,.0f}",
-        )
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val HR@10 %.4f, NDCG@10 %.4f, %.0f events/s",
-            epoch,
-            entry.train_loss,
-            val_loss,
-            entry.val_hr10,
-            entry.val_ndcg10,
-            entry.events_per_second,
-        )
+        if len(val_cases):
+            epochs.set_postfix(
+                loss=f"{entry.train_loss:.4f}",
+                val_loss=f"{val_loss:.4f}",
+                hr10=f"{entry.val_hr10:.4f}",
+                ev_s=f"{entry.events_per_second:,.0f}",
+            )
+            log.info(
+                "epoch %d: train loss %.4f, val loss %.4f, val HR@10 %.4f, NDCG@10 %.4f, %.0f events/s",
+                epoch,
+                entry.train_loss,
+                val_loss,
+                entry.val_hr10,
+                entry.val_ndcg10,
+                entry.events_per_second,
+            )
+        else:  # the refit (validation events are training events now), or a log too small to validate on
+            epochs.set_postfix(loss=f"{entry.train_loss:.4f}", ev_s=f"{entry.events_per_second:,.0f}")
+            log.info(
+                "epoch %d: train loss %.4f, %.0f events/s (no validation cases)",
+                epoch,
+                entry.train_loss,
+                entry.events_per_second,
+            )
         if schedule is not None:  # a fixed schedule: the last epoch is the result
             best_state, result.best_epoch = model.state_dict(), epoch
             continue
