@@ -309,23 +309,21 @@ class WindowStore:
     async def _guard(self, op: str, call: Callable[[], Awaitable[V]], user_id: str | None = None) -> V:
         """Run one Redis call within the connection limit; failures become StoreUnavailable. The message (sent to
         the client) names the user; the log line does not."""
-        where = f"{op} for user {user_id!r}" if user_id is not None else op
+        def unavailable(why: str) -> StoreUnavailable:
+            where = f"{op} for user {user_id!r}" if user_id is not None else op
+            return StoreUnavailable(
+                f"Redis at {self.address} is unavailable ({where}): {why}",
+                f"Redis at {self.address} is unavailable ({op}): {why}",
+            )
+
         try:
             async with asyncio.timeout(self._queue_timeout):
                 await self._limit.acquire()
         except TimeoutError as e:
-            why = f"no connection free within {self._queue_timeout}s"
-            raise StoreUnavailable(
-                f"Redis at {self.address} is unavailable ({where}): {why}",
-                f"Redis at {self.address} is unavailable ({op}): {why}",
-            ) from e
+            raise unavailable(f"no connection free within {self._queue_timeout}s") from e
         try:
             return await call()
         except (RedisError, RedisClusterException, OSError) as e:
-            why = f"{type(e).__name__}: {e}"
-            raise StoreUnavailable(
-                f"Redis at {self.address} is unavailable ({where}): {why}",
-                f"Redis at {self.address} is unavailable ({op}): {why}",
-            ) from e
+            raise unavailable(f"{type(e).__name__}: {e}") from e
         finally:
             self._limit.release()

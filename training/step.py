@@ -60,13 +60,9 @@ class StepModel(nn.Module):
         if m.skip is not None:
             last = last + m.skip(x[:, -1])  # (B, H)
         logits = m.logits(last)  # (B, V)
-        if m.history_bias is not None:
-            # the window's action set, as model.onnx scores it; padding lands on PAD's column, already -inf
-            history = rest[-1]  # (B, T)
-            onehot = torch.zeros_like(logits).scatter(
-                1, history, torch.ones_like(history, dtype=logits.dtype)
-            )
-            logits = logits + m.history_bias * onehot  # (B, V)
+        if m.history_bias is not None:  # the window's action set, scored as model.onnx scores it
+            history = rest[-1]  # (B, T), right-padded with PAD
+            logits = m._add_history(logits, history, history != PAD_ID)  # (B, V)
         probs = torch.softmax(logits, dim=-1)  # (B, V)
         return (probs, h_out, c_out) if self.lstm else (probs, h_out)
 
