@@ -41,7 +41,7 @@ setup() {
         "$PY" -m venv "$VENV"
     fi
     stamp="$VENV/.nextact-installed"
-    want=$( (cat pyproject.toml dev.sh "requirements/dev-$ort.txt"; echo "$ort ${TORCH_INDEX_URL:-}") | sha256sum | cut -c1-32)
+    want=$( (cat pyproject.toml clients/python/pyproject.toml dev.sh "requirements/dev-$ort.txt"; echo "$ort ${TORCH_INDEX_URL:-}") | sha256sum | cut -c1-32)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "==> installing nextact ($ort ONNX Runtime) and its locked dependencies into $VENV"
         local pip=("$VENV/bin/python" -m pip)
@@ -51,7 +51,7 @@ setup() {
         # onnxruntime and onnxruntime-gpu are one import package: never both in one environment
         "${pip[@]}" uninstall -q -y "$other" 2>/dev/null || true
         "${pip[@]}" install -q -r "requirements/dev-$ort.txt"
-        "${pip[@]}" install -q --no-deps -e .
+        "${pip[@]}" install -q --no-deps -e . -e clients/python
         echo "$want" > "$stamp"
     fi
 }

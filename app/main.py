@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from app import routes
 from app.batching import Batcher
 from app.deps import PredictRequest, Services
+from app.docs_ui import install_docs
 from app.errors import BodyLimitMiddleware, install_error_handlers
 from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
 from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
@@ -159,4 +160,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app))
     app.include_router(routes.v1)
     app.include_router(routes.router)
+    install_docs(app)  # /docs and /redoc from local assets, not a CDN
     return app

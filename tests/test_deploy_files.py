@@ -165,7 +165,7 @@ def test_serving_image_has_no_torch_and_no_compilers(dockerfile: Dockerfile) -> 
     for flavour, ort in (("cpu", "onnxruntime"), ("gpu", "onnxruntime-gpu")):
         serve = set(read_lock(f"serve-{flavour}"))
         assert not serve & SERVE_ONLY, f"requirements/serve-{flavour}.txt: {sorted(serve & SERVE_ONLY)}"
-        assert {"fastapi", "uvicorn", "redis", "swagger-ui-bundle", ort} <= serve
+        assert {"fastapi", "uvicorn", "redis", "fastapi-offline", ort} <= serve
     train = set(read_lock("train-cpu"))
     assert {"onnx", "onnxscript", "onnxruntime"} <= train and "torch" not in train, (
         "torch comes from the PyTorch index the trainer stage names, not from the lock"
