@@ -98,7 +98,7 @@ case "$cmd" in
     docs)
         setup
         if [ $# -eq 0 ]; then set -- serve; fi
-        exec "$VENV/bin/python" -m mkdocs "$@"
+        NO_MKDOCS_2_WARNING=1 exec "$VENV/bin/python" -m mkdocs "$@"
         ;;
     *)
         sed -n '2,9p' "$0"
