@@ -51,7 +51,9 @@ setup() {
         # onnxruntime and onnxruntime-gpu are one import package: never both in one environment
         "${pip[@]}" uninstall -q -y "$other" 2>/dev/null || true
         "${pip[@]}" install -q -r "requirements/dev-$ort.txt"
-        "${pip[@]}" install -q --no-deps -e . -e clients/python
+        # setuptools' build warnings about editable installs go to a log, shown only if the install fails
+        "${pip[@]}" install -q --no-deps -e . -e clients/python > "$VENV/editable-install.log" 2>&1 ||
+            { cat "$VENV/editable-install.log" >&2; exit 1; }
         echo "$want" > "$stamp"
     fi
 }
