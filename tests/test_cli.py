@@ -171,3 +171,40 @@ def test_dev_sh_serve_passes_its_arguments_through(
         tmp_path / "dev-serve.log",
     )
     assert model["window"] == 20
+
+
+def _without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`nextact ARGS` in a process where `module` cannot be imported (as if it were not installed)."""
+    code = f"import sys; sys.modules[{module!r}] = None; from app.cli import main; sys.exit(main({list(args)!r}))"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACT_")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_train_without_torch_says_what_to_install() -> None:
+    done = _without("torch", "train", "--data", "events.csv", "--out", "out")
+    assert done.returncode == 2
+    assert done.stderr.startswith("nextact train: torch not installed; install the training dependencies: ")
+    assert 'pip install "nextact[train]"' in done.stderr and "download.pytorch.org/whl/cpu" in done.stderr
+
+
+def test_train_without_the_training_package_says_so() -> None:
+    done = _without("training", "evaluate", "--help")
+    assert done.returncode == 2
+    assert "nextact evaluate: the training package is not installed here" in done.stderr
+
+
+def test_serve_without_onnxruntime_names_the_extras(tmp_path: Path) -> None:
+    done = _without("onnxruntime", "serve", "--artifact-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        'nextact serve: ONNX Runtime is not installed: pip install "nextact[cpu]" (or "nextact[gpu]" on a host '
+        "with an NVIDIA GPU)"
+    )
