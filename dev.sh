@@ -61,7 +61,7 @@ setup() {
 demo_model() {
     local dir=${NEXTACT_ARTIFACT_DIR:-artifacts/demo}
     if [ ! -f "$dir/manifest.json" ]; then
-        echo "==> no model in $dir: training the demo model on examples/taobao_sample.csv (about 2 minutes)"
+        echo "==> no model in $dir: training the demo model on examples/taobao_sample.csv (a few minutes)"
         mkdir -p "$(dirname "$dir")"
         # the result JSON (~150 lines) goes to a file; progress stays on the terminal
         "$VENV/bin/nextact" train --data examples/taobao_sample.csv --action-col behavior \
