@@ -6,6 +6,7 @@ No answer carries a traceback; unexpected exceptions are logged with theirs and 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -44,6 +45,26 @@ def _validation(fields: list[dict[str, str]]) -> JSONBytes:
     return error_response(422, "validation_error", message, fields=fields)
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _json_error(error: Any, doc: Any) -> str:
+    """'invalid JSON at line L, column C (character P): why' (FastAPI's loc is ("body", P): not an array index)."""
+    loc = error.get("loc", ())
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    why = str(error.get("ctx", {}).get("error", "JSON decode error"))
+    if pos is None:
+        return f"invalid JSON: {why}"
+    if isinstance(doc, bytes | str):
+        text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else doc
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return f"invalid JSON at line {line}, column {column} (character {pos}): {why}"
+    return f"invalid JSON at character {pos}: {why}"
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 429: "rate_limited"}
 
 
@@ -51,10 +72,17 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Register the domain-error -> HTTP answer mapping on the app."""
     retry = {"Retry-After": str(retry_after_seconds)}
 
-    async def on_request_validation(_: Request, exc: Exception) -> Response:
+    async def on_request_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        fields = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))}
-                  for e in exc.errors()]
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _validation([{"field": "body", "message": _json_error(errors[0], exc.body)}])
+        content_type = request.headers.get("content-type")
+        if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            # FastAPI hands a non-JSON body over as bytes: say why, rather than that the shape is wrong
+            message = f"the body must be JSON sent with 'Content-Type: application/json' (got {content_type!r})"
+            return _validation([{"field": "body", "message": message}])
+        fields = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in errors]
         return _validation(fields)
 
     async def on_invalid_field(_: Request, exc: Exception) -> Response:
@@ -79,6 +107,12 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ValueError) and "digits" in str(cause):
+            # json.loads refuses integer literals over sys.get_int_max_str_digits() (a guard against slow parsing)
+            limit = sys.get_int_max_str_digits()
+            message = f"a number with more than {limit} digits is out of range"
+            return _validation([{"field": "body", "message": message}])
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else orjson.dumps(exc.detail).decode()
         return error_response(exc.status_code, code, detail, headers=dict(exc.headers or {}))

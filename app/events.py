@@ -65,14 +65,22 @@ def epoch_seconds(ts: float | None, now: float, settings: Settings, loc: Loc) ->
     if ts is None:
         return now
     if not math.isfinite(ts):
-        raise InvalidField(loc, "must be a finite number")
+        raise InvalidField(loc, "out of range: must be a finite number")
     if ts < settings.min_event_timestamp:
         raise InvalidField(loc, f"{ts} is before the earliest accepted time {settings.min_event_timestamp} "
                                 "(NEXTACT_MIN_EVENT_TIMESTAMP)")
     if ts > now + settings.max_future_seconds:
         raise InvalidField(loc, f"{ts} is more than {settings.max_future_seconds}s in the future "
-                                "(NEXTACT_MAX_FUTURE_SECONDS)")
+                                f"(NEXTACT_MAX_FUTURE_SECONDS){_unit_hint(ts, now, settings)}")
     return ts
+
+
+def _unit_hint(ts: float, now: float, settings: Settings) -> str:
+    """A hint when a refused timestamp would be in range as milliseconds or microseconds."""
+    for unit, divisor in (("milliseconds", 1000), ("microseconds", 1_000_000)):
+        if settings.min_event_timestamp <= ts / divisor <= now + settings.max_future_seconds:
+            return f"; looks like {unit}; divide by {divisor}"
+    return ""
 
 
 def new_event(event: EventIn, now: float, settings: Settings, loc: Loc) -> NewEvent:

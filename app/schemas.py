@@ -15,7 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 def epoch_or_iso(value: Any) -> float:
     """A JSON number (epoch seconds) or an ISO-8601 string (no zone = UTC) as epoch seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (~1.8e308)
+            raise ValueError("out of range: epoch seconds must be a finite number") from None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
