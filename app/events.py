@@ -6,6 +6,8 @@ import math
 import uuid
 from collections.abc import Sequence
 
+from starlette.convertors import Convertor
+
 from app.schemas import UNION_TAGS, EventIn
 from app.settings import Settings
 from app.windows import NewEvent
@@ -50,6 +52,19 @@ def check_string(value: str, limit: int, setting: str, loc: Loc) -> None:
 
 def check_user_id(user_id: str, settings: Settings, loc: Loc = ("path", "user_id")) -> None:
     check_string(user_id, settings.max_id_length, "NEXTACT_MAX_ID_LENGTH", loc)
+
+
+class AnythingConvertor(Convertor[str]):
+    """A path parameter of any characters ('/' and newlines included), for ids that end a route's path or sit
+    before its last fixed segment: `{user_id:anything}/events` takes all but the last segment as the id."""
+
+    regex = "[\\s\\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
 def check_count(count: int, settings: Settings) -> None:
