@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching import BatcherClosed, BatchError
 from app.events import InvalidField, PayloadTooLarge, field_path
-from app.windows import StoreUnavailable
+from app.windows import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
             headers=retry,
         )
 
+    async def on_store_error(_: Request, exc: Exception) -> Response:
+        log.error("%s", getattr(exc, "log_message", exc))  # without the user id
+        return error_response(500, "store_error", f"{exc}. Retrying will not help; see the server log.")
+
     async def on_batch(_: Request, exc: Exception) -> Response:
         if isinstance(exc, BatcherClosed):
             return error_response(503, "shutting_down", str(exc), headers=retry)
@@ -125,6 +129,7 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     app.add_exception_handler(InvalidField, on_invalid_field)
     app.add_exception_handler(PayloadTooLarge, on_too_large)
     app.add_exception_handler(StoreUnavailable, on_store)
+    app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(BatchError, on_batch)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -18,7 +18,7 @@ from app.errors import BodyLimitMiddleware, install_error_handlers
 from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
 from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
 from app.ratelimit import RateLimiter
-from app.redis_client import connect
+from app.redis_client import call_deadline, connect
 from app.redis_server import EmbeddedRedis
 from app.reload import Reloader, ReloadError, load_and_check
 from app.security import ApiKeyAuth
@@ -64,6 +64,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
             max_concurrency=settings.redis_max_connections, direct=redis.direct,
             queue_timeout_seconds=settings.redis_queue_timeout_seconds,
+            call_timeout_seconds=call_deadline(settings.redis_timeout_seconds, settings.redis_retries),
             metrics=metrics, known=lambda action: holder.current.knows(action),
         )
         try:
