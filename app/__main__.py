@@ -13,7 +13,7 @@ import uvicorn
 from app.manifest import MODEL_FILE, ManifestError, read_manifest
 from app.observability import logging_config
 from app.redis_server import EmbeddedRedis, EmbeddedRedisError
-from app.settings import get_settings
+from app.settings import EMBEDDED_URL_ENV, get_settings, redis_problem
 
 log = logging.getLogger("nextact")
 
@@ -31,6 +31,10 @@ def main() -> int:
     if not (settings.artifact_dir / MODEL_FILE).is_file():
         log.critical("cannot start: %s: model file not found", settings.artifact_dir / MODEL_FILE)
         return 2
+    problem = redis_problem(settings)
+    if problem is not None:
+        log.critical("cannot start: %s", problem)
+        return 2
     embedded = None
     if settings.redis_url is None and settings.workers > 1:
         # one embedded server for all workers, owned by this parent process
@@ -43,6 +47,7 @@ def main() -> int:
             log.critical("cannot start: %s", e)
             return 2
         os.environ["NEXTACT_REDIS_URL"] = embedded.url
+        os.environ[EMBEDDED_URL_ENV] = embedded.url  # so the workers' /readyz and /v1/model say it is embedded
     log.info("nextact serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # a no-op here lets a clean shutdown exit 0 (and skips KeyboardInterrupt's traceback)
@@ -54,6 +59,10 @@ def main() -> int:
             workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
             log_config=log_config,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+            # X-Forwarded-For / -Proto only from the configured proxies (default: none)
+            proxy_headers=bool(settings.forwarded_allow_ips.strip()),
+            forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
+            timeout_keep_alive=settings.http_keep_alive_seconds,
         )
     finally:
         if embedded is not None:

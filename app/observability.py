@@ -105,10 +105,11 @@ class Metrics:
             "rate_limited", "Requests refused with 429 by the rate limiter.", namespace=ns, registry=r
         )
         self.auth_failures = Counter(
-            "auth_failures", "Requests refused with 401, by reason (missing, invalid).", ["reason"],
+            "auth_failures", "Requests refused for authentication, by reason: missing or invalid key (401), "
+            "blocked after too many failures from the address (429).", ["reason"],
             namespace=ns, registry=r,
         )
-        for reason in ("missing", "invalid"):
+        for reason in ("missing", "invalid", "blocked"):
             self.auth_failures.labels(reason=reason)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result=result)
@@ -147,7 +148,7 @@ class Metrics:
 def _route_template(scope: Scope) -> str:
     """The matched route's path template (bounded label cardinality); unmatched paths share one label."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)  # without {x:convertor}
     return path if isinstance(path, str) else "<unmatched>"
 
 
@@ -164,10 +165,13 @@ class ObservabilityMiddleware:
     the response header and set for log lines; X-Model-Version on every answer; request count/latency
     metrics; one debug log line per request and an error line for every 5xx."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None,
+                 auth_enabled: bool = False) -> None:
         self.app = app
         self.metrics = metrics
         self.model_version = model_version
+        # with authentication on, only answers to authenticated requests name the model (401, 404, ... do not)
+        self.auth_enabled = auth_enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -187,7 +191,8 @@ class ObservabilityMiddleware:
                 started = True
                 status_code = int(message["status"])
                 headers = [*message.get("headers", ()), header]
-                if self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers):
+                if (self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers)
+                        and (not self.auth_enabled or (scope.get("state") or {}).get("principal"))):
                     version = self.model_version()
                     if version:
                         headers.append((MODEL_VERSION_KEY, version.encode()))

@@ -123,6 +123,7 @@ class RedisConnection:
     address: str  # host:port (or socket path) for messages; never the password
     cluster: bool
     direct: DirectCommands | None = None  # single server only: the cluster client routes by slot itself
+    embedded: bool = False  # the development server started by this process group (NEXTACT_EMBEDDED_REDIS)
 
     async def close(self) -> None:
         if self.direct is not None:

@@ -29,7 +29,7 @@ from app.schemas import (
     UserPrediction,
     UserWindow,
 )
-from app.security import require_api_key
+from app.security import is_authenticated, require_api_key
 from app.windows import NewEvent, StoreUnavailable
 
 _ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -189,6 +189,7 @@ async def get_model(svc: ServicesDep) -> Response:
         "providers": model.providers,
         "device": model.device,
         "artifact_dir": str(model.artifact_dir),
+        "embedded_redis": svc.redis.embedded,
     })
 
 
@@ -237,11 +238,19 @@ async def healthz() -> Response:
     "/readyz", response_model=Ready, response_class=JSONBytes, tags=["health"],
     responses={503: {"model": ErrorBody, "description": "Redis does not answer"}},
 )
-async def readyz(svc: ServicesDep) -> Response:
-    """Ready to serve: Redis answers and a model is loaded; 503 (with Retry-After) otherwise."""
+async def readyz(request: Request, svc: ServicesDep) -> Response:
+    """Ready to serve: Redis answers and a model is loaded; 503 (with Retry-After) otherwise.
+
+    With NEXTACT_API_KEYS set, only a request carrying a valid key gets the details (model version, Redis
+    address, error text); others get the status alone.
+    """
+    detail = is_authenticated(request)
     try:
         await svc.store.ping()
     except StoreUnavailable as e:
-        return error_response(503, "not_ready", str(e),
+        return error_response(503, "not_ready", str(e) if detail else "not ready: Redis does not answer",
                               headers={"Retry-After": str(svc.settings.retry_after_seconds)})
-    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address})
+    if not detail:
+        return JSONBytes({"status": "ready"})
+    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address,
+                      "embedded_redis": svc.redis.embedded})
