@@ -7,6 +7,7 @@ import logging.config
 import os
 import signal
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -54,6 +55,14 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
+        from app.http_server import GuardedHttpToolsProtocol
+
+        http: Any = GuardedHttpToolsProtocol
+    except ImportError:  # no httptools on this platform: h11 bounds the head's size, but nothing times it out
+        log.warning("httptools is not installed: request heads and bodies are not timed out "
+                    "(NEXTACT_HTTP_HEADER_TIMEOUT_SECONDS / NEXTACT_HTTP_BODY_TIMEOUT_SECONDS)")
+        http = "h11"
+    try:
         uvicorn.run(
             "app.main:create_app", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
@@ -63,6 +72,7 @@ def main() -> int:
             proxy_headers=bool(settings.forwarded_allow_ips.strip()),
             forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
             timeout_keep_alive=settings.http_keep_alive_seconds,
+            http=http, h11_max_incomplete_event_size=settings.http_max_header_bytes,
         )
     finally:
         if embedded is not None:
