@@ -109,6 +109,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.rate_limiter = RateLimiter(
                 redis.client, limit=settings.rate_limit_requests, window_seconds=settings.rate_limit_window_seconds,
                 key_prefix=settings.key_prefix, algorithm=settings.rate_limit_algorithm,
+                timeout_seconds=settings.redis_timeout_seconds,
             )
 
         def install(new: ServingModel) -> None:
