@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from app.manifest import MODEL_FILE, ManifestError, read_manifest
-from app.observability import logging_config
+from app.observability import MULTIPROC_ENV, logging_config
 from app.redis_server import EmbeddedRedis, EmbeddedRedisError
 from app.settings import EMBEDDED_URL_ENV, get_settings, redis_problem
 
@@ -49,6 +53,7 @@ def main() -> int:
             return 2
         os.environ["NEXTACT_REDIS_URL"] = embedded.url
         os.environ[EMBEDDED_URL_ENV] = embedded.url  # so the workers' /readyz and /v1/model say it is embedded
+    metrics_dir = _multiprocess_metrics_dir() if settings.workers > 1 or os.environ.get(MULTIPROC_ENV) else None
     log.info("nextact serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # a no-op here lets a clean shutdown exit 0 (and skips KeyboardInterrupt's traceback)
@@ -77,7 +82,34 @@ def main() -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None and metrics_dir.owned:
+            shutil.rmtree(metrics_dir.path, ignore_errors=True)
     return 0
+
+
+@dataclass(frozen=True)
+class _MetricsDir:
+    path: Path
+    owned: bool  # created here (removed at exit), or the operator's PROMETHEUS_MULTIPROC_DIR (kept, emptied)
+
+
+def _multiprocess_metrics_dir() -> _MetricsDir:
+    """An empty prometheus-client multiprocess directory for the workers, set in their environment.
+
+    The operator's PROMETHEUS_MULTIPROC_DIR is used (emptied of an earlier run's files) when set; else a
+    temporary directory is created and removed at exit.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        path, owned = Path(given), False
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    else:
+        path, owned = Path(tempfile.mkdtemp(prefix="nextact-metrics-")), True
+        os.environ[MULTIPROC_ENV] = str(path)
+    log.info("metrics of all %s workers merged through %s", get_settings().workers, path)
+    return _MetricsDir(path, owned)
 
 
 if __name__ == "__main__":

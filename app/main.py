@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
+from prometheus_client.multiprocess import mark_process_dead
 
 from app import routes
 from app.batching import Batcher
@@ -46,6 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
+        if metrics.multiprocess_dir is not None:  # live gauges (in flight, model info) forget this worker on exit
+            stack.callback(mark_process_dead, os.getpid(), metrics.multiprocess_dir)
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
         if settings.incremental_state:  # off: the same call as before the option existed
             load = partial(load, incremental=True)
