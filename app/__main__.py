@@ -78,6 +78,7 @@ def main() -> int:
             forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
             timeout_keep_alive=settings.http_keep_alive_seconds,
             http=http, h11_max_incomplete_event_size=settings.http_max_header_bytes,
+            server_header=False,  # no "server: uvicorn" on every answer
         )
     finally:
         if embedded is not None:

@@ -164,3 +164,23 @@ def test_epoch_seconds_accepts_exactly_the_configured_range(value: float) -> Non
         assert not inside
     else:
         assert inside
+
+
+async def test_a_content_length_of_5000_digits_is_413() -> None:
+    """The body-size check must not parse an absurd Content-Length as an integer (ValueError over 4300 digits)."""
+    from app.errors import BodyLimitMiddleware
+
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the application must not be called")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"9" * 5000)]}
+    await BodyLimitMiddleware(app, max_bytes=1024)(scope, receive, send)
+    assert sent[0]["status"] == 413

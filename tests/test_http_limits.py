@@ -93,7 +93,8 @@ def _exchange(svc: ServiceProcess, payload: bytes) -> tuple[int, dict[str, str],
 
 def test_normal_requests_and_keep_alive_still_work(strict: ServiceProcess) -> None:
     with httpx.Client(base_url=strict.base_url, headers={"X-API-Key": KEY}, timeout=READ_BOUND) as client:
-        assert client.get("/healthz").status_code == 200
+        health = client.get("/healthz")
+        assert health.status_code == 200 and "server" not in health.headers  # no "server: uvicorn"
         time.sleep(0.2)
         assert client.post("/v1/users/u/events", json={"action": "pv"}).status_code == 200
 
