@@ -174,14 +174,28 @@ def test_a_slow_body_is_timed_out_with_408(strict: ServiceProcess) -> None:
 def test_connections_over_the_limit_get_503(behind_proxy: ServiceProcess) -> None:
     held = [_connect(behind_proxy) for _ in range(4)]
     try:
-        time.sleep(0.3)  # let the server accept them
-        status, headers, body = _exchange(behind_proxy, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in held:  # one answered request each: the server has accepted them, and keeps them open
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while b'"ok"}' not in got:
+                chunk = sock.recv(4096)
+                assert chunk, got
+                got += chunk
+        with _connect(behind_proxy) as extra:  # answered as soon as it is accepted, before any request
+            status, headers, body = _answer(_read_all(extra))
         assert status == 503 and headers["retry-after"] == "1" and body["error"] == "too_many_connections"
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.3)
-    assert httpx.get(f"{behind_proxy.base_url}/healthz", timeout=READ_BOUND).status_code == 200
+    for _ in range(50):  # the server notices the closes on its next loop turns
+        try:
+            if httpx.get(f"{behind_proxy.base_url}/healthz", timeout=READ_BOUND).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no connection accepted after the held ones closed")
 
 
 def _wrong_key_statuses(svc: ServiceProcess, forwarded_for: list[str]) -> list[int]:
