@@ -6,6 +6,7 @@ No answer carries a traceback; unexpected exceptions are logged with theirs and 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching import BatcherClosed, BatchError
 from app.events import InvalidField, PayloadTooLarge, field_path
-from app.windows import StoreUnavailable
+from app.windows import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,26 @@ def _validation(fields: list[dict[str, str]]) -> JSONBytes:
     return error_response(422, "validation_error", message, fields=fields)
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _json_error(error: Any, doc: Any) -> str:
+    """'invalid JSON at line L, column C (character P): why' (FastAPI's loc is ("body", P): not an array index)."""
+    loc = error.get("loc", ())
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    why = str(error.get("ctx", {}).get("error", "JSON decode error"))
+    if pos is None:
+        return f"invalid JSON: {why}"
+    if isinstance(doc, bytes | str):
+        text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else doc
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return f"invalid JSON at line {line}, column {column} (character {pos}): {why}"
+    return f"invalid JSON at character {pos}: {why}"
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 429: "rate_limited"}
 
 
@@ -51,10 +72,17 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Register the domain-error -> HTTP answer mapping on the app."""
     retry = {"Retry-After": str(retry_after_seconds)}
 
-    async def on_request_validation(_: Request, exc: Exception) -> Response:
+    async def on_request_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        fields = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))}
-                  for e in exc.errors()]
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _validation([{"field": "body", "message": _json_error(errors[0], exc.body)}])
+        content_type = request.headers.get("content-type")
+        if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            # FastAPI hands a non-JSON body over as bytes: say why, rather than that the shape is wrong
+            message = f"the body must be JSON sent with 'Content-Type: application/json' (got {content_type!r})"
+            return _validation([{"field": "body", "message": message}])
+        fields = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in errors]
         return _validation(fields)
 
     async def on_invalid_field(_: Request, exc: Exception) -> Response:
@@ -72,6 +100,10 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
             headers=retry,
         )
 
+    async def on_store_error(_: Request, exc: Exception) -> Response:
+        log.error("%s", getattr(exc, "log_message", exc))  # without the user id
+        return error_response(500, "store_error", f"{exc}. Retrying will not help; see the server log.")
+
     async def on_batch(_: Request, exc: Exception) -> Response:
         if isinstance(exc, BatcherClosed):
             return error_response(503, "shutting_down", str(exc), headers=retry)
@@ -79,6 +111,12 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ValueError) and "digits" in str(cause):
+            # json.loads refuses integer literals over sys.get_int_max_str_digits() (a guard against slow parsing)
+            limit = sys.get_int_max_str_digits()
+            message = f"a number with more than {limit} digits is out of range"
+            return _validation([{"field": "body", "message": message}])
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else orjson.dumps(exc.detail).decode()
         return error_response(exc.status_code, code, detail, headers=dict(exc.headers or {}))
@@ -91,6 +129,7 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     app.add_exception_handler(InvalidField, on_invalid_field)
     app.add_exception_handler(PayloadTooLarge, on_too_large)
     app.add_exception_handler(StoreUnavailable, on_store)
+    app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(BatchError, on_batch)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
@@ -110,7 +149,8 @@ class BodyLimitMiddleware:
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length":
-                declared = int(value) if value.isdigit() else None
+                # more digits than any body we accept: over the limit (and no int() of a 5000-digit string)
+                declared = (int(value) if len(value) <= 18 else self.max_bytes + 1) if value.isdigit() else None
                 break
         if declared is not None:
             if declared > self.max_bytes:

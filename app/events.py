@@ -6,6 +6,8 @@ import math
 import uuid
 from collections.abc import Sequence
 
+from starlette.convertors import Convertor
+
 from app.schemas import UNION_TAGS, EventIn
 from app.settings import Settings
 from app.windows import NewEvent
@@ -52,6 +54,19 @@ def check_user_id(user_id: str, settings: Settings, loc: Loc = ("path", "user_id
     check_string(user_id, settings.max_id_length, "NEXTACT_MAX_ID_LENGTH", loc)
 
 
+class AnythingConvertor(Convertor[str]):
+    """A path parameter of any characters ('/' and newlines included), for ids that end a route's path or sit
+    before its last fixed segment: `{user_id:anything}/events` takes all but the last segment as the id."""
+
+    regex = "[\\s\\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
 def check_count(count: int, settings: Settings) -> None:
     if count > settings.max_events_per_request:
         raise PayloadTooLarge(
@@ -65,14 +80,22 @@ def epoch_seconds(ts: float | None, now: float, settings: Settings, loc: Loc) ->
     if ts is None:
         return now
     if not math.isfinite(ts):
-        raise InvalidField(loc, "must be a finite number")
+        raise InvalidField(loc, "out of range: must be a finite number")
     if ts < settings.min_event_timestamp:
         raise InvalidField(loc, f"{ts} is before the earliest accepted time {settings.min_event_timestamp} "
                                 "(NEXTACT_MIN_EVENT_TIMESTAMP)")
     if ts > now + settings.max_future_seconds:
         raise InvalidField(loc, f"{ts} is more than {settings.max_future_seconds}s in the future "
-                                "(NEXTACT_MAX_FUTURE_SECONDS)")
+                                f"(NEXTACT_MAX_FUTURE_SECONDS){_unit_hint(ts, now, settings)}")
     return ts
+
+
+def _unit_hint(ts: float, now: float, settings: Settings) -> str:
+    """A hint when a refused timestamp would be in range as milliseconds or microseconds."""
+    for unit, divisor in (("milliseconds", 1000), ("microseconds", 1_000_000)):
+        if settings.min_event_timestamp <= ts / divisor <= now + settings.max_future_seconds:
+            return f"; looks like {unit}; divide by {divisor}"
+    return ""
 
 
 def new_event(event: EventIn, now: float, settings: Settings, loc: Loc) -> NewEvent:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
+from prometheus_client.multiprocess import mark_process_dead
 
 from app import routes
 from app.batching import Batcher
@@ -19,14 +21,18 @@ from app.errors import BodyLimitMiddleware, install_error_handlers
 from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
 from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
 from app.ratelimit import RateLimiter
-from app.redis_client import connect
+from app.redis_client import call_deadline, connect
 from app.redis_server import EmbeddedRedis
 from app.reload import Reloader, ReloadError, load_and_check
-from app.security import ApiKeyAuth
-from app.settings import Settings, get_settings
+from app.security import ApiKeyAuth, FailedAuthLimiter
+from app.settings import EMBEDDED_URL_ENV, Settings, get_settings, redis_problem
 from app.windows import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class RedisSettingsError(RuntimeError):
+    """The Redis settings cannot work (no URL and no embedded server); the message says what to set."""
 
 DESCRIPTION = """Predicts a user's next action from their recent events.
 
@@ -42,6 +48,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
+        if metrics.multiprocess_dir is not None:  # live gauges (in flight, model info) forget this worker on exit
+            stack.callback(mark_process_dead, os.getpid(), metrics.multiprocess_dir)
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
         if settings.incremental_state:  # off: the same call as before the option existed
             load = partial(load, incremental=True)
@@ -52,6 +60,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         holder = ModelHolder(model)
         _show_model(metrics, model)
         url = settings.redis_url
+        problem = redis_problem(settings)
+        if problem is not None:
+            raise RedisSettingsError(problem)
+        embedded_here = url is None
         if url is None:
             embedded = EmbeddedRedis(
             settings.data_dir, port=settings.embedded_redis_port, appendfsync=settings.embedded_redis_appendfsync
@@ -60,11 +72,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(asyncio.to_thread, embedded.stop)
             url = embedded.url
         redis = connect(url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries)
+        # a parent `python -m app` with several workers starts the embedded server and passes its URL on
+        redis.embedded = embedded_here or os.environ.get(EMBEDDED_URL_ENV) == url
+        if redis.embedded:
+            log.warning("using the embedded Redis at %s: windows are private to this host and not shared with "
+                        "other replicas (set NEXTACT_REDIS_URL for production)", redis.address)
         stack.push_async_callback(redis.close)
         store = MeteredWindowStore(
             redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
             max_concurrency=settings.redis_max_connections, direct=redis.direct,
             queue_timeout_seconds=settings.redis_queue_timeout_seconds,
+            call_timeout_seconds=call_deadline(settings.redis_timeout_seconds, settings.redis_retries),
             metrics=metrics, known=lambda action: holder.current.knows(action),
         )
         try:
@@ -95,6 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.rate_limiter = RateLimiter(
                 redis.client, limit=settings.rate_limit_requests, window_seconds=settings.rate_limit_window_seconds,
                 key_prefix=settings.key_prefix, algorithm=settings.rate_limit_algorithm,
+                timeout_seconds=settings.redis_timeout_seconds,
             )
 
         def install(new: ServingModel) -> None:
@@ -154,10 +173,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.auth = ApiKeyAuth.from_setting(settings.api_keys)
     app.state.rate_limiter = None  # set by the lifespan when NEXTACT_RATE_LIMIT_REQUESTS > 0
+    app.state.auth_limiter = (
+        FailedAuthLimiter(settings.auth_failure_limit, settings.auth_failure_window_seconds)
+        if settings.auth_failure_limit else None
+    )
     install_error_handlers(app, settings.retry_after_seconds)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # outermost: sees every answer (413s and auth failures included) and stamps its request id on it
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app))
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app),
+                       auth_enabled=app.state.auth.enabled)
     app.include_router(routes.v1)
     app.include_router(routes.router)
     install_docs(app)  # /docs and /redoc from local assets, not a CDN

@@ -334,8 +334,8 @@ def load_model(
     if step is not None:
         _check_step(model)
     log.info(
-        "model %s loaded from %s: %s, window %d, %d actions, on %s",
-        manifest.model_version, artifact_dir, manifest.cell, manifest.window, manifest.vocab_size, model.provider,
+        "model %s loaded from %s: %s, window %d, %d actions (plus <pad> and <unk>), on %s",
+        manifest.model_version, artifact_dir, manifest.cell, manifest.window, manifest.vocab_size - 2, model.provider,
     )
     return model
 

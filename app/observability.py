@@ -10,22 +10,31 @@ import contextvars
 import json
 import logging
 import logging.config
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.windows import AppendResult, NewEvent, StatefulAppend, StoredEvent, WindowStore
@@ -43,12 +52,53 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess directory when `python -m app` runs several workers (it sets it)."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class WorkerProcessCollector(Collector):
+    """The standard process_* metrics of every live worker sharing the multiprocess directory, by pid label."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def _pids(self) -> list[int]:
+        pids = set()
+        for db in self.path.glob("*.db"):
+            tail = db.stem.rsplit("_", 1)[-1]
+            if tail.isdigit() and Path(f"/proc/{tail}").exists():
+                pids.add(int(tail))
+        return sorted(pids)
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(pid=lambda p=pid: p, registry=None).collect():  # type: ignore[misc]
+                out = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
+
+
 class Metrics:
-    """The service's Prometheus metrics in their own registry."""
+    """The service's Prometheus metrics in their own registry.
+
+    With PROMETHEUS_MULTIPROC_DIR set (python -m app with NEXTACT_WORKERS > 1), values live in that directory
+    and render() merges every worker's, so one scrape sees the whole process group.
+    """
 
     def __init__(self, namespace: str = "nextact") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r, ns = self.registry, namespace
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir is None:  # one process: its own process, GC and platform metrics
+            ProcessCollector(registry=r)
+            GCCollector(registry=r)
+            PlatformCollector(registry=r)
         self.requests = Counter(
             "http_requests", "HTTP requests by route template, method and status.",
             ["method", "route", "status"], namespace=ns, registry=r,
@@ -57,7 +107,8 @@ class Metrics:
             "http_request_duration_seconds", "HTTP request latency by route template, method and status.",
             ["method", "route", "status"], namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
         )
-        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being served.", namespace=ns, registry=r)
+        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being served.", namespace=ns, registry=r,
+                               multiprocess_mode="livesum")
         self.inference_seconds = Histogram(
             "inference_duration_seconds", "Time of one ONNX Runtime call (one micro-batch).",
             namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
@@ -93,10 +144,11 @@ class Metrics:
         self.model_info = Gauge(
             "model_info", "The model being served (value 1); labels carry its version.",
             ["model_version", "cell", "window", "vocab_size", "provider"], namespace=ns, registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_loaded_at = Gauge(
             "model_loaded_timestamp_seconds", "When the model being served was loaded (unix time).",
-            namespace=ns, registry=r,
+            namespace=ns, registry=r, multiprocess_mode="livemax",
         )
         self.model_reloads = Counter(
             "model_reloads", "Model reload attempts by result (ok, refused).", ["result"], namespace=ns, registry=r,
@@ -105,10 +157,11 @@ class Metrics:
             "rate_limited", "Requests refused with 429 by the rate limiter.", namespace=ns, registry=r
         )
         self.auth_failures = Counter(
-            "auth_failures", "Requests refused with 401, by reason (missing, invalid).", ["reason"],
+            "auth_failures", "Requests refused for authentication, by reason: missing or invalid key (401), "
+            "blocked after too many failures from the address (429).", ["reason"],
             namespace=ns, registry=r,
         )
-        for reason in ("missing", "invalid"):
+        for reason in ("missing", "invalid", "blocked"):
             self.auth_failures.labels(reason=reason)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result=result)
@@ -117,6 +170,8 @@ class Metrics:
 
     def set_model(self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str) -> None:
         """Point model_info at the model now serving (one series at a time)."""
+        for labels in list(self.model_info._metrics):  # multiprocess mode keeps cleared values on file: zero them
+            self.model_info.labels(*labels).set(0)
         self.model_info.clear()
         self.model_info.labels(
             model_version=model_version, cell=cell, window=str(window), vocab_size=str(vocab_size), provider=provider
@@ -141,13 +196,34 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        merged.register(WorkerProcessCollector(self.multiprocess_dir))
+        merged.register(_PidLabelled(GC_COLLECTOR))  # GC of the worker that answers this scrape
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+class _PidLabelled(Collector):
+    """Another collector's metrics with this process's pid as a label."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        pid = str(os.getpid())
+        for family in self.inner.collect():
+            out = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                out.add_sample(sample.name, {**sample.labels, "pid": pid}, sample.value)
+            yield out
 
 
 def _route_template(scope: Scope) -> str:
     """The matched route's path template (bounded label cardinality); unmatched paths share one label."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)  # without {x:convertor}
     return path if isinstance(path, str) else "<unmatched>"
 
 
@@ -164,10 +240,13 @@ class ObservabilityMiddleware:
     the response header and set for log lines; X-Model-Version on every answer; request count/latency
     metrics; one debug log line per request and an error line for every 5xx."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None,
+                 auth_enabled: bool = False) -> None:
         self.app = app
         self.metrics = metrics
         self.model_version = model_version
+        # with authentication on, only answers to authenticated requests name the model (401, 404, ... do not)
+        self.auth_enabled = auth_enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -187,7 +266,8 @@ class ObservabilityMiddleware:
                 started = True
                 status_code = int(message["status"])
                 headers = [*message.get("headers", ()), header]
-                if self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers):
+                if (self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers)
+                        and (not self.auth_enabled or (scope.get("state") or {}).get("principal"))):
                     version = self.model_version()
                     if version:
                         headers.append((MODEL_VERSION_KEY, version.encode()))

@@ -10,6 +10,7 @@ so replicas with skewed clocks agree. Rejected requests are not counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class RateLimiter:
         window_seconds: float,
         key_prefix: str = "nextact",
         algorithm: Algorithm = "sliding",
+        timeout_seconds: float | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError(f"rate limit must be at least 1 request per window, got {limit}")
@@ -95,6 +97,7 @@ class RateLimiter:
         self.window_ms = int(window_seconds * 1000)
         self.algorithm = algorithm
         self.key_prefix = key_prefix
+        self.timeout_seconds = timeout_seconds  # a slower answer lets the request through (fail open)
         self._script = redis.register_script(RATE_LIMIT_LUA)
 
     def key(self, identity: str) -> str:
@@ -114,8 +117,9 @@ class RateLimiter:
 async def enforce_rate_limit(request: Request) -> None:
     """FastAPI dependency (after authentication): 429 with Retry-After when the caller is over its budget.
 
-    A Redis failure here lets the request through (fail open) with a warning: the routes that need Redis
-    answer 503 on their own, and the ones that do not (e.g. /v1/model) keep working during an outage.
+    A Redis failure, or no answer within NEXTACT_REDIS_TIMEOUT_SECONDS, lets the request through (fail open):
+    the routes that need Redis answer 503 on their own, and the ones that do not (e.g. /v1/model) keep
+    working during an outage.
     """
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is None:
@@ -123,8 +127,9 @@ async def enforce_rate_limit(request: Request) -> None:
     identity = client_identity(request)
     metrics = getattr(request.app.state, "metrics", None)
     try:
-        decision = await limiter.hit(identity)
-    except (RedisError, OSError) as e:
+        async with asyncio.timeout(limiter.timeout_seconds):  # one Redis timeout at most, retries included
+            decision = await limiter.hit(identity)
+    except (RedisError, OSError) as e:  # TimeoutError is an OSError
         log.warning("rate limiter unavailable, letting the request through: %s", type(e).__name__)
         if metrics is not None:
             metrics.redis_errors.labels(op="ratelimit").inc()

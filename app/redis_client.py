@@ -13,11 +13,49 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    InvalidResponse,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+BACKOFF_CAP_SECONDS = 0.1  # longest pause between two tries of one Redis call
+
+# error replies that say "not now" (busy script, loading, failover, cluster reconfiguring, out of memory)
+_TRANSIENT_REPLIES = frozenset({"BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
+                                "NOREPLICAS", "OOM", "MOVED", "ASK"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Could the same call succeed later? Connection trouble, timeouts and "not now" replies: yes (a 503).
+
+    Anything else (a cross-slot refusal, WRONGTYPE, a script error, bad arguments) fails the same way every
+    time, so it must not be reported as an outage to retry.
+    """
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | InvalidResponse | ClusterError
+                  | SlotNotCoveredError | ReadOnlyError | TryAgainError | OutOfMemoryError | AskError
+                  | TimeoutError):
+        return True
+    if isinstance(error, ResponseError):
+        words = str(error).split(maxsplit=1)
+        return bool(words) and words[0].upper() in _TRANSIENT_REPLIES
+    if isinstance(error, RedisClusterException):  # "all keys must map to the same key slot", ...
+        return False
+    return False
+
+
+def call_deadline(timeout_seconds: float, retries: int) -> float:
+    """Longest one Redis call may take, all tries included: (retries + 1) timeouts plus the pauses between."""
+    return timeout_seconds * (retries + 1) + BACKOFF_CAP_SECONDS * retries
 
 
 class DirectCommands:
@@ -50,7 +88,7 @@ class DirectCommands:
                 stale, self._idle = self._idle, deque()
                 for idle in stale:
                     await self._drop(idle)
-                await asyncio.sleep(0.01 * (attempt + 1))
+                await asyncio.sleep(min(0.01 * (attempt + 1), BACKOFF_CAP_SECONDS))
                 continue
             except ResponseError:  # an error reply (NOSCRIPT, ...) was read in full: the connection is fine
                 self._idle.append(conn)
@@ -85,6 +123,7 @@ class RedisConnection:
     address: str  # host:port (or socket path) for messages; never the password
     cluster: bool
     direct: DirectCommands | None = None  # single server only: the cluster client routes by slot itself
+    embedded: bool = False  # the development server started by this process group (NEXTACT_EMBEDDED_REDIS)
 
     async def close(self) -> None:
         if self.direct is not None:
@@ -108,7 +147,7 @@ def connect(url: str, max_connections: int, timeout_seconds: float, retries: int
     other scheme a single-server client whose pool makes callers wait (up to the timeout) for a connection.
     """
     scheme = urlsplit(url).scheme
-    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries)
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=BACKOFF_CAP_SECONDS), retries)
     common: dict[str, Any] = {
         "socket_timeout": timeout_seconds,
         "socket_connect_timeout": timeout_seconds,

@@ -7,10 +7,11 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from starlette.convertors import register_url_convertor
 
 from app.deps import ServicesDep
 from app.errors import JSONBytes, error_response
-from app.events import check_count, check_user_id, new_event
+from app.events import AnythingConvertor, check_count, check_user_id, new_event
 from app.model import Prediction
 from app.observability import Metrics
 from app.ratelimit import enforce_rate_limit
@@ -28,18 +29,26 @@ from app.schemas import (
     UserPrediction,
     UserWindow,
 )
-from app.security import require_api_key
+from app.security import is_authenticated, require_api_key
 from app.windows import NewEvent, StoreUnavailable
 
 _ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key (when NEXTACT_API_KEYS is set)"},
     429: {"model": ErrorBody, "description": "Rate limit exceeded (with Retry-After)"},
 }
+# any character, a newline and '/' included: the last segment names the route, the rest is the user id
+register_url_convertor("anything", AnythingConvertor())
 router = APIRouter()  # open: health, readiness, metrics
 v1 = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)], responses=_ACCESS_ERRORS)
 MODEL_VERSION_HEADER = "X-Model-Version"
 
-UserId = Annotated[str, Path(min_length=1, description="The user's id (any string).", examples=["u-42"])]
+USER_ID_RULE = (
+    "The user's id. Any string of 1 to NEXTACT_MAX_ID_LENGTH characters (default 256) that is valid Unicode "
+    "(no lone surrogates): the same rule for the path and for `user_id` in a body, so every user that can be "
+    "written can be read and erased. In a path, percent-encode it (`/` as %2F, `?` as %3F, `#` as %23, `%` as "
+    "%25; an id of `.` or `..` as %2E or %2E%2E, since clients drop such segments); a `/` sent as it is works too."
+)
+UserId = Annotated[str, Path(min_length=1, description=USER_ID_RULE, examples=["u-42"])]
 K = Annotated[
     int | None,
     Query(ge=1, le=100_000, description="How many predictions to return (default NEXTACT_DEFAULT_K; "
@@ -65,7 +74,7 @@ def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]
 
 
 @v1.post(
-    "/v1/users/{user_id}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
+    "/v1/users/{user_id:anything}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
 async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesDep, k: K = None) -> Response:
@@ -121,7 +130,7 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
 
 
 @v1.get(
-    "/v1/users/{user_id}/predictions", response_model=UserPrediction, response_class=JSONBytes,
+    "/v1/users/{user_id:anything}/predictions", response_model=UserPrediction, response_class=JSONBytes,
     tags=["predictions"], responses=_errors(422, 503, 500),
 )
 async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Response:
@@ -136,7 +145,7 @@ async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Res
 
 
 @v1.get(
-    "/v1/users/{user_id}/events", response_model=UserWindow, response_class=JSONBytes, tags=["events"],
+    "/v1/users/{user_id:anything}/events", response_model=UserWindow, response_class=JSONBytes, tags=["events"],
     responses=_errors(422, 503),
 )
 async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
@@ -150,7 +159,7 @@ async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
 
 
 @v1.delete(
-    "/v1/users/{user_id}", status_code=204, response_class=Response, tags=["events"],
+    "/v1/users/{user_id:anything}", status_code=204, response_class=Response, tags=["events"],
     responses=_errors(422, 503),
 )
 async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
@@ -180,6 +189,7 @@ async def get_model(svc: ServicesDep) -> Response:
         "providers": model.providers,
         "device": model.device,
         "artifact_dir": str(model.artifact_dir),
+        "embedded_redis": svc.redis.embedded,
     })
 
 
@@ -228,11 +238,19 @@ async def healthz() -> Response:
     "/readyz", response_model=Ready, response_class=JSONBytes, tags=["health"],
     responses={503: {"model": ErrorBody, "description": "Redis does not answer"}},
 )
-async def readyz(svc: ServicesDep) -> Response:
-    """Ready to serve: Redis answers and a model is loaded; 503 (with Retry-After) otherwise."""
+async def readyz(request: Request, svc: ServicesDep) -> Response:
+    """Ready to serve: Redis answers and a model is loaded; 503 (with Retry-After) otherwise.
+
+    With NEXTACT_API_KEYS set, only a request carrying a valid key gets the details (model version, Redis
+    address, error text); others get the status alone.
+    """
+    detail = is_authenticated(request)
     try:
         await svc.store.ping()
     except StoreUnavailable as e:
-        return error_response(503, "not_ready", str(e),
+        return error_response(503, "not_ready", str(e) if detail else "not ready: Redis does not answer",
                               headers={"Retry-After": str(svc.settings.retry_after_seconds)})
-    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address})
+    if not detail:
+        return JSONBytes({"status": "ready"})
+    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address,
+                      "embedded_redis": svc.redis.embedded})

@@ -15,7 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 def epoch_or_iso(value: Any) -> float:
     """A JSON number (epoch seconds) or an ISO-8601 string (no zone = UTC) as epoch seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (~1.8e308)
+            raise ValueError("out of range: epoch seconds must be a finite number") from None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
@@ -170,6 +173,10 @@ class ModelInfo(BaseModel):
                                  examples=[["CPUExecutionProvider"]])
     device: Literal["auto", "cpu", "cuda"] = Field(description="NEXTACT_DEVICE.", examples=["auto"])
     artifact_dir: str = Field(description="Where the artifact was loaded from.", examples=["artifacts/demo"])
+    embedded_redis: bool = Field(
+        description="True when windows live in the embedded development Redis (private to this host).",
+        examples=[False],
+    )
 
 
 class ReloadResult(BaseModel):
@@ -185,9 +192,15 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
+    """Readiness; with authentication on, the details are only given to a request carrying a valid key."""
+
     status: str = Field(description="ready", examples=["ready"])
-    model_version: str = Field(description="The model being served.", examples=["3f9a1c0d2b7e4a65"])
-    redis: str = Field(description="Address of the Redis being used.", examples=["127.0.0.1:6399"])
+    model_version: str | None = Field(None, description="The model being served.", examples=["3f9a1c0d2b7e4a65"])
+    redis: str | None = Field(None, description="Address of the Redis being used.", examples=["127.0.0.1:6399"])
+    embedded_redis: bool | None = Field(
+        None, description="True when that Redis is the embedded development server (NEXTACT_EMBEDDED_REDIS).",
+        examples=[False],
+    )
 
 
 class FieldError(BaseModel):

@@ -6,6 +6,7 @@ start-up logs one warning. A request authenticates with `Authorization: Bearer <
 
 Keys are never logged or put into metrics: a request is identified by the key's fingerprint
 (first 12 hex digits of its SHA-256), which is also what the rate limiter counts against.
+Failed attempts are limited per client address (FailedAuthLimiter, NEXTACT_AUTH_FAILURE_LIMIT).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -101,13 +106,66 @@ def presented_key(request: Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+def client_address(request: Request) -> str:
+    """The client's address: the TCP peer, or X-Forwarded-For's when the peer is a trusted proxy
+    (uvicorn applies NEXTACT_FORWARDED_ALLOW_IPS before the request gets here)."""
+    return request.client.host if request.client else "unknown"
+
+
+class FailedAuthLimiter:
+    """At most `limit` failed authentications per client address per fixed window, counted in this process.
+
+    Over the limit, every request from that address gets 429 until its window ends, a correct key included
+    (else guessing could go on at full speed). Memory is bounded: the oldest addresses are forgotten first.
+    """
+
+    def __init__(self, limit: int, window_seconds: float, max_clients: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window_seconds
+        self.max_clients = max_clients
+        self._clock = clock
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # address -> (window start, count)
+
+    def _entry(self, client: str) -> tuple[float, int]:
+        now = self._clock()
+        start, count = self._failures.get(client, (now, 0))
+        return (now, 0) if now - start >= self.window else (start, count)
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until `client` may try again, or None when it is not blocked."""
+        if client not in self._failures:
+            return None
+        start, count = self._entry(client)
+        if count < self.limit:
+            return None
+        return max(1, math.ceil(start + self.window - self._clock()))
+
+    def failed(self, client: str) -> None:
+        start, count = self._entry(client)
+        self._failures[client] = (start, count + 1)
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+
+def is_authenticated(request: Request) -> bool:
+    """Does the request carry an accepted key (always true with authentication off)? Counts nothing."""
+    auth: ApiKeyAuth | None = getattr(request.app.state, "auth", None)
+    if auth is None or not auth.enabled:
+        return True
+    if getattr(request.state, "principal", None):
+        return True
+    key = presented_key(request)
+    return key is not None and auth.verify(key) is not None
+
+
 def client_identity(request: Request) -> str:
     """Who a request counts as for rate limiting: its key fingerprint, else its client address."""
     principal = getattr(request.state, "principal", None)
     if principal:
         return str(principal)
-    host = request.client.host if request.client else "unknown"
-    return f"ip:{host}"
+    return f"ip:{client_address(request)}"
 
 
 # Declared in the OpenAPI document (so /docs has an "Authorize" button); they never reject a request
@@ -133,10 +191,25 @@ async def require_api_key(
     auth: ApiKeyAuth | None = getattr(request.app.state, "auth", None)
     if auth is None or not auth.enabled:
         return None
+    metrics = getattr(request.app.state, "metrics", None)
+    limiter: FailedAuthLimiter | None = getattr(request.app.state, "auth_limiter", None)
+    client = client_address(request)
+    wait = limiter.retry_after(client) if limiter is not None else None
+    if wait is not None:
+        assert limiter is not None
+        if metrics is not None:
+            metrics.auth_failures.labels(reason="blocked").inc()
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"too many failed authentication attempts from this address ({limiter.limit} per "
+                   f"{limiter.window:g} s); retry after {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     key = presented_key(request)
     found = auth.verify(key) if key is not None else None
     if found is None:
-        metrics = getattr(request.app.state, "metrics", None)
+        if limiter is not None:
+            limiter.failed(client)
         if metrics is not None:
             metrics.auth_failures.labels(reason="missing" if key is None else "invalid").inc()
         detail = "missing API key" if key is None else "invalid API key"

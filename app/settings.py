@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+EMBEDDED_URL_ENV = "_NEXTACT_EMBEDDED_REDIS_URL"  # set by app.__main__ for its workers; not a setting
+
 
 class Settings(BaseSettings):
     """All service settings. Read once at start-up (see get_settings) and passed to create_app()."""
@@ -34,7 +36,13 @@ class Settings(BaseSettings):
     # redis
     redis_url: str | None = Field(
         None,
-        description="redis://, rediss://, unix:// or redis+cluster:// URL. Unset: start an embedded Redis.",
+        description="redis://, rediss://, unix:// or redis+cluster:// URL. Unset: start an embedded Redis "
+        "(only when NEXTACT_EMBEDDED_REDIS is true; else the service refuses to start).",
+    )
+    embedded_redis: bool = Field(
+        True,
+        description="With NEXTACT_REDIS_URL unset, start a private Redis inside this process group (development: "
+        "its windows are not shared with other replicas). false: refuse to start without NEXTACT_REDIS_URL.",
     )
     data_dir: Path = Field(Path("data"), description="Embedded Redis: directory for its append-only file.")
     embedded_redis_port: int = Field(
@@ -88,6 +96,37 @@ class Settings(BaseSettings):
 
     log_level: str = Field("info", description="Python log level.")
 
+    # HTTP hardening (issue 13): limits applied before any request reaches the application
+    http_max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576,
+        description="Longest request head (request line plus headers) in bytes; longer gives 431 (414 for the "
+        "request line alone).",
+    )
+    http_max_headers: int = Field(100, ge=8, le=10_000, description="Most header lines in one request; more gives 431.")
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request head (or a new connection's first request) must arrive within this; "
+        "else 408 and the connection is closed.",
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body must arrive within this after its head; else 408 and close.",
+    )
+    http_keep_alive_seconds: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this.")
+    http_max_connections: int = Field(
+        1000, ge=1, description="Open connections per worker process; a connection over it gets 503 and is closed.",
+    )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="Comma-separated addresses (or CIDR ranges, or *) of the proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are trusted. Empty: trust none; the client address is the TCP peer.",
+    )
+    auth_failure_limit: int = Field(
+        10, ge=0, description="Failed authentication attempts allowed per client address per window; after "
+        "that every request from it gets 429 until the window ends. 0 = no limit.",
+    )
+    auth_failure_window_seconds: int = Field(
+        60, ge=1, le=86_400, description="Length of the failed-authentication window."
+    )
+
     # security, limits, operations (issue 6)
     api_keys: str | None = Field(
         None,
@@ -114,6 +153,15 @@ class Settings(BaseSettings):
         10.0, gt=0, description="On SIGTERM, how long in-flight requests get to finish before the process exits."
     )
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 while Redis is unreachable.")
+
+
+def redis_problem(settings: Settings) -> str | None:
+    """Why the Redis settings cannot work (an actionable message), or None."""
+    if settings.redis_url is None and not settings.embedded_redis:
+        return ("NEXTACT_REDIS_URL is not set and NEXTACT_EMBEDDED_REDIS is false: set NEXTACT_REDIS_URL "
+                "(e.g. redis://redis:6379/0, or redis+cluster://host:port), or NEXTACT_EMBEDDED_REDIS=true for a "
+                "development Redis private to this process")
+    return None
 
 
 @lru_cache

@@ -1,14 +1,17 @@
 """Per-user event windows in Redis: key layout and the atomic append/dedupe/trim/expire/read script.
 
-Key layout (one hash slot per user: the user id is the key's hash tag, so this works unchanged on a cluster):
+Key layout (one hash slot per user: the user's tag is the key's hash tag, so this works unchanged on a cluster).
+<tag> is `{<user_id>}` for an id without braces (the layout of earlier versions, so their windows stay
+readable), and `x:{<hex of the id's UTF-8>}` for an id containing `{` or `}`: one slot per user for any id,
+and no two ids share a key (the two forms differ right after the prefix). See user_tag().
 
-    {prefix}:{<user_id>}:w   ZSET  the window. score = event timestamp (epoch seconds, float);
+    {prefix}:<tag>:w         ZSET  the window. score = event timestamp (epoch seconds, float);
                                    member = <seq: 12 hex><len(event_id): 4 hex><event_id><action> (UTF-8).
                                    seq is the user's arrival counter, so equal timestamps keep arrival order
                                    (Redis orders equal scores by member bytes). ZRANGE = oldest first.
-    {prefix}:{<user_id>}:i   HASH  dedupe index: event_id -> "" for every event in the window; the field ""
+    {prefix}:<tag>:i         HASH  dedupe index: event_id -> "" for every event in the window; the field ""
                                    (never a valid event id) holds the arrival counter.
-    {prefix}:{<user_id>}:s   HASH  incremental state (only with NEXTACT_INCREMENTAL_STATE): v = model_version,
+    {prefix}:<tag>:s         HASH  incremental state (only with NEXTACT_INCREMENTAL_STATE): v = model_version,
                                    n = the arrival counter it has consumed up to, x = the recurrent state
                                    (float32 bytes). Refreshed, expired and deleted with the other two.
 
@@ -39,7 +42,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from app.redis_client import DirectCommands
+from app.redis_client import DirectCommands, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,32 @@ SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA, APPEND_STATE_SHA: APPEND_
 _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
 
 
+def user_tag(prefix: str, user_id: str) -> str:
+    """`prefix:{id}`, or `prefix:x:{hex}` when the id holds a brace (it would break the cluster hash tag)."""
+    if "{" in user_id or "}" in user_id:
+        return f"{prefix}:x:{{{user_id.encode('utf-8', 'surrogatepass').hex()}}}"
+    return f"{prefix}:{{{user_id}}}"
+
+
+def legacy_keys(prefix: str, user_id: str) -> tuple[str, ...]:
+    """Keys earlier versions used for an id with braces (they are erased with the user, never read)."""
+    if "{" in user_id or "}" in user_id:
+        base = f"{prefix}:{{{user_id}}}"
+        return f"{base}:w", f"{base}:i", f"{base}:s"
+    return ()
+
+
+class StoreError(Exception):
+    """Redis refused a call in a way that will not change on retry (cross-slot keys, wrong type, script error).
+
+    `log_message` is the same without the user id.
+    """
+
+    def __init__(self, message: str, log_message: str) -> None:
+        super().__init__(message)
+        self.log_message = log_message
+
+
 class StoreUnavailable(Exception):
     """Redis did not answer (down, timing out, or refusing); the message names the server and the operation.
 
@@ -210,6 +239,7 @@ class WindowStore:
     def __init__(
         self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int = 64,
         direct: DirectCommands | None = None, queue_timeout_seconds: float = 5.0,
+        call_timeout_seconds: float | None = None,
     ) -> None:
         self.client = client
         self._direct = direct  # the scripts' fast path (single server); None: everything through `client`
@@ -222,15 +252,16 @@ class WindowStore:
         # The wait is bounded all the same, so a hung Redis cannot pile up requests without end.
         self._limit = asyncio.Semaphore(max_concurrency)
         self._queue_timeout = queue_timeout_seconds
+        self._call_timeout = call_timeout_seconds  # all tries of one call (None: the client's own bounds only)
 
     def keys(self, user_id: str) -> tuple[str, str]:
         """(window zset, dedupe hash) of a user."""
-        base = f"{self.prefix}:{{{user_id}}}"
+        base = user_tag(self.prefix, user_id)
         return f"{base}:w", f"{base}:i"
 
     def state_key(self, user_id: str) -> str:
         """The user's incremental-state hash (same hash tag, so the same cluster slot as the window)."""
-        return f"{self.prefix}:{{{user_id}}}:s"
+        return f"{user_tag(self.prefix, user_id)}:s"
 
     async def load_script(self) -> None:
         """Preload the scripts (on every primary of a cluster) so requests can use EVALSHA."""
@@ -299,7 +330,7 @@ class WindowStore:
 
     async def delete(self, user_id: str) -> None:
         """Erase everything stored for the user (window, index and state: one command, one slot)."""
-        keys = (*self.keys(user_id), self.state_key(user_id))
+        keys = (*self.keys(user_id), self.state_key(user_id), *legacy_keys(self.prefix, user_id))
         await self._guard("delete", lambda: self.client.delete(*keys), user_id)
 
     async def ping(self) -> None:
@@ -322,8 +353,15 @@ class WindowStore:
         except TimeoutError as e:
             raise unavailable(f"no connection free within {self._queue_timeout}s") from e
         try:
-            return await call()
+            async with asyncio.timeout(self._call_timeout):
+                return await call()
+        except TimeoutError as e:
+            raise unavailable(f"no answer within {self._call_timeout}s" if self._call_timeout else repr(e)) from e
         except (RedisError, RedisClusterException, OSError) as e:
+            if not is_transient(e):  # the same call would fail again: not an outage to wait out
+                where = f"{op} for user {user_id!r}" if user_id is not None else op
+                why = f"{type(e).__name__}: {e}"
+                raise StoreError(f"Redis refused {where}: {why}", f"Redis refused {op}: {why}") from e
             raise unavailable(f"{type(e).__name__}: {e}") from e
         finally:
             self._limit.release()

@@ -149,3 +149,57 @@ async def test_events_and_predictions_on_the_cluster_match_one_redis(
             assert cluster_client.exists(*user_keys(user)) == 0
         for user in kept:
             assert after[user][0] == on_cluster[user][0]
+
+
+# --- issue 13: ids with braces, and errors that retrying cannot fix ---------------------------------------------
+
+BRACE_IDS = ["}x", "{a}", "a{b}c", "{}", "}{", "{{}}", "*:{x}*", "\u00e9{\u2603}"]
+
+
+def test_redis_py_key_slot_agrees_with_the_cluster(cluster_client: RedisCluster) -> None:
+    """The property tests use redis-py's CRC16 key_slot: check it against CLUSTER KEYSLOT of a real cluster."""
+    from redis.crc import key_slot
+
+    for user in [*BRACE_IDS, "u-1", "plain", "x" * 200]:
+        store = WindowStore(None, PREFIX, 1, "")
+        for key in (*store.keys(user), store.state_key(user)):
+            assert cluster_client.execute_command("CLUSTER KEYSLOT", key) == key_slot(key.encode()), key
+
+
+@pytest.mark.anyio
+async def test_ids_with_braces_work_on_the_cluster(cluster_url: str, behavior_artifact: Path) -> None:
+    """fails on main: yes ('}x' gives cross-slot keys: 503 redis_unavailable with Retry-After, forever)."""
+    from urllib.parse import quote
+
+    async with running_app(behavior_artifact, cluster_url) as (_, client):
+        for user in BRACE_IDS:
+            posted = await client.post(f"/v1/users/{quote(user, safe='')}/events", json={"action": "pv"})
+            assert posted.status_code == 200, (user, posted.text)
+            window = await client.get(f"/v1/users/{quote(user, safe='')}/events")
+            assert [e["action"] for e in window.json()["events"]] == ["pv"], user
+            assert (await client.delete(f"/v1/users/{quote(user, safe='')}")).status_code == 204
+            assert (await client.get(f"/v1/users/{quote(user, safe='')}/events")).json()["events"] == []
+
+
+class _OldLayout(WindowStore):
+    """The key layout before issue 13: `{prefix}:{<user_id>}:w`, whatever the id holds."""
+
+    def keys(self, user_id: str) -> tuple[str, str]:
+        return f"{self.prefix}:{{{user_id}}}:w", f"{self.prefix}:{{{user_id}}}:i"
+
+
+@pytest.mark.anyio
+async def test_a_cross_slot_refusal_is_a_store_error_not_unavailable(cluster_url: str) -> None:
+    """A request that can never succeed is never reported as an outage (503)."""
+    from app.redis_client import connect
+    from app.windows import NewEvent, StoreError, StoreUnavailable
+
+    conn = connect(cluster_url, max_connections=4, timeout_seconds=2, retries=1)
+    try:
+        store = _OldLayout(conn.client, PREFIX, 60, conn.address)
+        await store.load_script()
+        with pytest.raises(StoreError, match="same key slot") as info:
+            await store.append("}x", [NewEvent("e", "pv", 1.0)], 10)
+        assert not isinstance(info.value, StoreUnavailable)
+    finally:
+        await conn.close()

@@ -40,7 +40,8 @@ async def test_keys_share_the_users_hash_slot(store: WindowStore) -> None:
 
     for user in ["u1", "a}b", "{x}", "ünï", "x" * 300]:
         w, i = store.keys(user)
-        assert w != i and user in w and user in i
+        tag = user if "{" not in user and "}" not in user else user.encode().hex()  # braces: hex tag
+        assert w != i and tag in w and tag in i
         assert key_slot(w.encode()) == key_slot(i.encode())
     assert store.keys("u1") == ("t:{u1}:w", "t:{u1}:i")
 
