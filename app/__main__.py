@@ -114,4 +114,7 @@ def _multiprocess_metrics_dir() -> _MetricsDir:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m app [flags]` is `nextact serve [flags]`: --help prints help, flags override NEXTACT_* variables
+    from app.cli import main as cli_main
+
+    sys.exit(cli_main(["serve", *sys.argv[1:]]))

