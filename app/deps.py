@@ -8,12 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.batching import Batcher
+from app.filters import Filters
 from app.model import ModelHolder, Prediction, StepRequest
 from app.redis_client import RedisConnection
 from app.settings import Settings
 from app.windows import AppendResult, NewEvent, WindowStore
 
-PredictRequest = tuple[list[str], int]  # (window actions oldest first, k)
+PredictRequest = tuple[list[str], int, Filters | None]  # (window actions oldest first, k, filters)
 
 
 @dataclass
@@ -32,11 +33,13 @@ class Services:
         """Events kept per user: NEXTACT_WINDOW_SIZE, else the served model's window."""
         return self.settings.window_size or self.models.current.manifest.window
 
-    async def predict(self, actions: list[str], k: int) -> Prediction:
+    async def predict(self, actions: list[str], k: int, filters: Filters | None = None) -> Prediction:
         """The model's top-k for one window, through the micro-batcher."""
-        return await self.batcher.submit((actions, k))
+        return await self.batcher.submit((actions, k, filters))
 
-    async def append_and_predict(self, user_id: str, events: list[NewEvent], k: int) -> tuple[AppendResult, Prediction]:
+    async def append_and_predict(
+        self, user_id: str, events: list[NewEvent], k: int, filters: Filters | None = None
+    ) -> tuple[AppendResult, Prediction]:
         """Store the events and predict from the updated window; with incremental state, from the carried state.
 
         Incremental: the append returns the stored state when it covers the window before these events; the
@@ -46,12 +49,12 @@ class Services:
         model = self.models.current
         if self.step_batcher is None or model.step is None:
             stored = await self.store.append(user_id, events, self.capacity)
-            return stored, await self.predict(stored.actions, k)
+            return stored, await self.predict(stored.actions, k, filters)
         got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
         stored = got.result
         if not stored.accepted:  # only duplicates: the stored state (if any) still covers the window
-            return stored, await self.predict(stored.actions, k)
-        request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version)
+            return stored, await self.predict(stored.actions, k, filters)
+        request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version, filters)
         prediction, state = await self.step_batcher.submit(request)
         if state is not None:
             await self.store.save_state(user_id, got.seq, prediction.model_version, state)

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app.deps import ServicesDep
 from app.errors import JSONBytes, error_response
-from app.events import check_count, check_user_id, new_event
+from app.events import InvalidField, check_count, check_string, check_user_id, new_event
+from app.filters import Filters
 from app.model import Prediction
 from app.observability import Metrics
 from app.ratelimit import enforce_rate_limit
@@ -46,6 +47,40 @@ K = Annotated[
                                         "at most the vocabulary less <pad> and <unk>).", examples=[10]),
 ]
 Predict = Annotated[bool, Query(description="Also return one prediction per user.", examples=[False])]
+MAX_FILTER_ACTIONS = 1000  # entries of exclude= plus include= in one request
+
+
+async def prediction_filters(
+    request: Request,
+    exclude_window: Annotated[bool, Query(
+        description="Leave out actions already in the user's window (e.g. items bought once).", examples=[True],
+    )] = False,
+    exclude: Annotated[list[str] | None, Query(
+        description="Actions never to return; repeat the parameter for several (`exclude=buy&exclude=fav`).",
+        examples=[["buy"]],
+    )] = None,
+    include: Annotated[list[str] | None, Query(
+        description="Return only these actions; repeat the parameter for several (`include=cart&include=buy`).",
+        examples=[["cart", "buy"]],
+    )] = None,
+    renormalize: Annotated[bool, Query(
+        description="Divide each returned probability by the model's total probability of the actions the "
+                    "filters allow (so they are a distribution over what may be returned). Default: the model's "
+                    "own probabilities.", examples=[False],
+    )] = False,
+) -> Filters | None:
+    """The request's filters, applied before top-k: k answers come back when at least k actions remain."""
+    settings = request.app.state.settings
+    lists = (("exclude", exclude or []), ("include", include or []))
+    if sum(len(values) for _, values in lists) > MAX_FILTER_ACTIONS:
+        raise InvalidField(("query", "exclude"), f"more than {MAX_FILTER_ACTIONS} actions in exclude= and include=")
+    for name, values in lists:
+        for i, action in enumerate(values):
+            check_string(action, settings.max_action_length, "NEXTACT_MAX_ACTION_LENGTH", ("query", name, i))
+    return Filters.of(exclude, include, exclude_window, renormalize)
+
+
+FiltersDep = Annotated[Filters | None, Depends(prediction_filters)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -68,7 +103,9 @@ def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]
     "/v1/users/{user_id}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
-async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesDep, k: K = None) -> Response:
+async def post_user_events(
+    user_id: UserId, body: UserEventsBody, svc: ServicesDep, filters: FiltersDep, k: K = None
+) -> Response:
     """Append one event, or `{"events": [...]}`, to the user's window and predict their next action.
 
     Events land in timestamp order (a late event is inserted in its place); an `event_id` already in the
@@ -82,7 +119,7 @@ async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesD
         events = [new_event(e, now, settings, ("body", "events", i)) for i, e in enumerate(body.events)]
     else:
         events = [new_event(body, time.time(), settings, ("body",))]
-    stored, p = await svc.append_and_predict(user_id, events, k or settings.default_k)
+    stored, p = await svc.append_and_predict(user_id, events, k or settings.default_k, filters)
     return JSONBytes(_prediction(user_id, len(stored.actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
@@ -90,8 +127,12 @@ async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesD
     "/v1/events", response_model=BulkResult, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
-async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = False, k: K = None) -> Response:
+async def post_events(
+    body: BulkEvents, svc: ServicesDep, filters: FiltersDep, predict: Predict = False, k: K = None
+) -> Response:
     """Ingest events of many users at once; with `?predict=true` also predict for each user.
+
+    The filters (exclude_window, exclude, include, renormalize) apply to every user's prediction.
 
     Each user's events are stored atomically; users are independent, so after a 503 some users may be
     stored and others not: resending events that carry an `event_id` is safe.
@@ -107,7 +148,7 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
     users = list(per_user)
     if predict:
         kk = k or settings.default_k
-        pairs = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk) for u in users))
+        pairs = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk, filters) for u in users))
         stored, preds = [s for s, _ in pairs], [p for _, p in pairs]
     else:
         stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
@@ -124,14 +165,17 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
     "/v1/users/{user_id}/predictions", response_model=UserPrediction, response_class=JSONBytes,
     tags=["predictions"], responses=_errors(422, 503, 500),
 )
-async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Response:
+async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep, k: K = None) -> Response:
     """Predict the user's next action from their current window, without adding anything.
 
     A user with no stored events gets the model's prediction for an empty window (window_size 0).
+    Filters: `exclude_window=true` leaves out actions already in the window, `exclude=`/`include=` (repeatable)
+    leave out or keep only the actions named, all before top-k; `renormalize=true` rescales what is returned.
+    Example: `GET /v1/users/u-42/predictions?k=5&exclude_window=true&exclude=pv`.
     """
     check_user_id(user_id, svc.settings)
     actions = await svc.store.actions(user_id, svc.capacity)
-    p = await svc.predict(actions, k or svc.settings.default_k)
+    p = await svc.predict(actions, k or svc.settings.default_k, filters)
     return JSONBytes(_prediction(user_id, len(actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
