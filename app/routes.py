@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from functools import lru_cache
+from pathlib import Path as PathLib
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse
 
-from app.deps import ServicesDep
+from app.candidate import Candidate, NoCandidate
+from app.deps import Services, ServicesDep
 from app.errors import JSONBytes, error_response
 from app.events import InvalidField, check_count, check_string, check_user_id, new_event
 from app.filters import Filters
 from app.model import Prediction
 from app.observability import Metrics
+from app.quality import LiveQuality
 from app.ratelimit import enforce_rate_limit
 from app.reload import Reloader, ReloadError
 from app.schemas import (
@@ -23,6 +28,8 @@ from app.schemas import (
     EventBatch,
     Health,
     ModelInfo,
+    PromoteResult,
+    QualityHistory,
     Ready,
     ReloadResult,
     UserEventsBody,
@@ -47,6 +54,10 @@ K = Annotated[
                                         "at most the vocabulary less <pad> and <unk>).", examples=[10]),
 ]
 Predict = Annotated[bool, Query(description="Also return one prediction per user.", examples=[False])]
+Target = Annotated[Literal["live", "candidate"], Query(
+    description="Which model to reload: the live one (NEXTACT_ARTIFACT_DIR) or the candidate "
+                "(NEXTACT_CANDIDATE_ARTIFACT_DIR).", examples=["live"],
+)]
 MAX_FILTER_ACTIONS = 1000  # entries of exclude= plus include= in one request
 
 
@@ -89,10 +100,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
-def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]:
+def _prediction(user_id: str, window_size: int, p: Prediction, role: str) -> dict[str, Any]:
     return {
         "user_id": user_id,
         "model_version": p.model_version,
+        "served_by": role,
         "window_size": window_size,
         "unknown_actions": p.unknown_actions,
         "predictions": [{"action": a, "probability": q} for a, q in zip(p.actions, p.probabilities, strict=True)],
@@ -119,8 +131,9 @@ async def post_user_events(
         events = [new_event(e, now, settings, ("body", "events", i)) for i, e in enumerate(body.events)]
     else:
         events = [new_event(body, time.time(), settings, ("body",))]
-    stored, p = await svc.append_and_predict(user_id, events, k or settings.default_k, filters)
-    return JSONBytes(_prediction(user_id, len(stored.actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
+    stored, p, role = await svc.append_and_predict(user_id, events, k or settings.default_k, filters)
+    return JSONBytes(_prediction(user_id, len(stored.actions), p, role),
+                     headers={MODEL_VERSION_HEADER: p.model_version})
 
 
 @v1.post(
@@ -144,20 +157,19 @@ async def post_events(
     for i, e in enumerate(body.events):
         check_user_id(e.user_id, settings, ("body", "events", i, "user_id"))
         per_user.setdefault(e.user_id, []).append(new_event(e, now, settings, ("body", "events", i)))
-    capacity = svc.capacity
     users = list(per_user)
     if predict:
         kk = k or settings.default_k
-        pairs = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk, filters) for u in users))
-        stored, preds = [s for s, _ in pairs], [p for _, p in pairs]
+        triples = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk, filters) for u in users))
+        stored = [s for s, _, _ in triples]
     else:
-        stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
+        stored = await asyncio.gather(*(svc.append(u, per_user[u]) for u in users))
     result: dict[str, Any] = {
         "accepted": sum(s.accepted for s in stored),
         "duplicates": sum(s.duplicates for s in stored),
     }
     if predict:
-        result["predictions"] = [_prediction(u, len(s.actions), p) for u, s, p in zip(users, stored, preds, strict=True)]
+        result["predictions"] = [_prediction(u, len(s.actions), p, role) for u, (s, p, role) in zip(users, triples, strict=True)]
     return JSONBytes(result)
 
 
@@ -175,8 +187,8 @@ async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep
     """
     check_user_id(user_id, svc.settings)
     actions = await svc.store.actions(user_id, svc.capacity)
-    p = await svc.predict(actions, k or svc.settings.default_k, filters)
-    return JSONBytes(_prediction(user_id, len(actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
+    p, role = await svc.predict(actions, k or svc.settings.default_k, filters, user_id)
+    return JSONBytes(_prediction(user_id, len(actions), p, role), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
 @v1.get(
@@ -206,8 +218,10 @@ async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
 
 @v1.get("/v1/model", response_model=ModelInfo, response_class=JSONBytes, tags=["model"])
 async def get_model(svc: ServicesDep) -> Response:
-    """The model being served: manifest summary, offline metrics and the execution provider actually in use."""
-    model = svc.models.current
+    """The model being served: manifest summary, offline and live metrics, the execution provider in use,
+    and the candidate model beside it (if any) with its own offline and live metrics."""
+    served = svc.models.served
+    model = served.live
     m = model.manifest
     return JSONBytes({
         "model_version": m.model_version,
@@ -224,31 +238,92 @@ async def get_model(svc: ServicesDep) -> Response:
         "providers": model.providers,
         "device": model.device,
         "artifact_dir": str(model.artifact_dir),
+        "live_metrics": svc.quality.figures(model.version) if svc.quality is not None else None,
+        "candidate": _candidate_info(svc, served.candidate),
     })
+
+
+def _candidate_info(svc: Services, candidate: Candidate | None) -> dict[str, Any] | None:
+    if candidate is None:
+        return None
+    c, m = candidate.model, candidate.model.manifest
+    return {
+        "model_version": c.version, "mode": candidate.mode, "share": candidate.share, "window": m.window,
+        "vocabulary_size": m.vocab_size, "artifact_dir": str(c.artifact_dir), "metrics": m.metrics,
+        "live_metrics": svc.quality.figures(c.version) if svc.quality is not None else None,
+    }
 
 
 @v1.post(
     "/v1/model/reload", response_model=ReloadResult, response_class=JSONBytes, tags=["model"],
     responses={409: {"model": ErrorBody, "description": "The new artifact was refused; the old model keeps serving"}},
 )
-async def reload_model(request: Request, svc: ServicesDep) -> Response:
+async def reload_model(request: Request, svc: ServicesDep, target: Target = "live") -> Response:
     """Load the artifact in NEXTACT_ARTIFACT_DIR again, self-check it and swap it in.
 
     Loading runs in the background of this process; predictions already running finish on the old model.
     A broken artifact (bad manifest, hash mismatch, load failure, non-finite or non-normalised output) is
-    refused with 409 and the old model keeps serving.
+    refused with 409 and the old model keeps serving. `?target=candidate` (re)loads the candidate from
+    NEXTACT_CANDIDATE_ARTIFACT_DIR instead, in NEXTACT_CANDIDATE_MODE (also after a promote emptied the slot).
     """
-    reloader: Reloader[Any] = request.app.state.reloader
+    reloader: Reloader[Any] | None = request.app.state.reloader
+    if target == "candidate":
+        reloader = request.app.state.candidate_reloader
+        if reloader is None:
+            return error_response(409, "reload_refused", "no candidate configured: set NEXTACT_CANDIDATE_ARTIFACT_DIR "
+                                                         "(not available with NEXTACT_INCREMENTAL_STATE)")
+    assert reloader is not None
     try:
-        outcome = await reloader.reload(reason="api")
+        outcome = await reloader.reload(reason="api" if target == "live" else "api, candidate")
     except ReloadError as e:
-        return error_response(409, "reload_refused", f"new model refused, still serving "
+        return error_response(409, "reload_refused", f"new {target} model refused, still serving "
                                                      f"{svc.models.current.version}: {e}")
     return JSONBytes(
-        {"model_version": outcome.model_version, "previous_version": outcome.previous_version,
+        {"model_version": outcome.model_version, "previous_version": outcome.previous_version or "",
          "seconds": round(outcome.seconds, 3)},
         headers={MODEL_VERSION_HEADER: outcome.model_version or ""},
     )
+
+
+@v1.post(
+    "/v1/model/promote", response_model=PromoteResult, response_class=JSONBytes, tags=["model"],
+    responses={409: {"model": ErrorBody, "description": "There is no candidate to promote"}},
+)
+async def promote_model(request: Request) -> Response:
+    """Make the candidate the live model, at once and for every request that starts after this one.
+
+    One reference swap in this process: a request already running finishes with the pair it started with.
+    The old live model is dropped and the candidate slot is empty until `reload?target=candidate`. A restart
+    serves NEXTACT_ARTIFACT_DIR again: point it at the promoted artifact (see docs/live-quality.md).
+    """
+    try:
+        previous, now = request.app.state.promote()
+    except NoCandidate as e:
+        return error_response(409, "no_candidate", str(e))
+    return JSONBytes({"model_version": now, "previous_version": previous}, headers={MODEL_VERSION_HEADER: now})
+
+
+@v1.get("/v1/model/quality", response_model=QualityHistory, response_class=JSONBytes, tags=["model"])
+async def quality_history(request: Request, svc: ServicesDep) -> Response:
+    """Snapshots of each model's live figures over time, oldest first (the /ui chart's data)."""
+    served = svc.models.served
+    quality: LiveQuality = request.app.state.quality
+    return JSONBytes({
+        "live_version": served.live.version,
+        "candidate_version": served.candidate.model.version if served.candidate else None,
+        "points": list(quality.history),
+    })
+
+
+@router.get("/ui", response_class=HTMLResponse, tags=["health"], include_in_schema=False)
+async def status_page() -> Response:
+    """The status page: models, live vs offline quality, a chart of live hr@10, a playground (static)."""
+    return HTMLResponse(_ui_page())
+
+
+@lru_cache(maxsize=1)
+def _ui_page() -> bytes:
+    return (PathLib(__file__).parent / "static" / "ui.html").read_bytes()
 
 
 @router.get(
