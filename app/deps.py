@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.batching import Batcher
 from app.candidate import Models, PredictRequest, Role, Served
 from app.filters import Filters
-from app.model import Prediction, StepRequest
+from app.model import Prediction, ServingModel, StepRequest
 from app.quality import DEPTH, LiveQuality, PredictionLog, pack, score_event
 from app.redis_client import RedisConnection
 from app.settings import Settings
@@ -86,17 +86,19 @@ class Services:
                 self._remember(user_id, stored, model, prediction, served)
         return stored, prediction, role
 
-    def _remember(self, user_id: str, stored: AppendResult, model: Any, prediction: Prediction, served: Served) -> None:
+    def _remember(
+        self, user_id: str, stored: AppendResult, model: ServingModel, prediction: Prediction, served: Served
+    ) -> None:
         assert self.prediction_log is not None
         shadow = served.shadow
-        ranked = prediction.ranked
+        ours = (model.version, prediction.ranked, model.vocab_size)
+        if shadow is None:
+            self.prediction_log.remember(user_id, stored.seq, pack([ours]))
+            return
 
-        async def records() -> bytes:
-            out = [(model.version, ranked, model.vocab_size)]
-            if shadow is not None:  # the candidate scores the same window, behind the answer
-                theirs = await self.batcher.submit((shadow, stored.actions, DEPTH, None))
-                out.append((shadow.version, theirs.ranked, shadow.vocab_size))
-            return pack(out)
+        async def records() -> bytes:  # the candidate scores the same window, behind the answer
+            theirs = await self.batcher.submit((shadow, stored.actions, DEPTH, None))
+            return pack([ours, (shadow.version, theirs.ranked, shadow.vocab_size)])
 
         self.prediction_log.remember(user_id, stored.seq, records)
 

@@ -132,6 +132,7 @@ class LiveQuality:
         for reason in ("duplicate", "late", "no_prediction", "other_model"):
             self.not_scored.labels(reason=reason)
         self.tallies: dict[str, Tally] = {}
+        self._series: dict[str, tuple[Any, list[Any], Any, Any]] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
 
     def score(self, version: str, rank: int | None, unknown: bool = False) -> None:
@@ -139,19 +140,26 @@ class LiveQuality:
         tally = self.tallies.get(version)
         if tally is None:
             tally = self.tallies[version] = Tally()
+            self._series[version] = (
+                self.scored.labels(model_version=version),
+                [self.hits.labels(model_version=version, k=str(k)) for k in KS],
+                self.reciprocal_rank.labels(model_version=version),
+                self.unknown.labels(model_version=version),
+            )
+        scored, hits, rr, unknown_actions = self._series[version]  # label lookups once per version, not per event
         tally.scored += 1
-        self.scored.labels(model_version=version).inc()
+        scored.inc()
         if unknown:
             tally.unknown += 1
-            self.unknown.labels(model_version=version).inc()
+            unknown_actions.inc()
         if rank is None:
             return
         tally.rr_sum += 1.0 / rank
-        self.reciprocal_rank.labels(model_version=version).inc(1.0 / rank)
+        rr.inc(1.0 / rank)
         for j, k in enumerate(KS):
             if rank <= k:
                 tally.hits[j] += 1
-                self.hits.labels(model_version=version, k=str(k)).inc()
+                hits[j].inc()
 
     def skip(self, reason: str) -> None:
         self.not_scored.labels(reason=reason).inc()
@@ -190,8 +198,16 @@ def score_event(
         quality.score(version, int(where[0]) + 1 if len(where) else None)
 
 
+Records = bytes | Callable[[], Awaitable[bytes]]
+
+
+async def _packed(records: Records) -> bytes:
+    return records if isinstance(records, bytes) else await records()
+
+
 class PredictionLog:
-    """Writes each user's latest predictions behind the answer, one small script per append.
+    """Writes users' latest predictions behind the answers, coalesced: what completes in one event-loop turn
+    (a micro-batch's answers, say) goes to Redis as one pipelined write of small compare-and-set scripts.
 
     A user's next append in this process first waits for that write (`settle`), so consecutive events of one
     user are always scored; across processes a write that loses the race is dropped by the script's
@@ -201,28 +217,53 @@ class PredictionLog:
     def __init__(self, store: WindowStore, quality: LiveQuality) -> None:
         self.store = store
         self.quality = quality
-        self._pending: dict[str, asyncio.Task[None]] = {}
+        self._queue: list[tuple[str, int, Records]] = []
+        self._next: asyncio.Future[None] | None = None  # done when the write carrying the queue is done
+        self._users: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def settle(self, user_id: str) -> None:
-        task = self._pending.get(user_id)
-        if task is not None:
-            await asyncio.wait([task])
+        """Wait until this process's pending write of the user's prediction (if any) is done."""
+        done = self._users.get(user_id)
+        if done is not None:
+            await asyncio.wait([done])
 
-    def remember(self, user_id: str, seq: int, records: Callable[[], Awaitable[bytes]]) -> None:
-        """Store what `records()` packs, for the window at arrival counter `seq`, in the background."""
-        task = asyncio.get_running_loop().create_task(self._write(user_id, seq, records))
-        self._pending[user_id] = task
-        task.add_done_callback(
-            lambda t: self._pending.pop(user_id, None) if self._pending.get(user_id) is t else None
-        )
+    def remember(self, user_id: str, seq: int, records: Records) -> None:
+        """Store `records` (or what `records()` packs), for the window at arrival counter `seq`, in the background."""
+        if self._next is None:
+            loop = asyncio.get_running_loop()
+            self._next = loop.create_future()
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._queue.append((user_id, seq, records))
+        self._users[user_id] = self._next
 
-    async def _write(self, user_id: str, seq: int, records: Callable[[], Awaitable[bytes]]) -> None:
+    async def _flush(self) -> None:
+        done, self._next = self._next, None
+        batch, self._queue = self._queue, []
+        assert done is not None
         try:
-            await self.store.save_prediction(user_id, seq, await records())
-        except (StoreUnavailable, BatchError) as e:  # never fails a request: the next event is not scored
-            log.warning("live quality: prediction not stored: %s", getattr(e, "log_message", e))
+            packed: list[bytes | BaseException] = [r for _, _, r in batch]  # type: ignore[misc]
+            if not all(isinstance(r, bytes) for r in packed):  # a shadow candidate still has to predict
+                packed = await asyncio.gather(*(_packed(r) for _, _, r in batch), return_exceptions=True)
+            items = [
+                (u, seq, p) for (u, seq, _), p in zip(batch, packed, strict=True) if isinstance(p, bytes)
+            ]
+            for p in packed:
+                if isinstance(p, BaseException):
+                    log.warning("live quality: a shadow prediction failed: %s", p)
+            if items:
+                await self.store.save_predictions(items)
+        except (StoreUnavailable, BatchError) as e:  # never fails a request: the next events are not scored
+            log.warning("live quality: predictions not stored: %s", getattr(e, "log_message", e))
+        finally:
+            done.set_result(None)
+            for user_id, _, _ in batch:
+                if self._users.get(user_id) is done:
+                    del self._users[user_id]
 
     async def drain(self) -> None:
         """Wait for every write still running (shutdown)."""
-        if self._pending:
-            await asyncio.wait(list(self._pending.values()))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))

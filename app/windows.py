@@ -332,6 +332,23 @@ class WindowStore:
         reply = await self._guard("prediction", lambda: self._evalsha(SAVE_PREDICTION_SHA, keys, args), user_id)
         return bool(int(reply))
 
+    async def save_predictions(self, items: Sequence[tuple[str, int, bytes]]) -> int:
+        """save_prediction for many users: one write on a single server (a pipeline); returns how many stored."""
+        if self._direct is None or len(items) == 1:
+            done = await asyncio.gather(*(self.save_prediction(*item) for item in items))
+            return sum(done)
+        direct = self._direct
+        commands = [("EVALSHA", SAVE_PREDICTION_SHA, 2, self.keys(u)[1], self.state_key(u), seq, rec, self.ttl_seconds)
+                    for u, seq, rec in items]
+        replies = await self._guard("prediction", lambda: direct.execute_many(commands))
+        if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted or flushed its scripts
+            await self._guard("SCRIPT LOAD", partial(self.client.script_load, SAVE_PREDICTION_LUA))
+            replies = await self._guard("prediction", lambda: direct.execute_many(commands))
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise StoreUnavailable(f"Redis at {self.address} refused storing predictions: {errors[0]}")
+        return sum(int(r) for r in replies)
+
     async def save_state(self, user_id: str, seq: int, model_version: str, state: bytes) -> bool:
         """Store the state covering arrivals up to `seq`, unless another event arrived since; True if stored."""
         keys = (self.keys(user_id)[1], self.state_key(user_id))

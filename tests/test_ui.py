@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -121,3 +125,87 @@ def test_without_the_key_the_page_asks_for_it(service: ServiceProcess, tmp_path:
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "an API key is needed" in dom.stdout
     assert 'data-ready="1"' not in dom.stdout
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over the page's websocket (the websockets package)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    def call(self, method: str, **params: object) -> dict[str, object]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return dict(reply["result"])
+
+    def eval(self, expression: str) -> object:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")  # type: ignore[union-attr]
+
+    def wait_for(self, expression: str) -> object:
+        for _ in range(300):  # bounded: 30 s
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"never true in the page: {expression}")
+
+
+@needs_chromium
+def test_the_playground_posts_an_event_and_shows_the_answer(service: ServiceProcess, tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    assert CHROMIUM is not None
+    profile = tmp_path / "profile"
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.is_file() and port_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=2**24) as ws:
+            page = DevTools(ws)
+            page.call("Page.navigate", url=f"{service.base_url}/ui#key={KEY}")
+            page.wait_for("document.body.dataset.ready === '1'")
+            page.eval(
+                "document.getElementById('user').value = 'play-1';"
+                "document.getElementById('action').value = 'cart';"
+                "document.querySelector('#play button[type=submit]').click(); true"
+            )
+            served = page.wait_for(
+                "document.querySelectorAll('#predictions tr').length > 1 && "
+                "document.getElementById('served').textContent"
+            )
+            rows = page.eval(
+                "[...document.querySelectorAll('#predictions tr')].slice(1).map(r => r.cells[0].textContent)"
+            )
+    finally:
+        os.killpg(browser.pid, signal.SIGKILL)
+        browser.wait(10)
+    window = httpx.get(f"{service.base_url}/v1/users/play-1/events", headers={"X-API-Key": KEY}).json()
+    assert [e["action"] for e in window["events"]] == ["cart"]  # the page's POST really stored the event
+    assert "served by the live model" in str(served) and "window of 1 events" in str(served)
+    assert isinstance(rows, list) and 0 < len(rows) <= 5 and set(rows) <= {"pv", "cart", "fav", "buy"}

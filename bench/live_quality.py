@@ -1,0 +1,274 @@
+"""What live quality and a shadow candidate cost: server CPU per request, Redis CPU per request, bytes per user.
+
+    python bench/live_quality.py --quick     # ~2 minutes: writes bench/results/live_quality.{json,md}
+
+One real Redis (embedded, free port) and, per configuration, one `python -m app` (one uvicorn worker) on
+loopback, driven by bench/loadgen.py in a closed loop (POST /v1/users/{id}/events?k=10, one real action per
+request, random users of a fixed population, so after the first event of a user every event is scored).
+Configurations: live quality off, on, and on with a shadow candidate (the same network under another version,
+so it costs what a candidate of the same size costs). CPU is the server's process-tree CPU time (and Redis's)
+over the measured seconds divided by the requests answered; rounds alternate the configurations, and each
+figure is reported as the range over rounds (the machine may be shared: read ranges, not single numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.harness import (
+    PLACEHOLDER,
+    RESULTS,
+    SAMPLE_DATA,
+    BenchError,
+    Child,
+    free_port,
+    machine,
+    process_tree_stats,
+    read_sequences,
+    user_id,
+    wait_ready,
+    write_json,
+)
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "live quality off": {"NEXTACT_LIVE_QUALITY": "false"},
+    "live quality on": {"NEXTACT_LIVE_QUALITY": "true"},
+    "live quality on + shadow candidate": {
+        "NEXTACT_LIVE_QUALITY": "true",
+        "NEXTACT_CANDIDATE_MODE": "shadow",
+    },
+}
+
+
+def train(out: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "--data",
+        str(SAMPLE_DATA),
+        "--action-col",
+        "item_id",
+        "--out",
+        str(out),
+        "--quiet",
+        "--seed",
+        "7",
+        "--window",
+        "50",
+        "--epochs",
+        "1",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"training failed: {done.stderr[-2000:]}")
+    return out
+
+
+def requests_file(path: Path, sequences: list[list[str]], users: int, n: int, rng: random.Random) -> None:
+    reqs = []
+    for _ in range(n):
+        body = json.dumps(
+            {"action": rng.choice(rng.choice(sequences)), "event_id": PLACEHOLDER}, separators=(",", ":")
+        )
+        reqs.append({"path": f"/v1/users/{user_id(rng.randrange(users))}/events?k=10", "body": body})
+    path.write_text(json.dumps({"method": "POST", "placeholder": PLACEHOLDER, "requests": reqs}))
+
+
+def measure(
+    name: str,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    work: Path,
+    redis_pid: int,
+    templates: Path,
+    rnd: int,
+) -> dict[str, Any]:
+    port = free_port()
+    child = Child(
+        f"nextact ({name})",
+        [sys.executable, "-m", "app"],
+        work / f"server-{rnd}-{port}.log",
+        {"NEXTACT_PORT": str(port), "NEXTACT_LOG_LEVEL": "warning", **env},
+    ).start()
+    try:
+        first = json.loads(templates.read_text())["requests"][0]
+        wait_ready(
+            child, port, (first["path"], first["body"].replace(PLACEHOLDER, "probe" + "0" * 16).encode())
+        )
+        tag = f"r{rnd}{port}"
+        warm = [
+            sys.executable,
+            str(ROOT / "bench" / "loadgen.py"),
+            "--port",
+            str(port),
+            "--requests",
+            str(templates),
+            "--mode",
+            "closed",
+            "--connections",
+            str(args.connections),
+            "--warmup",
+            "0",
+            "--duration",
+            str(args.warmup),
+            "--tag",
+            tag + "w",
+        ]
+        subprocess.run(warm, cwd=ROOT, capture_output=True, timeout=args.warmup + 60, check=True)
+        before, redis_before = process_tree_stats(child.pid)["cpu_s"], process_tree_stats(redis_pid)["cpu_s"]
+        out = work / f"load-{rnd}-{port}.json"
+        cmd = [*warm[:-6], "--warmup", "0", "--duration", str(args.duration), "--tag", tag, "--out", str(out)]
+        subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=args.duration + 60, check=True)
+        cpu = process_tree_stats(child.pid)["cpu_s"] - before
+        redis_cpu = process_tree_stats(redis_pid)["cpu_s"] - redis_before
+        load = json.loads(out.read_text())
+        done = load["ok"] if "ok" in load else load["requests"]
+        return {
+            "requests": done,
+            "throughput_rps": round(done / args.duration, 1),
+            "server_cpu_us_per_request": round(cpu / done * 1e6, 1),
+            "redis_cpu_us_per_request": round(redis_cpu / done * 1e6, 1),
+        }
+    finally:
+        child.stop()
+
+
+def bytes_per_user(url: str, prefix: str, users: int) -> dict[str, Any]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        sizes, records = [], []
+        for i in range(users):
+            key = f"{prefix}:{{{user_id(i)}}}:s"
+            if client.exists(key):
+                sizes.append(client.memory_usage(key) or 0)
+                records.append(len(client.hget(key, "p") or b""))
+        if not sizes:
+            return {}
+        return {
+            "users_sampled": len(sizes),
+            "record_bytes_mean": round(sum(records) / len(records), 1),
+            "redis_memory_usage_bytes_mean": round(sum(sizes) / len(sizes), 1),
+        }
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 6 s per configuration")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument(
+        "--artifact", type=Path, help="a trained artifact (default: train one on the Beauty sample)"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 2, 6.0, 2.0
+    from app.redis_server import EmbeddedRedis
+    from tests.artifact_edits import new_version
+
+    with tempfile.TemporaryDirectory(prefix="nextact-lq-") as tmp:
+        work = Path(tmp)
+        artifact = args.artifact or train(work / "live")
+        candidate = work / "candidate"
+        new_version(artifact, candidate, "shadow")
+        redis = EmbeddedRedis(work / "redis", port=0).start()
+        try:
+            templates = work / "requests.json"
+            requests_file(
+                templates, read_sequences(SAMPLE_DATA, "item_id"), args.users, 20_000, random.Random(0)
+            )
+            base = {
+                "NEXTACT_ARTIFACT_DIR": str(artifact),
+                "NEXTACT_REDIS_URL": redis.url,
+                "NEXTACT_CANDIDATE_ARTIFACT_DIR": "",
+            }
+            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+            for rnd in range(args.rounds):
+                for i, (name, env) in enumerate(CONFIGS.items()):
+                    extra = dict(env)
+                    if "NEXTACT_CANDIDATE_MODE" in extra:
+                        extra["NEXTACT_CANDIDATE_ARTIFACT_DIR"] = str(candidate)
+                    else:
+                        extra.pop("NEXTACT_CANDIDATE_ARTIFACT_DIR", None)
+                    env_all = {
+                        **{k: v for k, v in base.items() if v},
+                        **extra,
+                        "NEXTACT_KEY_PREFIX": f"lq{i}",
+                    }
+                    rows[name].append(measure(name, env_all, args, work, redis.process.pid, templates, rnd))
+                    print(name, rows[name][-1], flush=True)
+            memory = bytes_per_user(redis.url, "lq1", args.users)
+        finally:
+            redis.stop()
+    result = {
+        "machine": machine(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rounds": rows,
+        "bytes_per_user": memory,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(RESULTS / "live_quality.json", result)
+    (RESULTS / "live_quality.md").write_text(report(result))
+    print(report(result))
+    return 0
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = result["rounds"]
+    off = rows["live quality off"]
+    lines = [
+        "# Live quality and shadow scoring: cost per request",
+        "",
+        (
+            f"Machine: {result['machine'].get('cpu')} ({result['machine'].get('cpu_affinity')} CPUs usable, "
+            "shared with other work: ranges over rounds)."
+        ),
+        "",
+        "| configuration | throughput (req/s) | server CPU per request (us) | vs off | Redis CPU per request (us) |",
+        "|---|---|---|---|---|",
+    ]
+    base = [r["server_cpu_us_per_request"] for r in off]
+    for name, rs in rows.items():
+        cpu = [r["server_cpu_us_per_request"] for r in rs]
+        rps = [r["throughput_rps"] for r in rs]
+        red = [r["redis_cpu_us_per_request"] for r in rs]
+        extra = [100 * (c / b - 1) for c, b in zip(cpu, base, strict=True)]
+        lines.append(
+            f"| {name} | {min(rps):.0f}-{max(rps):.0f} | {min(cpu):.0f}-{max(cpu):.0f} | "
+            f"{min(extra):+.1f}% to {max(extra):+.1f}% | {min(red):.0f}-{max(red):.0f} |"
+        )
+    m = result["bytes_per_user"]
+    if m:
+        lines += [
+            "",
+            (
+                f"Stored per user for live quality: a {m['record_bytes_mean']:.0f}-byte record (field `p`) in the "
+                f"user's `:s` hash; Redis MEMORY USAGE of that hash {m['redis_memory_usage_bytes_mean']:.0f} bytes "
+                f"(mean over {m['users_sampled']} users)."
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
