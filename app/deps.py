@@ -90,6 +90,8 @@ class Services:
         self, user_id: str, stored: AppendResult, model: ServingModel, prediction: Prediction, served: Served
     ) -> None:
         assert self.prediction_log is not None
+        if prediction.model_version != model.version:  # the step graph ran on a model reloaded meanwhile
+            return
         shadow = served.shadow
         ours = (model.version, prediction.ranked, model.vocab_size)
         if shadow is None:
