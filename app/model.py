@@ -278,16 +278,6 @@ def _top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
-class ModelHolder:
-    """The model being served; `install` swaps it with one reference assignment (hot reload slots in here)."""
-
-    def __init__(self, model: ServingModel) -> None:
-        self.current = model
-
-    def install(self, model: ServingModel) -> None:
-        self.current = model
-
-
 def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
     import onnxruntime as ort
 
