@@ -131,7 +131,7 @@ class ServingModel:
     def predict(
         self, requests: Sequence[tuple[Sequence[str], int] | tuple[Sequence[str], int, Filters | None]]
     ) -> list[Prediction]:
-        """Score a batch of (window actions, k[, filters]) in one session run; one Prediction per request, in order."""
+        """Score a batch of (window actions, k[, filters]) in one session run; one Prediction each, in order."""
         encoded = [self.encode(r[0]) for r in requests]
         probs = self.probabilities([ids for ids, _ in encoded])  # (B, V)
         filters = [r[2] if len(r) > 2 else None for r in requests]  # type: ignore[misc]
@@ -160,7 +160,9 @@ class ServingModel:
             out.append(Prediction(self.version, unknown, actions, values_i, top[i, :depth] if depth else None))
         return out
 
-    def _filtered(self, row: np.ndarray, k: int, filters: Filters, window: Sequence[str]) -> tuple[list[str], list[float]]:
+    def _filtered(
+        self, row: np.ndarray, k: int, filters: Filters, window: Sequence[str]
+    ) -> tuple[list[str], list[float]]:
         """The top-k of one (V,) row among the actions `filters` allow (fewer when fewer are allowed)."""
         mass = apply(filters, row, window, self._index)
         top, values = _top_k(row[None, :], min(k, len(row) - len(self._special)))  # (1, k)

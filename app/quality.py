@@ -146,7 +146,9 @@ class LiveQuality:
                 self.reciprocal_rank.labels(model_version=version),
                 self.unknown.labels(model_version=version),
             )
-        scored, hits, rr, unknown_actions = self._series[version]  # label lookups once per version, not per event
+        scored, hits, rr, unknown_actions = self._series[
+            version
+        ]  # label lookups once per version, not per event
         tally.scored += 1
         scored.inc()
         if unknown:
@@ -229,7 +231,7 @@ class PredictionLog:
             await asyncio.wait([done])
 
     def remember(self, user_id: str, seq: int, records: Records) -> None:
-        """Store `records` (or what `records()` packs), for the window at arrival counter `seq`, in the background."""
+        """Store `records` (or what `records()` packs) for the window at arrival counter `seq`, behind the answer."""
         if self._next is None:
             loop = asyncio.get_running_loop()
             self._next = loop.create_future()

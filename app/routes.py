@@ -169,7 +169,9 @@ async def post_events(
         "duplicates": sum(s.duplicates for s in stored),
     }
     if predict:
-        result["predictions"] = [_prediction(u, len(s.actions), p, role) for u, (s, p, role) in zip(users, triples, strict=True)]
+        result["predictions"] = [
+            _prediction(u, len(s.actions), p, role) for u, (s, p, role) in zip(users, triples, strict=True)
+        ]
     return JSONBytes(result)
 
 

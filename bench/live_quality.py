@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "--artifact", type=Path, help="a trained artifact (default: train one on the Beauty sample)"
     )
     p.add_argument(
-        "--micro-only", action="store_true", help="re-measure only the in-process pieces, into the results file"
+        "--micro-only",
+        action="store_true",
+        help="re-measure only the in-process pieces, into the results file",
     )
     args = p.parse_args(argv)
     if args.micro_only:
@@ -350,7 +352,10 @@ def report(result: dict[str, Any]) -> str:
             "shared with other work: ranges over rounds)."
         ),
         "",
-        "| configuration | throughput (req/s) | server CPU per request (us) | vs off, same round | Redis CPU per request (us) |",
+        (
+            "| configuration | throughput (req/s) | server CPU per request (us) | vs off, same round "
+            "| Redis CPU per request (us) |"
+        ),
         "|---|---|---|---|---|",
     ]
     base = [r["server_cpu_us_per_request"] for r in off]
