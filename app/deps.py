@@ -8,54 +8,101 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.batching import Batcher
-from app.model import ModelHolder, Prediction, StepRequest
+from app.candidate import Models, PredictRequest, Role, Served
+from app.filters import Filters
+from app.model import Prediction, ServingModel, StepRequest
+from app.quality import DEPTH, LiveQuality, PredictionLog, pack, score_event
 from app.redis_client import RedisConnection
 from app.settings import Settings
 from app.windows import AppendResult, NewEvent, WindowStore
 
-PredictRequest = tuple[list[str], int]  # (window actions oldest first, k)
-
 
 @dataclass
 class Services:
-    """The per-process resources: settings, the model holder, Redis and its window store, the batcher."""
+    """The per-process resources: settings, the models, Redis and its window store, the batcher."""
 
     settings: Settings
-    models: ModelHolder
+    models: Models
     redis: RedisConnection
     store: WindowStore
     batcher: Batcher[PredictRequest, Prediction]
     step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None  # incremental state on
+    quality: LiveQuality | None = None  # NEXTACT_LIVE_QUALITY on
+    prediction_log: PredictionLog | None = None
 
     @property
     def capacity(self) -> int:
-        """Events kept per user: NEXTACT_WINDOW_SIZE, else the served model's window."""
-        return self.settings.window_size or self.models.current.manifest.window
+        """Events kept per user: NEXTACT_WINDOW_SIZE, else the longest window of the served models."""
+        return self.settings.window_size or self.models.served.window
 
-    async def predict(self, actions: list[str], k: int) -> Prediction:
-        """The model's top-k for one window, through the micro-batcher."""
-        return await self.batcher.submit((actions, k))
+    async def predict(
+        self, actions: list[str], k: int, filters: Filters | None = None, user_id: str | None = None
+    ) -> tuple[Prediction, Role]:
+        """The top-k for one window from the model serving this user (the live one unless canary), batched."""
+        model, role = self.models.served.for_user(user_id) if user_id is not None else (self.models.current, "live")
+        return await self.batcher.submit((model, actions, k, filters)), role
 
-    async def append_and_predict(self, user_id: str, events: list[NewEvent], k: int) -> tuple[AppendResult, Prediction]:
+    async def append(self, user_id: str, events: list[NewEvent]) -> AppendResult:
+        """Store the events without predicting (live quality still scores the first new one)."""
+        served = self.models.served
+        if self.prediction_log is not None:
+            await self.prediction_log.settle(user_id)
+        stored = await self.store.append(user_id, events, self.capacity)
+        if self.quality is not None:
+            score_event(self.quality, stored.last, events, served.by_version)
+        return stored
+
+    async def append_and_predict(
+        self, user_id: str, events: list[NewEvent], k: int, filters: Filters | None = None
+    ) -> tuple[AppendResult, Prediction, Role]:
         """Store the events and predict from the updated window; with incremental state, from the carried state.
 
         Incremental: the append returns the stored state when it covers the window before these events; the
         step graph then runs over the new events only (else over the window from the zero state), and the new
         state is stored unless another event for the user arrived meanwhile (then the next append rebuilds).
+        Live quality: the append also hands back the predictions stored for the window before it, which score
+        the first new event; the new predictions are stored behind the answer.
         """
-        model = self.models.current
+        served = self.models.served  # one snapshot for the whole request
+        model, role = served.for_user(user_id)
+        if self.prediction_log is not None:
+            await self.prediction_log.settle(user_id)
         if self.step_batcher is None or model.step is None:
             stored = await self.store.append(user_id, events, self.capacity)
-            return stored, await self.predict(stored.actions, k)
-        got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
-        stored = got.result
-        if not stored.accepted:  # only duplicates: the stored state (if any) still covers the window
-            return stored, await self.predict(stored.actions, k)
-        request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version)
-        prediction, state = await self.step_batcher.submit(request)
-        if state is not None:
-            await self.store.save_state(user_id, got.seq, prediction.model_version, state)
-        return stored, prediction
+            prediction = await self.batcher.submit((model, stored.actions, k, filters))
+        else:
+            got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
+            stored = got.result
+            if not stored.accepted:  # only duplicates: the stored state (if any) still covers the window
+                prediction = await self.batcher.submit((model, stored.actions, k, filters))
+            else:
+                request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version, filters)
+                prediction, state = await self.step_batcher.submit(request)
+                if state is not None:
+                    await self.store.save_state(user_id, got.seq, prediction.model_version, state)
+        if self.quality is not None and self.prediction_log is not None:
+            score_event(self.quality, stored.last, events, served.by_version)
+            if stored.accepted and prediction.ranked is not None:
+                self._remember(user_id, stored, model, prediction, served)
+        return stored, prediction, role
+
+    def _remember(
+        self, user_id: str, stored: AppendResult, model: ServingModel, prediction: Prediction, served: Served
+    ) -> None:
+        assert self.prediction_log is not None
+        if prediction.model_version != model.version:  # the step graph ran on a model reloaded meanwhile
+            return
+        shadow = served.shadow
+        ours = (model.version, prediction.ranked, model.vocab_size)
+        if shadow is None:
+            self.prediction_log.remember(user_id, stored.seq, pack([ours]))
+            return
+
+        async def records() -> bytes:  # the candidate scores the same window, behind the answer
+            theirs = await self.batcher.submit((shadow, stored.actions, DEPTH, None))
+            return pack([ours, (shadow.version, theirs.ranked, shadow.vocab_size)])
+
+        self.prediction_log.remember(user_id, stored.seq, records)
 
 
 async def get_services(request: Request) -> Services:

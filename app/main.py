@@ -15,11 +15,13 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from app import routes
 from app.batching import Batcher
-from app.deps import PredictRequest, Services
+from app.candidate import Models, PredictRequest, predict_mixed
+from app.deps import Services
 from app.docs_ui import install_docs
 from app.errors import BodyLimitMiddleware, install_error_handlers
-from app.model import Device, ModelHolder, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
+from app.model import Device, ModelLoadError, Prediction, ServingModel, StepRequest, load_model
 from app.observability import MeteredWindowStore, Metrics, ObservabilityMiddleware
+from app.quality import DEPTH, LiveQuality, PredictionLog
 from app.ratelimit import RateLimiter
 from app.redis_client import call_deadline, connect
 from app.redis_server import EmbeddedRedis
@@ -53,11 +55,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
         if settings.incremental_state:  # off: the same call as before the option existed
             load = partial(load, incremental=True)
+        if settings.live_quality:
+            load = partial(load, rank_depth=DEPTH)
+        if settings.incremental_state and settings.candidate_artifact_dir is not None:
+            raise ModelLoadError(
+                "NEXTACT_CANDIDATE_ARTIFACT_DIR cannot be used with NEXTACT_INCREMENTAL_STATE=true (the carried "
+                "state is per model): unset one of them"
+            )
         try:
             model = await asyncio.to_thread(load, settings.artifact_dir)
+            candidate = None
+            if settings.candidate_artifact_dir is not None:
+                candidate = await asyncio.to_thread(load, settings.candidate_artifact_dir)
         except ReloadError as e:  # the same checks as a reload; at start-up they stop the service
             raise ModelLoadError(str(e)) from e
-        holder = ModelHolder(model)
+        holder = Models(model)
+        if candidate is not None:
+            holder.set_candidate(candidate, settings.candidate_mode, settings.candidate_share)
         _show_model(metrics, model)
         url = settings.redis_url
         problem = redis_problem(settings)
@@ -90,11 +104,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except StoreUnavailable as e:  # serve anyway: /readyz says 503 and requests 503 until Redis is back
             log.warning("%s; starting without it", e)
 
-        def run(batch: list[PredictRequest]) -> list[Prediction]:
-            return holder.current.predict(batch)  # one model for the whole batch, even across a hot swap
-
         batcher: Batcher[PredictRequest, Prediction] = Batcher(
-            run, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
+            predict_mixed, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=metrics.observe_batch,
         )
         stack.push_async_callback(batcher.close)
@@ -127,20 +138,62 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.reloader = reloader
         reloader.start_watch(settings.artifact_watch_seconds)
         stack.push_async_callback(reloader.stop_watch)
-        app.state.services = Services(settings, holder, redis, store, batcher, step_batcher)
+        app.state.candidate_reloader = _candidate_reloader(settings, holder, load, metrics)
+
+        def promote() -> tuple[str, str]:
+            old = holder.promote()
+            _show_model(metrics, holder.current)
+            return old.live.version, holder.current.version
+
+        app.state.promote = promote
+        quality: LiveQuality = app.state.quality
+        prediction_log = None
+        if settings.live_quality:
+            prediction_log = PredictionLog(store, quality)
+            stack.push_async_callback(prediction_log.drain)  # before the batcher and Redis close
+            snapshots = asyncio.create_task(_snapshots(quality, holder, settings.quality_snapshot_seconds))
+            stack.callback(snapshots.cancel)
+        app.state.services = Services(settings, holder, redis, store, batcher, step_batcher,
+                                      quality if settings.live_quality else None, prediction_log)
         log.info("nextact ready: model %s, Redis at %s, window %d", model.version, redis.address,
                  app.state.services.capacity)
         yield
 
 
 def _load_checked(
-    artifact_dir: Path, device: Device, intra_op_threads: int, incremental: bool = False
+    artifact_dir: Path, device: Device, intra_op_threads: int, incremental: bool = False, rank_depth: int = 0
 ) -> ServingModel:
     """load_model plus the reload self-check (hash, probe batch): start-up and reloads serve only checked models."""
     return load_and_check(
         artifact_dir,
-        partial(load_model, device=device, intra_op_threads=intra_op_threads, incremental=incremental),
+        partial(load_model, device=device, intra_op_threads=intra_op_threads, incremental=incremental,
+                rank_depth=rank_depth),
     )
+
+
+def _candidate_reloader(
+    settings: Settings, holder: Models, load: Callable[[Path], ServingModel], metrics: Metrics
+) -> Reloader[ServingModel] | None:
+    """Reloads (or first loads) the candidate from NEXTACT_CANDIDATE_ARTIFACT_DIR; None when that is unset."""
+    if settings.candidate_artifact_dir is None:
+        return None
+
+    def current() -> ServingModel | None:
+        c = holder.served.candidate
+        return c.model if c is not None else None
+
+    return Reloader(
+        settings.candidate_artifact_dir, load=load, version=lambda m: m.version, current=current, metrics=metrics,
+        install=lambda m: holder.set_candidate(m, settings.candidate_mode, settings.candidate_share),
+    )
+
+
+async def _snapshots(quality: LiveQuality, holder: Models, every: float) -> None:
+    """Snapshot the served models' live figures every `every` seconds (the /ui chart's points)."""
+    while True:
+        served = holder.served
+        quality.snapshot([served.live.version] + ([served.candidate.model.version] if served.candidate else []))
+        await asyncio.sleep(every)
 
 
 def _show_model(metrics: Metrics, model: ServingModel) -> None:
@@ -171,6 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.quality = LiveQuality(app.state.metrics.registry, settings.quality_history_size)
     app.state.auth = ApiKeyAuth.from_setting(settings.api_keys)
     app.state.rate_limiter = None  # set by the lifespan when NEXTACT_RATE_LIMIT_REQUESTS > 0
     app.state.auth_limiter = (

@@ -11,12 +11,13 @@ import importlib.util
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from app.filters import Filters, apply
 from app.manifest import MODEL_FILE, Manifest, ManifestError, StepSpec, read_manifest
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StepRequest:
     state: bytes | None = None
     new: int = 0
     version: str = ""
+    filters: Filters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +55,19 @@ class Prediction:
     unknown_actions: int
     actions: list[str]
     probabilities: list[float]
+    # the model's own top `rank_depth` ids before any filter (live quality scores the next event against it)
+    ranked: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class ServingModel:
     """A loaded artifact: manifest, ONNX Runtime session and the lookup tables for encoding and decoding."""
 
     def __init__(
-        self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device, step: Any = None
+        self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device, step: Any = None,
+        rank_depth: int = 0,
     ) -> None:
         self.artifact_dir = artifact_dir
+        self.rank_depth = rank_depth  # > 0: every Prediction carries its unfiltered top-`rank_depth` ids
         self.manifest = manifest
         self.session = session
         self.step = step  # the step graph's session (incremental state), or None
@@ -87,6 +93,10 @@ class ServingModel:
     def knows(self, action: str) -> bool:
         """Whether `action` is in the vocabulary (else it is scored as <unk>)."""
         return action in self._index
+
+    def action_id(self, action: str) -> int | None:
+        """The action's id in this model's vocabulary; None if unknown (or a special token's string)."""
+        return self._index.get(action)
 
     def encode(self, actions: Sequence[str]) -> tuple[np.ndarray, int]:
         """Ids of the last `window` actions (unknown ones -> unk id) and how many of them were unknown."""
@@ -121,22 +131,49 @@ class ServingModel:
         top, values = _top_k(row, min(k, self.vocab_size - len(self._special)))
         return self._tokens[top[0]].tolist(), values[0].tolist()
 
-    def predict(self, requests: Sequence[tuple[Sequence[str], int]]) -> list[Prediction]:
-        """Score a batch of (window actions, k) in one session run; one Prediction per request, in order."""
-        encoded = [self.encode(actions) for actions, _ in requests]
+    def predict(
+        self, requests: Sequence[tuple[Sequence[str], int] | tuple[Sequence[str], int, Filters | None]]
+    ) -> list[Prediction]:
+        """Score a batch of (window actions, k[, filters]) in one session run; one Prediction each, in order."""
+        encoded = [self.encode(r[0]) for r in requests]
         probs = self.probabilities([ids for ids, _ in encoded])  # (B, V)
-        return self._decode(probs, [k for _, k in requests], [unknown for _, unknown in encoded])
+        filters = [r[2] if len(r) > 2 else None for r in requests]  # type: ignore[misc]
+        return self._decode(probs, [r[1] for r in requests], [unknown for _, unknown in encoded],
+                            filters, [r[0] for r in requests])
 
-    def _decode(self, probs: np.ndarray, ks: Sequence[int], unknowns: Sequence[int]) -> list[Prediction]:
-        """Top-k of each (V,) row of probs (overwritten), as Predictions."""
+    def _decode(
+        self, probs: np.ndarray, ks: Sequence[int], unknowns: Sequence[int],
+        filters: Sequence[Filters | None] | None = None, windows: Sequence[Sequence[str]] | None = None,
+    ) -> list[Prediction]:
+        """Top-k of each (V,) row of probs (overwritten), as Predictions; filtered rows from their own copy."""
         probs[:, self._special] = -1.0  # keeps pad/unk out of any top-k
-        k_max = min(max(ks), probs.shape[1] - len(self._special))
+        real = probs.shape[1] - len(self._special)
+        filtered: dict[int, tuple[list[str], list[float]]] = {}
+        if filters is not None and windows is not None:
+            for i, f in enumerate(filters):
+                if f is not None:
+                    filtered[i] = self._filtered(probs[i].copy(), ks[i], f, windows[i])
+        k_max = min(max(max(ks), self.rank_depth), real)
         top, values = _top_k(probs, k_max)  # (B, k_max) each, most probable first, ties by id
         tokens = self._tokens[top]  # (B, k_max) action strings
-        return [
-            Prediction(self.version, unknown, tokens[i, :k].tolist(), values[i, :k].tolist())
-            for i, (k, unknown) in enumerate(zip(ks, unknowns, strict=True))
-        ]
+        depth = self.rank_depth
+        out = []
+        for i, (k, unknown) in enumerate(zip(ks, unknowns, strict=True)):
+            actions, values_i = filtered.get(i) or (tokens[i, :k].tolist(), values[i, :k].tolist())
+            out.append(Prediction(self.version, unknown, actions, values_i, top[i, :depth] if depth else None))
+        return out
+
+    def _filtered(
+        self, row: np.ndarray, k: int, filters: Filters, window: Sequence[str]
+    ) -> tuple[list[str], list[float]]:
+        """The top-k of one (V,) row among the actions `filters` allow (fewer when fewer are allowed)."""
+        mass = apply(filters, row, window, self._index)
+        top, values = _top_k(row[None, :], min(k, len(row) - len(self._special)))  # (1, k)
+        keep = values[0] >= 0  # masked columns are -1 (or -inf once taken): never returned
+        chosen, probs = top[0][keep], values[0][keep].astype(np.float64)
+        if filters.renormalize and mass > 0:
+            probs = probs / mass
+        return self._tokens[chosen].tolist(), probs.tolist()
 
     def step_state(
         self,
@@ -217,7 +254,8 @@ class ServingModel:
             done = set(live)
             empty = [i for i in range(len(requests)) if i not in done]
             probs[empty] = self.probabilities([encoded[i][0] for i in empty])
-        preds = self._decode(probs, [r.k for r in requests], [u for _, u in encoded])
+        preds = self._decode(probs, [r.k for r in requests], [u for _, u in encoded],
+                             [r.filters for r in requests], [r.actions for r in requests])
         return list(zip(preds, blobs, strict=True))
 
 
@@ -243,16 +281,6 @@ def _top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     values = np.take_along_axis(probs, top, axis=1)
     order = np.lexsort((top, -values))  # per row: value descending, then column
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
-
-
-class ModelHolder:
-    """The model being served; `install` swaps it with one reference assignment (hot reload slots in here)."""
-
-    def __init__(self, model: ServingModel) -> None:
-        self.current = model
-
-    def install(self, model: ServingModel) -> None:
-        self.current = model
 
 
 def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
@@ -292,7 +320,8 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
 
 
 def load_model(
-    artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0, incremental: bool = False
+    artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0, incremental: bool = False,
+    rank_depth: int = 0,
 ) -> ServingModel:
     """Read manifest.json and model.onnx, create the session on the requested device and check it answers.
 
@@ -329,7 +358,7 @@ def load_model(
     elif incremental:
         log.warning("NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training.step "
                     "--artifact %s): recomputing every window", artifact_dir, artifact_dir)
-    model = ServingModel(artifact_dir, manifest, session, device, step)
+    model = ServingModel(artifact_dir, manifest, session, device, step, rank_depth=rank_depth)
     _check_answers(model, model_path)
     if step is not None:
         _check_step(model)

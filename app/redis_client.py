@@ -100,6 +100,26 @@ class DirectCommands:
             return reply
         raise AssertionError("unreachable")
 
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` in one write and read their replies (an error reply is returned, not raised).
+
+        No retry: for best-effort writes only (live quality's stored predictions).
+        """
+        conn = self._idle.pop() if self._idle else self._new()
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as e:  # read in full: the next reply follows
+                    replies.append(e)
+        except BaseException:
+            await self._drop(conn)
+            raise
+        self._idle.append(conn)
+        return replies
+
     def _new(self) -> AbstractConnection:
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         self._open.add(conn)

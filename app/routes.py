@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from functools import lru_cache
+from pathlib import Path as PathLib
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from starlette.convertors import register_url_convertor
 
-from app.deps import ServicesDep
+from app.candidate import Candidate, NoCandidate
+from app.deps import Services, ServicesDep
 from app.errors import JSONBytes, error_response
-from app.events import AnythingConvertor, check_count, check_user_id, new_event
+from app.events import AnythingConvertor, InvalidField, check_count, check_string, check_user_id, new_event
+from app.filters import Filters
 from app.model import Prediction
 from app.observability import Metrics
+from app.quality import LiveQuality
 from app.ratelimit import enforce_rate_limit
 from app.reload import Reloader, ReloadError
 from app.schemas import (
@@ -23,6 +29,8 @@ from app.schemas import (
     EventBatch,
     Health,
     ModelInfo,
+    PromoteResult,
+    QualityHistory,
     Ready,
     ReloadResult,
     UserEventsBody,
@@ -55,6 +63,44 @@ K = Annotated[
                                         "at most the vocabulary less <pad> and <unk>).", examples=[10]),
 ]
 Predict = Annotated[bool, Query(description="Also return one prediction per user.", examples=[False])]
+Target = Annotated[Literal["live", "candidate"], Query(
+    description="Which model to reload: the live one (NEXTACT_ARTIFACT_DIR) or the candidate "
+                "(NEXTACT_CANDIDATE_ARTIFACT_DIR).", examples=["live"],
+)]
+MAX_FILTER_ACTIONS = 1000  # entries of exclude= plus include= in one request
+
+
+async def prediction_filters(
+    request: Request,
+    exclude_window: Annotated[bool, Query(
+        description="Leave out actions already in the user's window (e.g. items bought once).", examples=[True],
+    )] = False,
+    exclude: Annotated[list[str] | None, Query(
+        description="Actions never to return; repeat the parameter for several (`exclude=buy&exclude=fav`).",
+        examples=[["buy"]],
+    )] = None,
+    include: Annotated[list[str] | None, Query(
+        description="Return only these actions; repeat the parameter for several (`include=cart&include=buy`).",
+        examples=[["cart", "buy"]],
+    )] = None,
+    renormalize: Annotated[bool, Query(
+        description="Divide each returned probability by the model's total probability of the actions the "
+                    "filters allow (so they are a distribution over what may be returned). Default: the model's "
+                    "own probabilities.", examples=[False],
+    )] = False,
+) -> Filters | None:
+    """The request's filters, applied before top-k: k answers come back when at least k actions remain."""
+    settings = request.app.state.settings
+    lists = (("exclude", exclude or []), ("include", include or []))
+    if sum(len(values) for _, values in lists) > MAX_FILTER_ACTIONS:
+        raise InvalidField(("query", "exclude"), f"more than {MAX_FILTER_ACTIONS} actions in exclude= and include=")
+    for name, values in lists:
+        for i, action in enumerate(values):
+            check_string(action, settings.max_action_length, "NEXTACT_MAX_ACTION_LENGTH", ("query", name, i))
+    return Filters.of(exclude, include, exclude_window, renormalize)
+
+
+FiltersDep = Annotated[Filters | None, Depends(prediction_filters)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -63,10 +109,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
-def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]:
+def _prediction(user_id: str, window_size: int, p: Prediction, role: str) -> dict[str, Any]:
     return {
         "user_id": user_id,
         "model_version": p.model_version,
+        "served_by": role,
         "window_size": window_size,
         "unknown_actions": p.unknown_actions,
         "predictions": [{"action": a, "probability": q} for a, q in zip(p.actions, p.probabilities, strict=True)],
@@ -77,7 +124,9 @@ def _prediction(user_id: str, window_size: int, p: Prediction) -> dict[str, Any]
     "/v1/users/{user_id:anything}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
-async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesDep, k: K = None) -> Response:
+async def post_user_events(
+    user_id: UserId, body: UserEventsBody, svc: ServicesDep, filters: FiltersDep, k: K = None
+) -> Response:
     """Append one event, or `{"events": [...]}`, to the user's window and predict their next action.
 
     Events land in timestamp order (a late event is inserted in its place); an `event_id` already in the
@@ -91,16 +140,21 @@ async def post_user_events(user_id: UserId, body: UserEventsBody, svc: ServicesD
         events = [new_event(e, now, settings, ("body", "events", i)) for i, e in enumerate(body.events)]
     else:
         events = [new_event(body, time.time(), settings, ("body",))]
-    stored, p = await svc.append_and_predict(user_id, events, k or settings.default_k)
-    return JSONBytes(_prediction(user_id, len(stored.actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
+    stored, p, role = await svc.append_and_predict(user_id, events, k or settings.default_k, filters)
+    return JSONBytes(_prediction(user_id, len(stored.actions), p, role),
+                     headers={MODEL_VERSION_HEADER: p.model_version})
 
 
 @v1.post(
     "/v1/events", response_model=BulkResult, response_class=JSONBytes, tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
-async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = False, k: K = None) -> Response:
+async def post_events(
+    body: BulkEvents, svc: ServicesDep, filters: FiltersDep, predict: Predict = False, k: K = None
+) -> Response:
     """Ingest events of many users at once; with `?predict=true` also predict for each user.
+
+    The filters (exclude_window, exclude, include, renormalize) apply to every user's prediction.
 
     Each user's events are stored atomically; users are independent, so after a 503 some users may be
     stored and others not: resending events that carry an `event_id` is safe.
@@ -112,20 +166,21 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
     for i, e in enumerate(body.events):
         check_user_id(e.user_id, settings, ("body", "events", i, "user_id"))
         per_user.setdefault(e.user_id, []).append(new_event(e, now, settings, ("body", "events", i)))
-    capacity = svc.capacity
     users = list(per_user)
     if predict:
         kk = k or settings.default_k
-        pairs = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk) for u in users))
-        stored, preds = [s for s, _ in pairs], [p for _, p in pairs]
+        triples = await asyncio.gather(*(svc.append_and_predict(u, per_user[u], kk, filters) for u in users))
+        stored = [s for s, _, _ in triples]
     else:
-        stored = await asyncio.gather(*(svc.store.append(u, per_user[u], capacity) for u in users))
+        stored = await asyncio.gather(*(svc.append(u, per_user[u]) for u in users))
     result: dict[str, Any] = {
         "accepted": sum(s.accepted for s in stored),
         "duplicates": sum(s.duplicates for s in stored),
     }
     if predict:
-        result["predictions"] = [_prediction(u, len(s.actions), p) for u, s, p in zip(users, stored, preds, strict=True)]
+        result["predictions"] = [
+            _prediction(u, len(s.actions), p, role) for u, (s, p, role) in zip(users, triples, strict=True)
+        ]
     return JSONBytes(result)
 
 
@@ -133,15 +188,18 @@ async def post_events(body: BulkEvents, svc: ServicesDep, predict: Predict = Fal
     "/v1/users/{user_id:anything}/predictions", response_model=UserPrediction, response_class=JSONBytes,
     tags=["predictions"], responses=_errors(422, 503, 500),
 )
-async def get_predictions(user_id: UserId, svc: ServicesDep, k: K = None) -> Response:
+async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep, k: K = None) -> Response:
     """Predict the user's next action from their current window, without adding anything.
 
     A user with no stored events gets the model's prediction for an empty window (window_size 0).
+    Filters: `exclude_window=true` leaves out actions already in the window, `exclude=`/`include=` (repeatable)
+    leave out or keep only the actions named, all before top-k; `renormalize=true` rescales what is returned.
+    Example: `GET /v1/users/u-42/predictions?k=5&exclude_window=true&exclude=pv`.
     """
     check_user_id(user_id, svc.settings)
     actions = await svc.store.actions(user_id, svc.capacity)
-    p = await svc.predict(actions, k or svc.settings.default_k)
-    return JSONBytes(_prediction(user_id, len(actions), p), headers={MODEL_VERSION_HEADER: p.model_version})
+    p, role = await svc.predict(actions, k or svc.settings.default_k, filters, user_id)
+    return JSONBytes(_prediction(user_id, len(actions), p, role), headers={MODEL_VERSION_HEADER: p.model_version})
 
 
 @v1.get(
@@ -171,8 +229,10 @@ async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
 
 @v1.get("/v1/model", response_model=ModelInfo, response_class=JSONBytes, tags=["model"])
 async def get_model(svc: ServicesDep) -> Response:
-    """The model being served: manifest summary, offline metrics and the execution provider actually in use."""
-    model = svc.models.current
+    """The model being served: manifest summary, offline and live metrics, the execution provider in use,
+    and the candidate model beside it (if any) with its own offline and live metrics."""
+    served = svc.models.served
+    model = served.live
     m = model.manifest
     return JSONBytes({
         "model_version": m.model_version,
@@ -190,31 +250,92 @@ async def get_model(svc: ServicesDep) -> Response:
         "device": model.device,
         "artifact_dir": str(model.artifact_dir),
         "embedded_redis": svc.redis.embedded,
+        "live_metrics": svc.quality.figures(model.version) if svc.quality is not None else None,
+        "candidate": _candidate_info(svc, served.candidate),
     })
+
+
+def _candidate_info(svc: Services, candidate: Candidate | None) -> dict[str, Any] | None:
+    if candidate is None:
+        return None
+    c, m = candidate.model, candidate.model.manifest
+    return {
+        "model_version": c.version, "mode": candidate.mode, "share": candidate.share, "window": m.window,
+        "vocabulary_size": m.vocab_size, "artifact_dir": str(c.artifact_dir), "metrics": m.metrics,
+        "live_metrics": svc.quality.figures(c.version) if svc.quality is not None else None,
+    }
 
 
 @v1.post(
     "/v1/model/reload", response_model=ReloadResult, response_class=JSONBytes, tags=["model"],
     responses={409: {"model": ErrorBody, "description": "The new artifact was refused; the old model keeps serving"}},
 )
-async def reload_model(request: Request, svc: ServicesDep) -> Response:
+async def reload_model(request: Request, svc: ServicesDep, target: Target = "live") -> Response:
     """Load the artifact in NEXTACT_ARTIFACT_DIR again, self-check it and swap it in.
 
     Loading runs in the background of this process; predictions already running finish on the old model.
     A broken artifact (bad manifest, hash mismatch, load failure, non-finite or non-normalised output) is
-    refused with 409 and the old model keeps serving.
+    refused with 409 and the old model keeps serving. `?target=candidate` (re)loads the candidate from
+    NEXTACT_CANDIDATE_ARTIFACT_DIR instead, in NEXTACT_CANDIDATE_MODE (also after a promote emptied the slot).
     """
-    reloader: Reloader[Any] = request.app.state.reloader
+    reloader: Reloader[Any] | None = request.app.state.reloader
+    if target == "candidate":
+        reloader = request.app.state.candidate_reloader
+        if reloader is None:
+            return error_response(409, "reload_refused", "no candidate configured: set NEXTACT_CANDIDATE_ARTIFACT_DIR "
+                                                         "(not available with NEXTACT_INCREMENTAL_STATE)")
+    assert reloader is not None
     try:
-        outcome = await reloader.reload(reason="api")
+        outcome = await reloader.reload(reason="api" if target == "live" else "api, candidate")
     except ReloadError as e:
-        return error_response(409, "reload_refused", f"new model refused, still serving "
+        return error_response(409, "reload_refused", f"new {target} model refused, still serving "
                                                      f"{svc.models.current.version}: {e}")
     return JSONBytes(
-        {"model_version": outcome.model_version, "previous_version": outcome.previous_version,
+        {"model_version": outcome.model_version, "previous_version": outcome.previous_version or "",
          "seconds": round(outcome.seconds, 3)},
         headers={MODEL_VERSION_HEADER: outcome.model_version or ""},
     )
+
+
+@v1.post(
+    "/v1/model/promote", response_model=PromoteResult, response_class=JSONBytes, tags=["model"],
+    responses={409: {"model": ErrorBody, "description": "There is no candidate to promote"}},
+)
+async def promote_model(request: Request) -> Response:
+    """Make the candidate the live model, at once and for every request that starts after this one.
+
+    One reference swap in this process: a request already running finishes with the pair it started with.
+    The old live model is dropped and the candidate slot is empty until `reload?target=candidate`. A restart
+    serves NEXTACT_ARTIFACT_DIR again: point it at the promoted artifact (see docs/live-quality.md).
+    """
+    try:
+        previous, now = request.app.state.promote()
+    except NoCandidate as e:
+        return error_response(409, "no_candidate", str(e))
+    return JSONBytes({"model_version": now, "previous_version": previous}, headers={MODEL_VERSION_HEADER: now})
+
+
+@v1.get("/v1/model/quality", response_model=QualityHistory, response_class=JSONBytes, tags=["model"])
+async def quality_history(request: Request, svc: ServicesDep) -> Response:
+    """Snapshots of each model's live figures over time, oldest first (the /ui chart's data)."""
+    served = svc.models.served
+    quality: LiveQuality = request.app.state.quality
+    return JSONBytes({
+        "live_version": served.live.version,
+        "candidate_version": served.candidate.model.version if served.candidate else None,
+        "points": list(quality.history),
+    })
+
+
+@router.get("/ui", response_class=HTMLResponse, tags=["health"], include_in_schema=False)
+async def status_page() -> Response:
+    """The status page: models, live vs offline quality, a chart of live hr@10, a playground (static)."""
+    return HTMLResponse(_ui_page())
+
+
+@lru_cache(maxsize=1)
+def _ui_page() -> bytes:
+    return (PathLib(__file__).parent / "static" / "ui.html").read_bytes()
 
 
 @router.get(

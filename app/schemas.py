@@ -105,6 +105,10 @@ class BulkEvents(_Model):
     )
 
 
+_LIVE_EXAMPLE = {"events_scored": 1520, "hr@1": 0.31, "hr@5": 0.58, "hr@10": 0.69, "hr@20": 0.78,
+                 "mrr@20": 0.43, "unknown_rate": 0.02}
+
+
 class ActionProbability(BaseModel):
     action: str = Field(description="A next action the model can predict.", examples=["buy"])
     probability: float = Field(ge=0, le=1, description="Its probability under the model.", examples=[0.4213])
@@ -116,6 +120,10 @@ class UserPrediction(BaseModel):
     user_id: str = Field(description="The user.", examples=["u-42"])
     model_version: str = Field(description="Version of the model that made this prediction.",
                                examples=["3f9a1c0d2b7e4a65"])
+    served_by: Literal["live", "candidate"] = Field(
+        "live", description="Which model answered: the live one, or the candidate (canary users only).",
+        examples=["live"],
+    )
     window_size: int = Field(ge=0, description="Events in the user's stored window.", examples=[12])
     unknown_actions: int = Field(
         ge=0, description="Events of the window whose action the model does not know (scored as unknown).",
@@ -177,6 +185,51 @@ class ModelInfo(BaseModel):
         description="True when windows live in the embedded development Redis (private to this host).",
         examples=[False],
     )
+    live_metrics: dict[str, float] | None = Field(
+        None, description="Live quality of this model in this process (NEXTACT_LIVE_QUALITY): posted events scored "
+        "against the prediction served before them; same definitions as metrics['full']['model'].",
+        examples=[_LIVE_EXAMPLE],
+    )
+    candidate: CandidateInfo | None = Field(None, description="The candidate model beside it, if any.",
+                                            examples=[None])
+
+
+class CandidateInfo(BaseModel):
+    """A candidate model served beside the live one."""
+
+    model_version: str = Field(description="Content hash of its model.onnx.", examples=["7c21e0b9a4d35f18"])
+    mode: Literal["shadow", "canary"] = Field(description="NEXTACT_CANDIDATE_MODE.", examples=["shadow"])
+    share: float = Field(description="Canary: the share of users it answers (NEXTACT_CANDIDATE_SHARE).",
+                         examples=[0.05])
+    window: int = Field(description="Events it looks back on.", examples=[50])
+    vocabulary_size: int = Field(description="Its actions including <pad> and <unk>.", examples=[6])
+    artifact_dir: str = Field(description="Where it was loaded from.", examples=["artifacts/candidate"])
+    metrics: dict[str, dict[str, dict[str, float]]] = Field(
+        description="Its offline metrics (manifest).", examples=[{"full": {"model": {"hr@10": 0.66}}}]
+    )
+    live_metrics: dict[str, float] | None = Field(None, description="Its live quality in this process.",
+                                                  examples=[_LIVE_EXAMPLE])
+
+
+class PromoteResult(BaseModel):
+    """The candidate is now the live model, for every request from now on."""
+
+    model_version: str = Field(description="The model now live (the former candidate).", examples=["7c21e0b9a4d35f18"])
+    previous_version: str = Field(description="The model it replaced.", examples=["3f9a1c0d2b7e4a65"])
+
+
+class QualityPoint(BaseModel):
+    time: float = Field(description="When the snapshot was taken (epoch seconds).", examples=[1764518400.0])
+    models: dict[str, dict[str, float]] = Field(description="model version -> live figures at that time.",
+                                                examples=[{"3f9a1c0d2b7e4a65": _LIVE_EXAMPLE}])
+
+
+class QualityHistory(BaseModel):
+    """Periodic snapshots of the live figures (NEXTACT_QUALITY_SNAPSHOT_SECONDS), oldest first."""
+
+    live_version: str = Field(description="The live model now.", examples=["3f9a1c0d2b7e4a65"])
+    candidate_version: str | None = Field(description="The candidate now, if any.", examples=[None])
+    points: list[QualityPoint] = Field(description="The snapshots, oldest first.")
 
 
 class ReloadResult(BaseModel):

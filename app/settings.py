@@ -154,6 +154,26 @@ class Settings(BaseSettings):
     )
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 while Redis is unreachable.")
 
+    # live quality, candidate model, status page (issue 15)
+    live_quality: bool = Field(
+        True, description="Score each posted event against the prediction served before it (hr@k, MRR, per "
+        "model version): the top-20 of every prediction is stored next to the user's window.",
+    )
+    quality_snapshot_seconds: float = Field(
+        10.0, gt=0, description="How often the live figures are snapshotted for the /ui chart."
+    )
+    quality_history_size: int = Field(360, ge=1, description="Snapshots kept in memory for the /ui chart.")
+    candidate_artifact_dir: Path | None = Field(
+        None, description="A second model served beside the live one (shadow or canary); unset: none.",
+    )
+    candidate_mode: Literal["shadow", "canary"] = Field(
+        "shadow", description="shadow: the candidate scores every request, its answer is not returned; "
+        "canary: it answers NEXTACT_CANDIDATE_SHARE of users (a sticky hash of the user id).",
+    )
+    candidate_share: float = Field(
+        0.05, ge=0, le=1, description="Canary: the share of users answered by the candidate."
+    )
+
 
 def redis_problem(settings: Settings) -> str | None:
     """Why the Redis settings cannot work (an actionable message), or None."""

@@ -11,14 +11,22 @@ and no two ids share a key (the two forms differ right after the prefix). See us
                                    (Redis orders equal scores by member bytes). ZRANGE = oldest first.
     {prefix}:<tag>:i         HASH  dedupe index: event_id -> "" for every event in the window; the field ""
                                    (never a valid event id) holds the arrival counter.
-    {prefix}:<tag>:s         HASH  incremental state (only with NEXTACT_INCREMENTAL_STATE): v = model_version,
+    {prefix}:<tag>:s         HASH  per-user serving state, refreshed, expired and deleted with the other two.
+                                   Incremental state (only with NEXTACT_INCREMENTAL_STATE): v = model_version,
                                    n = the arrival counter it has consumed up to, x = the recurrent state
-                                   (float32 bytes). Refreshed, expired and deleted with the other two.
+                                   (float32 bytes). Live quality (NEXTACT_LIVE_QUALITY): pn = the arrival
+                                   counter of the window the last predictions were made from, p = those
+                                   predictions (each model's version and top-20 ids, see app/quality.py).
 
 Both keys are written by one Lua script (APPEND_LUA) that, atomically: skips event ids already in the
 index, inserts the rest in timestamp order, trims the oldest beyond the window's capacity (and their index
-entries), refreshes both TTLs and returns the counts and the window. Windows hold action strings, not
+entries), refreshes the TTLs and returns the counts and the window. Windows hold action strings, not
 model ids, so a model with another vocabulary can be served on the same data.
+
+Live quality rides on the same script: it also returns the predictions stored for the window as it was
+before this append, when the append's earliest new event is the next one after that window (not late, not
+only duplicates, no other event in between). The service scores that event against them and, after
+predicting, stores the new predictions with SAVE_PREDICTION_LUA, compare-and-set on the arrival counter.
 
 With incremental state, APPEND_STATE_LUA does the same and also returns the stored state when it is usable
 for this append: written for the caller's model version, covering every event that arrived before this append
@@ -61,30 +69,31 @@ local function actions(members)
 end
 """
 
-# The append shared by both append scripts. KEYS[1] window zset, KEYS[2] index hash; ARGV[1] capacity,
-# ARGV[2] ttl seconds, then one (event_id, action, timestamp) triple per event from ARGV[first]. Skips ids
-# already indexed, inserts the rest, trims the oldest beyond the capacity (and their index entries), stores
-# the arrival counter and refreshes both TTLs. Returns accepted, duplicates, the arrival counter before and
-# after, and (only when check_order) whether no accepted event is older than the window's newest before.
+# The append shared by both append scripts. KEYS[1] window zset, KEYS[2] index hash, KEYS[3] state hash;
+# ARGV[1] capacity, ARGV[2] ttl seconds, then one (event_id, action, timestamp) triple per event from
+# ARGV[first]. Skips ids already indexed, inserts the rest, trims the oldest beyond the capacity (and their
+# index entries), stores the arrival counter and refreshes the three TTLs. Returns accepted, duplicates, the
+# arrival counter before and after, whether no accepted event is older than the window's newest before, and
+# the index (0-based, among the events) of the earliest accepted event (-1 if none).
 _APPEND_FN_LUA = """
-local function append(first, check_order)
+local function append(first)
   local cap = tonumber(ARGV[1])
   local ttl = tonumber(ARGV[2])
   local seq = tonumber(redis.call('HGET', KEYS[2], '') or '0')
   local before = seq
-  local newest = nil
-  if check_order then
-    newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or '')
-  end
+  local newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or '')
   local in_order = true
   local accepted, duplicates = 0, 0
+  local earliest, earliest_ts = -1, nil
   for i = first, #ARGV, 3 do
     local id = ARGV[i]
     if redis.call('HSETNX', KEYS[2], id, '') == 1 then
       seq = seq + 1
+      local ts = tonumber(ARGV[i + 2])
       redis.call('ZADD', KEYS[1], ARGV[i + 2], string.format('%012x%04x', seq, #id) .. id .. ARGV[i + 1])
       accepted = accepted + 1
-      if newest and tonumber(ARGV[i + 2]) < newest then in_order = false end
+      if newest and ts < newest then in_order = false end
+      if earliest_ts == nil or ts < earliest_ts then earliest, earliest_ts = (i - first) / 3, ts end
     else
       duplicates = duplicates + 1
     end
@@ -99,28 +108,42 @@ local function append(first, check_order)
   redis.call('HSET', KEYS[2], '', seq)
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  return accepted, duplicates, before, seq, in_order
+  redis.call('EXPIRE', KEYS[3], ttl)
+  return accepted, duplicates, before, seq, in_order, earliest
+end
+
+-- Live quality: the predictions stored after the window as it was before this append (KEYS[3] fields pn =
+-- the arrival counter they were made at, p = the records), if the append's earliest new event is the next
+-- event after that window. Returns {outcome, event index, records}: outcome 0 scored, 1 nothing new
+-- (duplicates only), 2 late (a new event older than the window's newest), 3 no prediction for that window.
+local function last_prediction(accepted, before, in_order, earliest)
+  if accepted == 0 then return {1, -1, ''} end
+  if not in_order then return {2, -1, ''} end
+  local pr = redis.call('HMGET', KEYS[3], 'pn', 'p')
+  if pr[2] and tonumber(pr[1]) == before then return {0, earliest, pr[2]} end
+  return {3, -1, ''}
 end
 """
 
-# Events from ARGV[3]. Returns {accepted, duplicates, actions}.
+# Events from ARGV[3]. Returns {accepted, duplicates, actions, arrival counter after, last prediction}.
 APPEND_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
-local accepted, duplicates = append(3, false)
-return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1))}
+local accepted, duplicates, before, seq, in_order, earliest = append(3)
+return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq,
+        last_prediction(accepted, before, in_order, earliest)}
 """
 
-# The same plus KEYS[3] state hash and ARGV[3] model version; events from ARGV[4]. Returns {accepted,
-# duplicates, actions, arrival counter after the append, state bytes or "" when the state is not usable}.
+# The same plus ARGV[3] model version; events from ARGV[4]. Returns {accepted, duplicates, actions, arrival
+# counter after the append, last prediction, state bytes or "" when the state is not usable}.
 APPEND_STATE_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
-local accepted, duplicates, before, seq, in_order = append(4, true)
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
+local accepted, duplicates, before, seq, in_order, earliest = append(4)
 local state = ''
 local st = redis.call('HMGET', KEYS[3], 'v', 'n', 'x')
 if in_order and accepted > 0 and accepted < tonumber(ARGV[1]) and st[1] == ARGV[3]
     and tonumber(st[2]) == before then
   state = st[3]
 end
-return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq, state}
+return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq,
+        last_prediction(accepted, before, in_order, earliest), state}
 """
 
 # KEYS[1] index hash, KEYS[2] state hash. ARGV[1] arrival counter the state covers, ARGV[2] model version,
@@ -132,6 +155,15 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return 1
 """
 
+# KEYS[1] index hash, KEYS[2] state hash. ARGV[1] arrival counter the predictions were made at, ARGV[2] the
+# records, ARGV[3] ttl. Writes only if no event arrived since; returns 1 if written, else 0.
+SAVE_PREDICTION_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], '') or '-1') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'pn', ARGV[1], 'p', ARGV[2])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
+"""
+
 # KEYS[1] window zset. ARGV[1] how many of the newest. Returns the actions string.
 READ_LUA = _ACTIONS_LUA + """
 return actions(redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1))
@@ -140,8 +172,9 @@ APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
 APPEND_STATE_SHA = hashlib.sha1(APPEND_STATE_LUA.encode()).hexdigest()
 SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
+SAVE_PREDICTION_SHA = hashlib.sha1(SAVE_PREDICTION_LUA.encode()).hexdigest()
 SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA, APPEND_STATE_SHA: APPEND_STATE_LUA,
-           SAVE_STATE_SHA: SAVE_STATE_LUA}
+           SAVE_STATE_SHA: SAVE_STATE_LUA, SAVE_PREDICTION_SHA: SAVE_PREDICTION_LUA}
 
 _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
 
@@ -200,10 +233,25 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class LastPrediction:
+    """What the append found for live quality: the stored predictions for the window before it, if usable."""
+
+    outcome: int  # SCORED, NOTHING_NEW, LATE or NO_PREDICTION
+    event: int  # index (in the request's events) of the event to score; -1 unless SCORED
+    records: bytes  # the stored prediction records (app/quality.py's format); b"" unless SCORED
+
+
+SCORED, NOTHING_NEW, LATE, NO_PREDICTION = range(4)
+_NONE = LastPrediction(NO_PREDICTION, -1, b"")
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     accepted: int
     duplicates: int
     actions: list[str]  # the window after the append, oldest first
+    seq: int = 0  # the user's arrival counter after the append
+    last: LastPrediction = _NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +268,12 @@ def _split(member: bytes) -> tuple[str, str]:
     n = int(member[_SEQ : _SEQ + _LEN], 16)
     start = _SEQ + _LEN
     return member[start : start + n].decode(), member[start + n :].decode()
+
+
+def _append_result(reply: Any) -> AppendResult:
+    outcome, event, records = reply[4]
+    last = LastPrediction(int(outcome), int(event), bytes(records)) if int(outcome) != NO_PREDICTION else _NONE
+    return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]), int(reply[3]), last)
 
 
 def _actions(blob: bytes) -> list[str]:
@@ -285,9 +339,9 @@ class WindowStore:
         args: list[Any] = [capacity, self.ttl_seconds]
         for e in events:
             args += (e.event_id, e.action, repr(e.timestamp))
-        keys = self.keys(user_id)
+        keys = (*self.keys(user_id), self.state_key(user_id))
         reply = await self._guard("append", lambda: self._evalsha(APPEND_SHA, keys, args), user_id)
-        return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
+        return _append_result(reply)
 
     async def append_with_state(
         self, user_id: str, events: Sequence[NewEvent], capacity: int, model_version: str
@@ -300,8 +354,31 @@ class WindowStore:
         reply = await self._guard(
             "append", lambda: self._evalsha(APPEND_STATE_SHA, keys, args), user_id
         )
-        result = AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]))
-        return StatefulAppend(result, int(reply[3]), bytes(reply[4]) or None)
+        return StatefulAppend(_append_result(reply), int(reply[3]), bytes(reply[5]) or None)
+
+    async def save_prediction(self, user_id: str, seq: int, records: bytes) -> bool:
+        """Store the predictions made from the window at arrival counter `seq`, unless an event arrived since."""
+        keys = (self.keys(user_id)[1], self.state_key(user_id))
+        args = [seq, records, self.ttl_seconds]
+        reply = await self._guard("prediction", lambda: self._evalsha(SAVE_PREDICTION_SHA, keys, args), user_id)
+        return bool(int(reply))
+
+    async def save_predictions(self, items: Sequence[tuple[str, int, bytes]]) -> int:
+        """save_prediction for many users: one write on a single server (a pipeline); returns how many stored."""
+        if self._direct is None or len(items) == 1:
+            done = await asyncio.gather(*(self.save_prediction(*item) for item in items))
+            return sum(done)
+        direct = self._direct
+        commands = [("EVALSHA", SAVE_PREDICTION_SHA, 2, self.keys(u)[1], self.state_key(u), seq, rec, self.ttl_seconds)
+                    for u, seq, rec in items]
+        replies = await self._guard("prediction", lambda: direct.execute_many(commands))
+        if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted or flushed its scripts
+            await self._guard("SCRIPT LOAD", partial(self.client.script_load, SAVE_PREDICTION_LUA))
+            replies = await self._guard("prediction", lambda: direct.execute_many(commands))
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise StoreUnavailable(f"Redis at {self.address} refused storing predictions: {errors[0]}")
+        return sum(int(r) for r in replies)
 
     async def save_state(self, user_id: str, seq: int, model_version: str, state: bytes) -> bool:
         """Store the state covering arrivals up to `seq`, unless another event arrived since; True if stored."""

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.model import ModelHolder, ServingModel, load_model
+from app.candidate import Models
+from app.model import ServingModel, load_model
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,6 @@ def test_top_k_is_sorted_capped_and_never_special(item_model: ServingModel) -> N
 def test_the_cpu_device_and_the_holder(behavior_artifact: Path, item_model: ServingModel) -> None:
     small = load_model(behavior_artifact, device="cpu", intra_op_threads=1)
     assert small.provider == "CPUExecutionProvider" and small.providers == ["CPUExecutionProvider"]
-    holder = ModelHolder(small)
+    holder = Models(small)
     holder.install(item_model)
     assert holder.current is item_model

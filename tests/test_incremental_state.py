@@ -319,7 +319,7 @@ async def test_option_on_without_a_step_graph_serves_the_full_window(plain_behav
     events = _stream(read_manifest(plain_behavior).vocabulary, 4, seed=11)
     for on, off in await _twins(plain_behavior, redis_url, [[e] for e in events]):
         _assert_same(on, off)
-    assert not redis.Redis.from_url(redis_url).exists("on:{u1}:s")
+    assert not redis.Redis.from_url(redis_url).hexists("on:{u1}:s", "x")  # only live quality's fields, no state
 
 
 def test_manifest_json_without_step_still_loads(behavior_step: Path, tmp_path: Path) -> None:

@@ -226,3 +226,25 @@ async def test_the_store_recovers_its_connections_after_a_redis_restart(tmp_path
     finally:
         await conn.close()
         server.stop()
+
+
+async def test_the_append_hands_back_the_prediction_for_the_window_before_it(store: WindowStore) -> None:
+    from app.windows import LATE, NO_PREDICTION, NOTHING_NEW, SCORED
+
+    first = await store.append("q", [ev("a", "x", 1)], capacity=5)
+    assert first.last.outcome == NO_PREDICTION and first.seq == 1  # a new user: nothing stored yet
+    assert await store.save_prediction("q", first.seq, b"records-1")
+    # two new events: the earliest (by timestamp, not by position in the request) is the one scored
+    got = await store.append("q", [ev("c", "z", 3), ev("b", "y", 2)], capacity=5)
+    assert (got.last.outcome, got.last.event, got.last.records) == (SCORED, 1, b"records-1")
+    assert not await store.save_prediction("q", first.seq, b"stale")  # another event arrived since: refused
+    assert await store.save_predictions([("q", got.seq, b"records-2"), ("r", 0, b"no such window")]) == 1
+    dup = await store.append("q", [ev("c", "z", 3)], capacity=5)
+    assert dup.last.outcome == NOTHING_NEW and dup.seq == got.seq
+    late = await store.append("q", [ev("d", "w", 2.5)], capacity=5)
+    assert late.last.outcome == LATE
+    after = await store.append("q", [ev("e", "v", 4)], capacity=5)
+    assert after.last.outcome == NO_PREDICTION  # the prediction after the late event was never stored
+    assert await store.save_prediction("q", after.seq, b"records-3")
+    await store.delete("q")  # erased with the window
+    assert (await store.append("q", [ev("f", "u", 5)], capacity=5)).last.outcome == NO_PREDICTION
