@@ -77,6 +77,15 @@ EOF
     fi
 }
 
+browser() {
+    # the /ui tests drive a real headless Chromium (Debian's package); install it where we can
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing Chromium for the /ui tests (apt-get install chromium)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+            echo "    could not install Chromium: the /ui browser tests will be skipped" >&2
+    fi
+}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -91,6 +100,7 @@ case "$cmd" in
         ;;
     test)
         setup
+        browser
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     bench)
