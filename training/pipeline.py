@@ -20,6 +20,7 @@ from app.manifest import (
     read_manifest,
     write_manifest,
 )
+from training.arrays import Sequences
 from training.baselines import Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
 from training.errors import TrainingError
@@ -38,10 +39,13 @@ def prepare(
     events = load_events(options)
     bounds = make_boundaries(events, options)
     if vocabulary is None:
-        vocabulary = Vocabulary.build(
-            (a[:e] for a, e in zip(events.actions, bounds.train_end, strict=True)), min_count
-        )
-    split = Split(bounds, [vocabulary.encode(a) for a in events.actions])
+        in_train = np.arange(events.rows) - np.repeat(events.offsets[:-1], events.lengths) < np.repeat(
+            bounds.train_end, events.lengths
+        )  # (E,) each event's position in its user's sequence < the user's train_end
+        vocabulary = Vocabulary.from_codes(events.tokens, events.actions[in_train], min_count)
+        del in_train
+    ids = vocabulary.lookup(events.tokens)[events.actions]  # (E,) int64
+    split = Split(bounds, Sequences(ids, events.offsets))
     log.info(
         "%s: %d events, %d users, %d actions; vocabulary %d ids",
         events.path,
