@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 def factorize(values: pa.Array | pa.ChunkedArray | np.ndarray) -> tuple[np.ndarray, pa.Array]:
     """(codes (N,) int32, uniques): uniques in order of first appearance, nulls coded as len(uniques)."""
     arr = pa.array(values) if isinstance(values, np.ndarray) else values
+    if pa.types.is_dictionary(arr.type):  # e.g. a Parquet string column stored dictionary-encoded
+        arr = arr.cast(arr.type.value_type)
     uniques = pc.unique(arr).drop_null()
     codes = pc.index_in(arr, value_set=uniques).fill_null(len(uniques))
     out = codes.to_numpy() if isinstance(codes, pa.Array) else np.asarray(codes.to_numpy())
