@@ -40,11 +40,13 @@ def prepare(
     events = load_events(options)
     bounds = make_boundaries(events, options)
     if vocabulary is None:
-        in_train = np.arange(events.rows) - np.repeat(events.offsets[:-1], events.lengths) < np.repeat(
-            bounds.train_end, events.lengths
-        )  # (E,) each event's position in its user's sequence < the user's train_end
+        starts = events.offsets[:-1]
+        edges = np.zeros(events.rows + 1, dtype=np.int8)  # +1 where a user's training events start, -1 after
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, starts + bounds.train_end, -1)
+        in_train = np.cumsum(edges[:-1], dtype=np.int8).astype(bool)  # (E,) one byte per event
         vocabulary = Vocabulary.from_codes(events.tokens, events.actions[in_train], min_count)
-        del in_train
+        del edges, in_train
     ids = vocabulary.lookup(events.tokens)[events.actions]  # (E,) int64
     split = Split(bounds, Sequences(ids, events.offsets))
     log.info(
