@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     columns = generate(
-        args.events, args.users, args.items, args.zipf, args.repeat, args.transition, args.duplicates, args.seed
+        args.events,
+        args.users,
+        args.items,
+        args.zipf,
+        args.repeat,
+        args.transition,
+        args.duplicates,
+        args.seed,
     )
     t1 = time.perf_counter()
     paths = write(columns, args.out, args.parts)

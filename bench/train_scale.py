@@ -37,7 +37,18 @@ if str(ROOT) not in sys.path:
 
 RESULTS = ROOT / "bench" / "results"
 MODEL = {"embedding_dim": 32, "hidden_dim": 32, "window": 20, "dropout": 0.2}
-E2E = ["--window", "20", "--embedding-dim", "32", "--hidden-dim", "32", "--batch-size", "256", "--no-step", "--no-refit"]
+E2E = [
+    "--window",
+    "20",
+    "--embedding-dim",
+    "32",
+    "--hidden-dim",
+    "32",
+    "--batch-size",
+    "256",
+    "--no-step",
+    "--no-refit",
+]
 
 
 def _rss_mib() -> float:
@@ -140,7 +151,9 @@ def measure(
     cases = split.cases("test")
     cases = cases.subset(np.arange(len(cases)) < eval_cases)
     t0 = time.perf_counter()
-    evaluation = evaluate_cases(split, cases, {"model": model_scorer(model, config.window)}, len(vocab), ("full",))
+    evaluation = evaluate_cases(
+        split, cases, {"model": model_scorer(model, config.window)}, len(vocab), ("full",)
+    )
     eval_s = time.perf_counter() - t0
     out["eval_cases"] = len(cases)
     out["eval_cases_per_s"] = round(len(cases) / eval_s, 1)
@@ -214,8 +227,12 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="events per log (1e6 1e7)")
-    p.add_argument("--load-only", type=float, nargs="*", default=[], help="sizes measured for load+prepare only")
-    p.add_argument("--work", type=Path, default=Path("/tmp/nextact-train-scale"), help="synthetic logs, artifacts")
+    p.add_argument(
+        "--load-only", type=float, nargs="*", default=[], help="sizes measured for load+prepare only"
+    )
+    p.add_argument(
+        "--work", type=Path, default=Path("/tmp/nextact-train-scale"), help="synthetic logs, artifacts"
+    )
     p.add_argument("--train-batches", type=int, default=30, help="optimiser steps timed per size (30)")
     p.add_argument("--eval-cases", type=int, default=5000, help="test cases scored per size (5000)")
     p.add_argument("--e2e-max", type=float, default=1e7, help="end-to-end train runs up to this size (1e7)")

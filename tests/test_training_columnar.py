@@ -66,7 +66,9 @@ SAMPLES = [
 
 
 @pytest.mark.parametrize("name, cols, split, min_count", SAMPLES)
-def test_examples_load_split_and_encode_as_before(name: str, cols: tuple[str, ...], split: str, min_count: int) -> None:
+def test_examples_load_split_and_encode_as_before(
+    name: str, cols: tuple[str, ...], split: str, min_count: int
+) -> None:
     options = DataOptions(path=EXAMPLES / name, action_cols=cols, split=split)  # type: ignore[arg-type]
     assert_same_everything(options, min_count)
 
@@ -123,7 +125,9 @@ def _write(path: Path, rows: list[tuple[object, ...]], header: tuple[str, ...] =
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
 @pytest.mark.parametrize("cols", [("behavior",), ("behavior", "item_id")])
-def test_every_format_cleans_like_the_row_by_row_reader(tmp_path: Path, suffix: str, cols: tuple[str, ...]) -> None:
+def test_every_format_cleans_like_the_row_by_row_reader(
+    tmp_path: Path, suffix: str, cols: tuple[str, ...]
+) -> None:
     path = _write(tmp_path / f"log{suffix}", ROWS)
     for time_col in ("timestamp", None):
         options = DataOptions(path=path, action_cols=cols, time_col=time_col)
@@ -184,7 +188,9 @@ def test_bad_values_give_the_same_error(tmp_path: Path, rows: list[tuple[object,
 )
 def test_malformed_text_gives_the_same_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "bad.csv"
-    path.write_bytes(text.encode("utf-8", "surrogateescape") if "\xff" not in text else text.encode("latin-1"))
+    path.write_bytes(
+        text.encode("utf-8", "surrogateescape") if "\xff" not in text else text.encode("latin-1")
+    )
     options = DataOptions(path=path, action_cols=("behavior",))
     with pytest.raises(DataError) as old:
         legacy_data.load_events(options)
@@ -202,7 +208,9 @@ def test_split_boundaries_use_the_flat_times() -> None:
 def test_a_synthetic_log_with_ties_and_duplicates_loads_as_before(tmp_path: Path) -> None:
     from bench.synth_log import generate, write
 
-    (path,) = write(generate(20_000, users=150, items=400, duplicates=0.02, seed=3), tmp_path / "synth.parquet")
+    (path,) = write(
+        generate(20_000, users=150, items=400, duplicates=0.02, seed=3), tmp_path / "synth.parquet"
+    )
     for cols in (("item_id",), ("behavior", "category_id")):
         options = DataOptions(path=path, action_cols=cols)
         old = legacy_data.load_events(options)

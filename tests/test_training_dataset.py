@@ -63,7 +63,9 @@ def test_same_seed_same_device_same_model(split: Split) -> None:
     model_config = ModelConfig(vocab_size=int(split.ids.max()) + 1, embedding_dim=8, hidden_dim=8, window=10)
     config = TrainConfig(epochs=2, quiet=True, seed=11, batch_size=32, device="cpu", threads=1)
     a, b = fit(split, model_config, config), fit(split, model_config, config)
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values())
+    )
     assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs]
     other = fit(split, model_config, TrainConfig(epochs=2, quiet=True, seed=12, batch_size=32, device="cpu"))
     assert not torch.equal(other.model.head.weight, a.model.head.weight)

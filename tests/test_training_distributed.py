@@ -37,7 +37,9 @@ def test_two_gloo_processes_train_one_artifact_close_to_one_process(tmp_path: Pa
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     ddp = _start([*torchrun, "-m", "training", "train", "--out", str(ddp_out), *COMMON, "--batch-size", "16"])
-    single = _start([sys.executable, "-m", "training", "train", "--out", str(single_out), *COMMON, "--batch-size", "32"])
+    single = _start(
+        [sys.executable, "-m", "training", "train", "--out", str(single_out), *COMMON, "--batch-size", "32"]
+    )
     ddp_stdout, single_stdout = _wait(ddp), _wait(single)  # both at once: half the wall time on two cores
 
     result = json.loads(ddp_stdout)  # one JSON object: only rank 0 prints (and writes)
