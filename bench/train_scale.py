@@ -163,20 +163,23 @@ def measure(
 
 
 def end_to_end(path: Path, epochs: int, work: Path) -> dict[str, Any]:
-    """`python -m training train` on the behaviour column: wall time, peak RSS, the manifest's speed."""
+    """`python -m training train` on the behaviour column, in a child that reports its own peak RSS."""
     out_dir = work / f"artifact-{path.stem}"
-    cmd = [sys.executable, "-m", "training", "train", "--data", str(path), "--out", str(out_dir)]
-    cmd += ["--action-col", "behavior", "--epochs", str(epochs), "--patience", str(epochs), *E2E, "--quiet"]
+    argv = ["train", "--data", str(path), "--out", str(out_dir), "--action-col", "behavior"]
+    argv += ["--epochs", str(epochs), "--patience", str(epochs), *E2E, "--quiet"]
     t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, "--e2e-child", json.dumps(argv)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    command = "python -m training " + " ".join(argv)
     if done.returncode != 0:
-        return {"command": " ".join(cmd[1:]), "error": done.stderr[-2000:]}
-    result = json.loads(done.stdout)
+        return {"command": command, "error": done.stderr[-2000:]}
+    result = json.loads(done.stdout[: done.stdout.rindex("PEAK_RSS_MIB")])
+    peak = float(done.stdout.rsplit("PEAK_RSS_MIB", 1)[1])
     return {
-        "command": "python " + " ".join(cmd[1:]).replace(str(ROOT) + "/", ""),
+        "command": command,
         "wall_s": round(wall, 1),
-        "peak_rss_mib": round(_peak_mib(resource.RUSAGE_CHILDREN), 1),
+        "peak_rss_mib": round(peak, 1),
         "epochs_run": result["training"]["epochs_run"],
         "refit_epochs": result["refit_epochs"],
         "train_events_per_s": result["training"]["events_per_second"],
@@ -240,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # the per-size child
     p.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)  # the end-to-end child
     args = p.parse_args(argv)
+
+    if args.e2e_child is not None:
+        from training.__main__ import main as train_main
+
+        rc = train_main(json.loads(args.e2e_child))
+        print(f"PEAK_RSS_MIB {_peak_mib()}", flush=True)
+        return rc
 
     if args.measure is not None:
         load_only = args.events in {int(s) for s in args.load_only}
