@@ -310,6 +310,8 @@ def load_events(options: DataOptions) -> EventLog:
         drop[candidates[repeat]] = True
         order = order[~drop[order]]
     ordered = rows[order]  # row indices, user by user, in time order
+    del table, data
+    pa.default_memory_pool().release_unused()  # the file's columns: give the memory back before training
     lengths = np.bincount(user_rank[order], minlength=len(user_first))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     user_ids = [user_tokens[c] for c in user_first.to_pylist()]
