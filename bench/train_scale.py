@@ -227,6 +227,34 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def e2e_only(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--e2e-only`: the end-to-end training runs alone (a long run kept apart from the measurements)."""
+    rows = []
+    for size in args.sizes:
+        row = {"events": int(size), **end_to_end(log_path(args.work, int(size)), args.e2e_epochs, args.work)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    report = {"command": "python bench/train_scale.py " + " ".join(argv), "runs": rows}
+    lines = [f"# End-to-end training runs\n\nCommand: `{report['command']}`\n"]
+    lines += [
+        "| events | wall s | peak RSS MiB | epochs | train events/s | test NDCG@10 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['events']:,} | failed | | | | |")
+            continue
+        lines.append(
+            f"| {r['events']:,} | {r['wall_s']} | {r['peak_rss_mib']:,.0f} | {r['epochs_run']} "
+            f"| {r['train_events_per_s']:,} | {r['test_ndcg10']} |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_scale_e2e.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "train_scale_e2e.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="events per log (1e6 1e7)")
@@ -241,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-max", type=float, default=1e7, help="end-to-end train runs up to this size (1e7)")
     p.add_argument("--e2e-epochs", type=int, default=2, help="epochs of the end-to-end runs (2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--e2e-only",
+        action="store_true",
+        help="only the end-to-end runs, results to bench/results/train_scale_e2e.{json,md}",
+    )
     p.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # the per-size child
     p.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)  # the end-to-end child
@@ -258,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         out = measure(args.measure, args.events, load_only, args.train_batches, args.eval_cases, args.threads)
         print(json.dumps(out))
         return 0
+
+    if args.e2e_only:
+        return e2e_only(args, argv if argv is not None else sys.argv[1:])
 
     report: dict[str, Any] = {
         "command": "python bench/train_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
