@@ -95,10 +95,12 @@ def train_command(
     """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact.
 
     Under torchrun every process trains its share and only rank 0 returns (the others return None)."""
-    from training.device import resolve_device
+    from training.device import prepare_device, resolve_device
 
     world = distributed.from_env()
-    distributed.init(world, resolve_device(config.device, world.local_rank))
+    device = resolve_device(config.device, world.local_rank)
+    prepare_device(device)  # each process on its own GPU before NCCL starts
+    distributed.init(world, device)
     if not world.main:  # one process reports progress
         logging.getLogger("training").setLevel(logging.WARNING)
     try:
