@@ -1,7 +1,7 @@
 """A synthetic event log at any size, written as Parquet, with the skew of real logs and no internet needed.
 
     python bench/synth_log.py --events 10_000_000 --out /tmp/synth_10m.parquet
-    python bench/synth_log.py --events 100_000_000 --out /tmp/synth_100m --parts 10   # a directory
+    python bench/synth_log.py --events 100_000_000 --out /tmp/synth_100m --parts 10   # a directory, 10 files
 
 Columns as in the Taobao UserBehavior log: user_id, item_id, category_id (int64), behavior (pv/cart/fav/buy,
 89/6/3/2 %), timestamp (int64 epoch seconds over 9 days). The skew:
@@ -11,7 +11,8 @@ Columns as in the Taobao UserBehavior log: user_id, item_id, category_id (int64)
   item-to-item transition of the previous item (--transition: each item has 4 likely successors);
 - time: each user starts at a random moment and waits an exponential gap (mean 20 min, less for the most
   active users so that every history fits in the 9 days) between events;
-- rows are written in time order (as exports are), with --duplicates of them repeated exactly.
+- rows are written in time order (as exports are), with --duplicates of them repeated exactly; with --parts
+  each file holds its own users (a user-partitioned export), generated one at a time in bounded memory.
 Everything is numpy, vectorised: about a second per million events on one core.
 """
 
@@ -55,8 +56,9 @@ def generate(
     transition: float = 0.3,
     duplicates: float = 0.001,
     seed: int = 0,
+    first_user: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The columns of a synthetic log, in time order."""
+    """The columns of a synthetic log, in time order; user ids start at 100_000 + first_user."""
     rng = np.random.default_rng(seed)
     users = users or max(1, events // 100)
     items = items or max(10, events // 25)
@@ -89,12 +91,26 @@ def generate(
     keep = np.concatenate([np.arange(events), dup])
     order = keep[np.argsort(timestamp[keep], kind="stable")]  # written in time order
     return {
-        "user_id": 100_000 + owner[order],
+        "user_id": 100_000 + first_user + owner[order],
         "item_id": 1_000_000 + item[order],
         "category_id": 5_000 + (item[order] * 31) % max(1, items // 200),
         "behavior": behavior[order],
         "timestamp": timestamp[order],
     }
+
+
+def write_parts(events: int, out: Path, parts: int, seed: int = 0, **skew: float) -> list[Path]:
+    """A log of `events` events as a directory of `parts` Parquet files, each generated on its own (its own
+    users, the shared item catalogue, time order within the file): memory for one part at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    users, items = max(1, events // 100), max(10, events // 25)
+    per_users = -(-users // parts)
+    written = []
+    for k in range(parts):
+        n = events // parts + (1 if k < events % parts else 0)
+        columns = generate(n, per_users, items, seed=seed + k, first_user=k * per_users, **skew)  # type: ignore[arg-type]
+        written += write(columns, out / f"part-{k:03d}.parquet")
+    return written
 
 
 def write(columns: dict[str, np.ndarray], out: Path, parts: int = 1) -> list[Path]:
@@ -130,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=lambda s: int(float(s)), required=True, help="events before duplicates")
     p.add_argument("--out", type=Path, required=True, help="a .parquet file, or a directory with --parts > 1")
-    p.add_argument("--parts", type=int, default=1, help="Parquet files to write into the --out directory")
+    p.add_argument(
+        "--parts", type=int, default=1, help="Parquet files in the --out directory, each with its own users"
+    )
     p.add_argument("--users", type=int, default=None, help="(default: events / 100)")
     p.add_argument("--items", type=int, default=None, help="(default: events / 25)")
     p.add_argument("--zipf", type=float, default=1.05, help="item popularity exponent (default: 1.05)")
@@ -140,22 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    columns = generate(
-        args.events,
-        args.users,
-        args.items,
-        args.zipf,
-        args.repeat,
-        args.transition,
-        args.duplicates,
-        args.seed,
-    )
+    skew = {
+        "zipf": args.zipf,
+        "repeat": args.repeat,
+        "transition": args.transition,
+        "duplicates": args.duplicates,
+    }
+    if args.parts > 1:
+        paths = write_parts(args.events, args.out, args.parts, args.seed, **skew)
+        print(f"{args.out}: {len(paths)} files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 0
+    columns = generate(args.events, args.users, args.items, seed=args.seed, **skew)  # type: ignore[arg-type]
     t1 = time.perf_counter()
-    paths = write(columns, args.out, args.parts)
-    t2 = time.perf_counter()
+    write(columns, args.out)
     print(
-        f"{len(columns['user_id']):,} rows -> {args.out} ({len(paths)} file(s)): "
-        f"generated in {t1 - t0:.1f} s, written in {t2 - t1:.1f} s",
+        f"{len(columns['user_id']):,} rows -> {args.out}: generated in {t1 - t0:.1f} s, "
+        f"written in {time.perf_counter() - t1:.1f} s",
         file=sys.stderr,
     )
     return 0

@@ -68,14 +68,17 @@ def min_count_for(events: int) -> int:
 
 def log_path(work: Path, events: int) -> Path:
     """The synthetic log of `events` events, generated once (100 M and more: a directory of 10 files)."""
-    from bench.synth_log import generate, write
+    from bench.synth_log import generate, write, write_parts
 
     name = f"synth_{events // 1_000_000}m"
     path = work / (name if events >= 50_000_000 else f"{name}.parquet")
     if not path.exists():
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        write(generate(events), path, parts=10 if events >= 50_000_000 else 1)
+        if events >= 50_000_000:
+            write_parts(events, path, parts=10)
+        else:
+            write(generate(events), path)
         print(f"generated {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return path
 
