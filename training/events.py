@@ -246,12 +246,12 @@ def _parse_times(table: Table, time_col: str, kept: np.ndarray) -> np.ndarray:
     return check(np.where(missing, 0.0, parsed[codes]))
 
 
-def _duplicates(data: pa.Table, candidates: np.ndarray) -> np.ndarray:
-    """Which of the `candidates` rows (ascending row indices) repeat an earlier candidate in every column."""
+def _duplicates(columns: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
+    """Which of the `candidates` rows (ascending row indices) repeat an earlier candidate in every column
+    (`columns`: each column's value codes, one code per distinct raw value)."""
     if len(candidates) < 2:
         return np.zeros(len(candidates), dtype=bool)
-    subset = data.take(pa.array(candidates))
-    key = np.stack([factorize(subset.column(i))[0] for i in range(subset.num_columns)], axis=1)  # (C, cols)
+    key = np.stack([codes[candidates] for codes in columns], axis=1)  # (C, columns)
     _, first = np.unique(key, axis=0, return_index=True)
     repeat = np.ones(len(candidates), dtype=bool)
     repeat[first] = False
@@ -285,34 +285,52 @@ def load_events(options: DataOptions) -> EventLog:
         raise DataError(
             f"{path}: no usable events ({table.unit}s read: {n}, missing user or action: {dropped_missing})"
         )
+    # Every column's value codes (4 bytes per row and column) are all the duplicate check needs: the file's
+    # columns can go before the sort, the step that needs the most memory.
+    columns = []
+    del table
+    while data.num_columns:  # one column at a time, each dropped once coded
+        columns.append(factorize(data.column(0))[0])
+        data = data.remove_column(0)
+    del data
+    pa.default_memory_pool().release_unused()
 
     # Users in order of first appearance among the kept rows; each user's events in time order, file order
     # breaking ties.
     user_rank, user_first = factorize(user_codes[rows])
+    del user_codes, kept  # (arrays are freed as soon as they are used up: the peak is what counts)
     order = group_sort(user_rank, times[rows])
     # Exact duplicates share the user, the action and the time: only rows that share those with another row
     # are compared on every column (without a time column: rows that share the user and the action).
     if has_time:
-        by, key = order, times[rows][order]
-        same = (np.diff(user_rank[by]) == 0) & (np.diff(key) == 0)
+        by = order
+        same = (np.diff(user_rank[by]) == 0) & (np.diff(times[rows[by]]) == 0)
     else:
         pair = user_rank.astype(np.int64) * (len(tokens) + 1) + action_codes[rows]
         by = np.argsort(pair, kind="stable")
         same = np.diff(pair[by]) == 0
+        del pair
     tied = np.zeros(len(rows), dtype=bool)
     tied[by[1:][same]] = True
     tied[by[:-1][same]] = True
     candidates = np.flatnonzero(tied)
-    repeat = _duplicates(data, rows[candidates])
+    del tied, same, by
+    repeat = _duplicates(columns, rows[candidates])
+    del columns
     dropped_duplicates = int(repeat.sum())
     if dropped_duplicates:
         drop = np.zeros(len(rows), dtype=bool)
         drop[candidates[repeat]] = True
         order = order[~drop[order]]
     ordered = rows[order]  # row indices, user by user, in time order
-    del table, data
-    pa.default_memory_pool().release_unused()  # the file's columns: give the memory back before training
-    lengths = np.bincount(user_rank[order], minlength=len(user_first))
+    lengths = np.bincount(user_rank, minlength=len(user_first))
+    if dropped_duplicates:
+        lengths -= np.bincount(user_rank[candidates[repeat]], minlength=len(user_first))
+    del rows, order, user_rank
+    actions = action_codes[ordered].astype(np.int32, copy=False)
+    del action_codes
+    times = times[ordered]
+    del ordered
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     user_ids = [user_tokens[c] for c in user_first.to_pylist()]
     return EventLog(
@@ -321,8 +339,8 @@ def load_events(options: DataOptions) -> EventLog:
         time_col=time_col if has_time else None,
         users=user_ids,
         tokens=tokens,
-        actions=action_codes[ordered].astype(np.int32),
-        times=np.ascontiguousarray(times[ordered]),
+        actions=actions,
+        times=times,
         offsets=offsets,
         rows_read=n,
         dropped_missing=dropped_missing,
