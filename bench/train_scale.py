@@ -272,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-max", type=float, default=1e7, help="end-to-end train runs up to this size (1e7)")
     p.add_argument("--e2e-epochs", type=int, default=2, help="epochs of the end-to-end runs (2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--results", default="train_scale", help="bench/results/NAME.{json,md} (train_scale)")
+    p.add_argument(
+        "--max-gib",
+        type=float,
+        default=0.0,
+        help="cap each measuring process's address space (GiB; pyarrow then uses the system allocator): on a "
+        "shared machine a size that does not fit fails with MemoryError instead of waking the OOM killer",
+    )
     p.add_argument(
         "--e2e-only",
         action="store_true",
@@ -290,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc
 
     if args.measure is not None:
+        if args.max_gib:
+            cap = int(args.max_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         load_only = args.events in {int(s) for s in args.load_only}
         out = measure(args.measure, args.events, load_only, args.train_batches, args.eval_cases, args.threads)
         print(json.dumps(out))
@@ -309,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         path = log_path(args.work, events)
         child = [sys.executable, __file__, "--measure", str(path), "--events", str(events)]
         child += ["--train-batches", str(args.train_batches), "--eval-cases", str(args.eval_cases)]
-        child += ["--threads", str(args.threads), "--load-only", *[str(int(s)) for s in args.load_only]]
-        done = subprocess.run(child, capture_output=True, text=True, check=False)
+        child += ["--threads", str(args.threads), "--max-gib", str(args.max_gib)]
+        child += ["--load-only", *[str(int(s)) for s in args.load_only]]
+        env = {**os.environ, **({"ARROW_DEFAULT_MEMORY_POOL": "system"} if args.max_gib else {})}
+        done = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             raise SystemExit(f"size {events}: the measuring process failed ({done.returncode})")
@@ -321,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         report["sizes"].append(row)
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_scale.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "train_scale.md").write_text(markdown(report))
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.results}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
