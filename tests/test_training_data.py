@@ -51,6 +51,10 @@ def _write(
     return path
 
 
+def _actions(events: EventLog) -> list[list[str]]:
+    return [events.user_actions(u) for u in range(len(events.users))]
+
+
 def _load(path: Path, **kw: object) -> EventLog:
     kw.setdefault("action_cols", ("behavior",))
     return load_events(DataOptions(path=path, **kw))  # type: ignore[arg-type]
@@ -60,15 +64,15 @@ def _load(path: Path, **kw: object) -> EventLog:
 def test_every_format_reads_cleans_and_sorts(tmp_path: Path, suffix: str) -> None:
     events = _load(_write(tmp_path / f"log{suffix}", ROWS))
     assert events.users == ["u1", "u2"]
-    assert events.actions == [EXPECTED_U1, EXPECTED_U2]
-    assert events.times[0] == [10.0, 20.0, 30.0]
+    assert _actions(events) == [EXPECTED_U1, EXPECTED_U2]
+    assert events.user_times(0) == [10.0, 20.0, 30.0]
     assert events.rows == 5 and events.time_col == "timestamp"
 
 
 def test_action_columns_are_joined_and_iso_times_parse(tmp_path: Path) -> None:
     rows = [("u", "i9", "pv", "2017-11-25T10:00:00Z"), ("u", "i8", "buy", "2017-11-25T09:00:00+00:00")]
     events = _load(_write(tmp_path / "log.csv", rows), action_cols=("behavior", "item_id"))
-    assert events.actions == [["buy:i8", "pv:i9"]]
+    assert _actions(events) == [["buy:i8", "pv:i9"]]
     assert events.time_span() == ("2017-11-25T09:00:00Z", "2017-11-25T10:00:00Z")
 
 
@@ -78,7 +82,7 @@ def test_without_time_column_file_order_is_time_order(tmp_path: Path) -> None:
     )
     events = _load(path)
     assert events.time_col is None
-    assert events.actions == [["pv", "cart", "buy"], ["pv", "fav"]]
+    assert _actions(events) == [["pv", "cart", "buy"], ["pv", "fav"]]
     assert events.time_span() == (None, None)
 
 
@@ -86,7 +90,7 @@ def test_missing_values_dropped_and_exact_duplicates_removed(tmp_path: Path) -> 
     rows = [*ROWS, ("u1", "i1", "pv", 30), ("", "i1", "pv", 1), ("u3", "i1", None, 1), ("u1", "i4", "pv", 30)]
     events = _load(_write(tmp_path / "log.csv", rows))
     assert events.dropped_duplicates == 1 and events.dropped_missing == 2
-    assert events.actions[0] == ["cart", "buy", "pv", "pv"]  # a different item at the same time is kept
+    assert events.user_actions(0) == ["cart", "buy", "pv", "pv"]  # a different item at the same time is kept
     assert events.rows_read == 9
 
 
@@ -149,25 +153,16 @@ def test_vocabulary_reserves_pad_and_unk_and_folds_rare_actions() -> None:
 
 def _log(sequences: list[list[str]], times: list[list[float]] | None = None) -> EventLog:
     times = times or [[float(i) for i in range(len(s))] for s in sequences]
-    return EventLog(
-        Path("mem.csv"),
-        ("action",),
-        "timestamp",
-        [f"u{i}" for i in range(len(sequences))],
-        sequences,
-        times,
-        sum(map(len, sequences)),
-        0,
-        0,
-    )
+    return EventLog.from_sequences(sequences, times)
 
 
 def test_leave_one_out_boundaries() -> None:
     log = _log([list("abcde"), list("ab"), list("abc")])
     b = leave_one_out(log)
     assert b.train_end.tolist() == [3, 2, 1] and b.val_end.tolist() == [4, 2, 2]
-    vocab = Vocabulary.build([a[:e] for a, e in zip(log.actions, b.train_end, strict=True)])
-    split = Split(b, [vocab.encode(a) for a in log.actions])
+    actions = [log.user_actions(u) for u in range(len(log.users))]
+    vocab = Vocabulary.build([a[:e] for a, e in zip(actions, b.train_end, strict=True)])
+    split = Split(b, [vocab.encode(a) for a in actions])
     test = split.cases("test")
     assert test.users.tolist() == [0, 2] and test.positions.tolist() == [4, 2]
     assert vocab.decode(split.history(0, 4).tolist()) == ["a", "b", "c", "<unk>"]  # "d" only validates
@@ -184,22 +179,23 @@ def test_no_split_leaks_a_target_into_training_or_its_inputs(
 ) -> None:
     times = [sorted(data.draw(st.lists(st.integers(0, 30), min_size=len(s), max_size=len(s)))) for s in seqs]
     log = _log(seqs, [[float(t) for t in ts] for ts in times])
+    times = [[float(t) for t in ts] for ts in times]
     try:
         b = leave_one_out(log) if name == "leave-one-out" else time_cut(log, 0.2, 0.2)
     except DataError:
         return  # too few distinct times for a time cut: refused, not leaked
     split = Split(b, [np.arange(len(s)) + 100 * u for u, s in enumerate(seqs)])  # every event a unique id
     trained = {int(x) for s in split.train_sequences() for x in s}
-    latest_train = max((log.times[u][e - 1] for u, e in enumerate(b.train_end) if e), default=-1.0)
+    latest_train = max((times[u][e - 1] for u, e in enumerate(b.train_end) if e), default=-1.0)
     for part in ("validation", "test"):
         cases = split.cases(part)
         for u, p, target in zip(cases.users, cases.positions, cases.targets, strict=True):
             assert int(target) not in trained  # never trained on
             inputs = split.history(int(u), int(p))
             assert int(target) not in inputs.tolist() and len(inputs) == p  # only events before it
-            assert all(log.times[u][i] <= log.times[u][p] for i in range(p))
+            assert all(times[u][i] <= times[u][p] for i in range(p))
             if name == "time":
-                assert log.times[u][p] > latest_train  # after every training event
+                assert times[u][p] > latest_train  # after every training event
     if name == "leave-one-out":
         assert len(split.cases("test")) == sum(len(s) >= 3 for s in seqs)
 

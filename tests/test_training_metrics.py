@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,17 +65,7 @@ def test_macro_f1_hand_computed() -> None:
 
 
 def _split(sequences: list[list[int]]) -> Split:
-    log = EventLog(
-        Path("mem.csv"),
-        ("action",),
-        None,
-        [f"u{i}" for i in range(len(sequences))],
-        [[str(a) for a in s] for s in sequences],
-        [[float(i) for i in range(len(s))] for s in sequences],
-        0,
-        0,
-        0,
-    )
+    log = EventLog.from_sequences([[str(a) for a in s] for s in sequences])
     return Split(leave_one_out(log), [np.array(s, dtype=np.int64) for s in sequences])
 
 

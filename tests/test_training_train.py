@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from training.config import ModelConfig, TrainConfig
@@ -17,17 +15,7 @@ def _cyclic_split(users: int = 40) -> Split:
     rng = np.random.default_rng(0)
     starts, lengths = rng.integers(8, size=users), rng.integers(5, 12, size=users)
     seqs = [[2 + (int(a) + i) % 8 for i in range(int(n))] for a, n in zip(starts, lengths, strict=True)]
-    log = EventLog(
-        Path("mem.csv"),
-        ("action",),
-        None,
-        [f"u{i}" for i in range(users)],
-        [[str(a) for a in s] for s in seqs],
-        [[float(i) for i in range(len(s))] for s in seqs],
-        0,
-        0,
-        0,
-    )
+    log = EventLog.from_sequences([[str(a) for a in s] for s in seqs])
     return Split(leave_one_out(log), [np.array(s, dtype=np.int64) for s in seqs])
 
 

@@ -161,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=_T.threads,
         help="torch CPU threads; 0: torch's default, one per core (on a busy shared machine 1 can be faster)",
     )
+    o.add_argument(
+        "--device",
+        default=_T.device,
+        help="auto (cuda when available), cuda or cpu; export and evaluation always run on the CPU "
+        f"(default: {_T.device})",
+    )
+    o.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "off"],
+        default=_T.amp,
+        help="mixed precision on a GPU: auto (bf16, else fp16), bf16, fp16 or off; off on the CPU "
+        f"(default: {_T.amp})",
+    )
+    o.add_argument(
+        "--loader-workers",
+        type=int,
+        default=_T.loader_workers,
+        help="processes building training batches (0: the training process; default: %(default)s)",
+    )
 
     e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
     e.add_argument(
@@ -195,7 +214,7 @@ def _columns(text: str) -> list[str]:
     return cols
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from training.pipeline import evaluate_command, train_command
 
     if args.command == "train":
@@ -229,6 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             negatives=args.negatives,
             threads=args.threads,
             step=args.step,
+            device=args.device,
+            amp=args.amp,
+            loader_workers=args.loader_workers,
         )
         return train_command(options, model_args, config, args.out)
     manifest = read_manifest(args.artifact)
@@ -250,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     except (TrainingError, ManifestError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(json.dumps(result, indent=2))
+    if result is not None:  # None: a torchrun process other than rank 0, which writes nothing
+        print(json.dumps(result, indent=2))
     return 0
 
 

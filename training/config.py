@@ -63,3 +63,6 @@ class TrainConfig:
     refit: bool = True  # after early stopping, retrain on training + validation events before testing
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     step: bool = True  # also export step.onnx (incremental state in the service), gated against model.onnx
+    device: str = "auto"  # auto (cuda when available), cuda or cpu
+    amp: str = "auto"  # mixed precision on a GPU: auto (bf16, else fp16), bf16, fp16 or off; always off on CPU
+    loader_workers: int = 0  # DataLoader processes building batches (0: in the training process)

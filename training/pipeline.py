@@ -20,6 +20,8 @@ from app.manifest import (
     read_manifest,
     write_manifest,
 )
+from training import distributed
+from training.arrays import Sequences
 from training.baselines import Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
 from training.errors import TrainingError
@@ -38,10 +40,15 @@ def prepare(
     events = load_events(options)
     bounds = make_boundaries(events, options)
     if vocabulary is None:
-        vocabulary = Vocabulary.build(
-            (a[:e] for a, e in zip(events.actions, bounds.train_end, strict=True)), min_count
-        )
-    split = Split(bounds, [vocabulary.encode(a) for a in events.actions])
+        starts = events.offsets[:-1]
+        edges = np.zeros(events.rows + 1, dtype=np.int8)  # +1 where a user's training events start, -1 after
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, starts + bounds.train_end, -1)
+        in_train = np.cumsum(edges[:-1], dtype=np.int8).astype(bool)  # (E,) one byte per event
+        vocabulary = Vocabulary.from_codes(events.tokens, events.actions[in_train], min_count)
+        del edges, in_train
+    ids = vocabulary.lookup(events.tokens)[events.actions]  # (E,) int64
+    split = Split(bounds, Sequences(ids, events.offsets))
     log.info(
         "%s: %d events, %d users, %d actions; vocabulary %d ids",
         events.path,
@@ -84,8 +91,27 @@ def library_versions() -> dict[str, str]:
 
 def train_command(
     options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path
-) -> dict[str, Any]:
-    """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact."""
+) -> dict[str, Any] | None:
+    """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact.
+
+    Under torchrun every process trains its share and only rank 0 returns (the others return None)."""
+    from training.device import prepare_device, resolve_device
+
+    world = distributed.from_env()
+    device = resolve_device(config.device, world.local_rank)
+    prepare_device(device)  # each process on its own GPU before NCCL starts
+    distributed.init(world, device)
+    if not world.main:  # one process reports progress
+        logging.getLogger("training").setLevel(logging.WARNING)
+    try:
+        return _train(options, model_args, config, out_dir)
+    finally:
+        distributed.close()
+
+
+def _train(
+    options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path
+) -> dict[str, Any] | None:
     from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
     from training.export import export_model, model_version
     from training.predict import model_scorer
@@ -96,13 +122,15 @@ def train_command(
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     result = fit(split, model_config, config)
     model, seconds = result.model, result.seconds
-    baseline_validation = validation_baselines(split, len(vocabulary))
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
     final_split = split.with_validation_as_training()
     refit_epochs = 0
     if config.refit and len(split.cases("validation")) and result.best_epoch:
         final = refit(final_split, model_config, config, result)
         model, seconds, refit_epochs = final.model, seconds + final.seconds, len(final.epochs)
+    if not distributed.current().main:
+        return None  # under torchrun every process trains; rank 0 evaluates and writes the artifact
+    baseline_validation = validation_baselines(split, len(vocabulary))
 
     test = final_split.cases("test")
     scorers = {

@@ -3,16 +3,18 @@
 Every user's events are in time order, so both splits cut each user's sequence into three consecutive parts:
 [0, train_end) train, [train_end, val_end) validation targets, [val_end, n) test targets. An evaluation case
 is (user, position): its target is the event at `position` and its inputs are only the events before it.
+Sequences are one flat id array with per-user offsets (see training.arrays.Sequences).
 """
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from training.arrays import Sequences
 from training.config import DataOptions
 from training.errors import DataError
 from training.events import EventLog
@@ -41,14 +43,24 @@ class EvalCases:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def subset(self, keep: np.ndarray) -> EvalCases:
+        """The cases where `keep` (N,) bool is true, in the same order."""
+        return EvalCases(self.users[keep], self.positions[keep], self.targets[keep])
+
 
 def leave_one_out(log: EventLog) -> Boundaries:
     """Last event test, second-to-last validation, the rest train; users with < 3 events are train-only."""
-    n = np.array([len(a) for a in log.actions], dtype=np.int64)
+    n = log.lengths.astype(np.int64)
     evaluable = n >= 3
     train_end = np.where(evaluable, n - 2, n)
     val_end = np.where(evaluable, n - 1, n)
     return Boundaries("leave-one-out", train_end, val_end, n)
+
+
+def _count_before(times: np.ndarray, offsets: np.ndarray, cut: float) -> np.ndarray:
+    """(U,) per user, how many of its (sorted) times are < cut: bisect_left in every user at once."""
+    below = np.concatenate([[0], np.cumsum(times < cut, dtype=np.int64)])
+    return below[offsets[1:]] - below[offsets[:-1]]
 
 
 def time_cut(log: EventLog, val_fraction: float, test_fraction: float) -> Boundaries:
@@ -59,20 +71,20 @@ def time_cut(log: EventLog, val_fraction: float, test_fraction: float) -> Bounda
             f"time split fractions must be in (0, 1) and sum below 1, got "
             f"validation {val_fraction}, test {test_fraction}"
         )
-    all_times = np.sort(np.concatenate([np.asarray(t, dtype=np.float64) for t in log.times]))
-    total = len(all_times)
-    t_val = all_times[min(total - 1, int(total * (1 - val_fraction - test_fraction)))]
-    t_test = all_times[min(total - 1, int(total * (1 - test_fraction)))]
+    total = len(log.times)
+    k_val = min(total - 1, int(total * (1 - val_fraction - test_fraction)))
+    k_test = min(total - 1, int(total * (1 - test_fraction)))
+    cut = np.partition(log.times, [k_val, k_test])  # the same order statistics as a full sort, in O(E)
+    t_val, t_test = cut[k_val], cut[k_test]
     # events at exactly a cut-off time go to the later part, so nothing simultaneous with a target is trained on
-    train_end = np.array([bisect.bisect_left(t, t_val) for t in log.times], dtype=np.int64)
-    val_end = np.array([bisect.bisect_left(t, t_test) for t in log.times], dtype=np.int64)
+    train_end = _count_before(log.times, log.offsets, t_val)
+    val_end = _count_before(log.times, log.offsets, t_test)
     if train_end.sum() == 0:
         raise DataError(
             f"{log.path}: the time split leaves no training events (all events at or after "
             f"the validation cut-off {t_val}); too few distinct times?"
         )
-    n = np.array([len(a) for a in log.actions], dtype=np.int64)
-    return Boundaries("time", train_end, val_end, n)
+    return Boundaries("time", train_end, val_end, log.lengths.astype(np.int64))
 
 
 def make_boundaries(log: EventLog, options: DataOptions) -> Boundaries:
@@ -84,21 +96,31 @@ def make_boundaries(log: EventLog, options: DataOptions) -> Boundaries:
     raise DataError(f"unknown split {options.split!r} (leave-one-out or time)")
 
 
-@dataclass(frozen=True)
 class Split:
-    """Encoded sequences and their boundaries."""
+    """Encoded sequences (one flat id array with per-user offsets) and their boundaries."""
 
-    boundaries: Boundaries
-    sequences: list[np.ndarray]  # per user: all events as action ids
+    def __init__(self, boundaries: Boundaries, sequences: Sequence[np.ndarray] | Sequences) -> None:
+        self.boundaries = boundaries
+        self.sequences = Sequences.of(sequences)  # sequences[u]: user u's ids (a view)
 
     @property
     def name(self) -> str:
         return self.boundaries.name
 
+    @property
+    def ids(self) -> np.ndarray:
+        """(E,) int64 action ids, user by user."""
+        return self.sequences.ids
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(U + 1,) int64: user u's events are ids[offsets[u]:offsets[u + 1]]."""
+        return self.sequences.offsets
+
     def train_sequences(self) -> list[np.ndarray]:
         """Per user, the training events (a prefix of the user's sequence); users without any are skipped."""
-        ends = self.boundaries.train_end
-        return [s[:e] for s, e in zip(self.sequences, ends, strict=True) if e > 0]
+        ends, starts = self.boundaries.train_end, self.offsets[:-1]
+        return [self.ids[s : s + e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e > 0]
 
     def cases(self, part: Part) -> EvalCases:
         """Every validation or test target, with its user and position."""
@@ -108,10 +130,8 @@ class Split:
         users = np.repeat(np.arange(len(counts)), counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         positions = np.repeat(lo, counts) + offsets
-        targets = np.array(
-            [self.sequences[u][p] for u, p in zip(users, positions, strict=True)], dtype=np.int64
-        )
-        return EvalCases(users.astype(np.int64), positions.astype(np.int64), targets)
+        targets = self.ids[self.offsets[users] + positions] if len(users) else np.zeros(0, np.int64)
+        return EvalCases(users.astype(np.int64), positions.astype(np.int64), targets.astype(np.int64))
 
     def with_validation_as_training(self) -> Split:
         """The same split with the validation events moved into training (no validation cases left): what
@@ -121,4 +141,5 @@ class Split:
 
     def history(self, user: int, position: int) -> np.ndarray:
         """The inputs of case (user, position): the user's events before it."""
-        return self.sequences[user][:position]
+        start = int(self.offsets[user])
+        return self.ids[start : start + position]

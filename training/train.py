@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.manifest import UNK_ID
+from training import distributed
 from training.config import ModelConfig, TrainConfig
+from training.dataset import WindowIndex, epoch_batches, history_arrays
+from training.device import amp_dtype, autocast, grad_scaler, prepare_device, resolve_device
 from training.errors import DataError
 from training.metrics import RankAccumulator
 from training.model import NextActionModel
 from training.splits import EvalCases, Split
-from training.windows import history_batch, training_batches, training_windows
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[float, dict[str, float]]:
-    """Validation loss (cross-entropy of the known targets) and full-protocol metrics, in eval mode."""
+def validate(
+    model: NextActionModel,
+    split: Split,
+    cases: EvalCases,
+    device: torch.device | None = None,
+    amp: torch.dtype | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Validation loss (cross-entropy of the known targets) and full-protocol HR@10/NDCG@10, in eval mode,
+    summed over every process's share of the cases."""
+    device = device or torch.device("cpu")
     model.eval()
     acc = RankAccumulator()
     loss_sum, loss_n = 0.0, 0
@@ -87,19 +97,26 @@ def validate(model: NextActionModel, split: Split, cases: EvalCases) -> tuple[fl
     with torch.inference_mode():
         for start in range(0, len(cases), _VAL_BATCH):
             sl = slice(start, start + _VAL_BATCH)
-            histories = [
-                split.history(u, p) for u, p in zip(cases.users[sl], cases.positions[sl], strict=True)
-            ]
-            ids, lengths = history_batch(histories, model.config.window)  # (b, T), (b,)
-            logits = model.final_logits(torch.from_numpy(ids), torch.from_numpy(lengths))  # (b, V)
-            targets = torch.from_numpy(cases.targets[sl])  # (b,)
+            ids, lengths = history_arrays(split, cases.users[sl], cases.positions[sl], model.config.window)
+            with autocast(device, amp):
+                logits = model.final_logits(
+                    torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device)
+                ).float()  # (b, V)
+            targets = torch.from_numpy(cases.targets[sl]).to(device)  # (b,)
             known = targets > UNK_ID  # (b,)
             if known.any():
                 loss_sum += float(F.cross_entropy(logits[known], targets[known], reduction="sum"))
                 loss_n += int(known.sum())
-            acc.add(logits.numpy(), None, cases.targets[sl], valid, known.numpy())
+            acc.add(logits.cpu().numpy(), None, cases.targets[sl], valid, known.cpu().numpy())
     model.train()
-    return (loss_sum / loss_n if loss_n else math.nan), acc.result()
+    metrics = acc.result()
+    n = len(cases)
+    loss_sum, loss_n, hr, ndcg, n = distributed.all_sum(
+        [loss_sum, loss_n, metrics.get("hr@10", 0.0) * n, metrics.get("ndcg@10", 0.0) * n, n], device
+    )
+    if distributed.current().distributed:  # the agreed figures; others are this process's share only
+        metrics = {"hr@10": hr / n, "ndcg@10": ndcg / n} if n else {}
+    return (loss_sum / loss_n if loss_n else math.nan), metrics
 
 
 def fit(
@@ -108,70 +125,96 @@ def fit(
     """Train on the split's training events, stop early on the validation metric, return the best model.
 
     With a `schedule` (one learning rate per epoch, e.g. from an earlier run) it trains exactly that many
-    epochs at those rates, without early stopping, and returns the last epoch's weights.
+    epochs at those rates, without early stopping, and returns the last epoch's weights. The model is
+    returned on the CPU, whatever device it was trained on.
     """
+    world = distributed.current()
+    device = resolve_device(config.device, world.local_rank)
+    prepare_device(device)
+    amp = amp_dtype(device, config.amp)
     seed_everything(config.seed)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
-    model = NextActionModel(model_config)
+    model = NextActionModel(model_config).to(device)
+    step = distributed.training_step(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    chunks = training_windows(split.train_sequences(), model_config.window)
-    if not chunks:
+    scaler = grad_scaler(device, amp)
+    windows = WindowIndex.from_split(split, model_config.window, world.users(len(split.sequences)))
+    n_windows = int(distributed.all_sum([float(len(windows))], device)[0])
+    if not n_windows:
         raise DataError("no training sequence has two events: nothing to learn from")
     val_cases = split.cases("validation")
-    batch_size = config.batch_size or auto_batch_size(len(chunks))
-    n_batches = math.ceil(len(chunks) / batch_size)
+    shard = world.users(len(split.sequences))
+    if shard is not None:
+        val_cases = val_cases.subset(shard[val_cases.users])
+    batch_size = config.batch_size or auto_batch_size(n_windows)
+    n_batches = distributed.all_min(math.ceil(len(windows) / batch_size), device)  # the same on every rank
     log.info(
-        "training on %d windows (%d batches of %d per epoch), validating on %d cases",
-        len(chunks),
+        "training on %d windows (%d batches of %d per epoch%s), validating on %d cases, on %s%s",
+        n_windows,
         n_batches,
         batch_size,
-        len(val_cases),
+        f" on each of {world.size} processes" if world.distributed else "",
+        int(distributed.all_sum([float(len(val_cases))], device)[0]),
+        device,
+        f" with {amp} autocast" if amp is not None else "",
     )
+    pin = device.type == "cuda"
 
     result = TrainResult(model=model, batch_size=batch_size)
     best_score, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
     started = time.perf_counter()
     n_epochs = len(schedule) if schedule is not None else config.epochs
     desc = "epochs" if schedule is None else "refit epochs"
-    epochs = tqdm(range(1, n_epochs + 1), desc=desc, unit="epoch", disable=config.quiet)
+    quiet = config.quiet or not world.main
+    epochs = tqdm(range(1, n_epochs + 1), desc=desc, unit="epoch", disable=quiet)
     for epoch in epochs:
         if schedule is not None:
             for group in optimizer.param_groups:
                 group["lr"] = schedule[epoch - 1]
         lr = float(optimizer.param_groups[0]["lr"])
         model.train()
-        loss_sum, events, t0 = 0.0, 0, time.perf_counter()
+        loss_sum, seen, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+        order = windows.batch_order(batch_size, rng)[:n_batches]
         bar = tqdm(
-            training_batches(chunks, batch_size, rng),
+            epoch_batches(windows, order, config.loader_workers, pin),
             total=n_batches,
             desc=f"epoch {epoch}",
             unit="batch",
             leave=False,
-            disable=config.quiet,
+            disable=quiet,
         )
-        for inputs, targets in bar:
-            logits, kept = model.position_logits(
-                torch.from_numpy(inputs), torch.from_numpy(targets)
-            )  # (N, V), (N,)
-            if kept.numel() == 0:
+        for b, (inputs, targets) in enumerate(bar):
+            with autocast(device, amp):
+                logits, kept = step(
+                    inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                )  # (N, V), (N,)
+            if kept.numel() == 0 and not world.distributed:
                 continue
-            loss = F.cross_entropy(logits, kept)
+            loss = F.cross_entropy(logits.float(), kept) if kept.numel() else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * kept.numel()
-            events += kept.numel()
-            bar.set_postfix(
-                loss=f"{loss_sum / events:.4f}", ev_s=f"{events / (time.perf_counter() - t0):,.0f}"
-            )
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().double() * kept.numel()
+            seen += kept.numel()
+            if not quiet and b % 20 == 0:  # reading the loss waits for the device: not every step
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / max(seen, 1):.4f}",
+                    ev_s=f"{seen / (time.perf_counter() - t0):,.0f}",
+                )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        val_loss, val = validate(model, split, val_cases)
+        total_loss, events = distributed.all_sum([float(loss_sum), float(seen)], device)
+        events = int(events)
+        val_loss, val = validate(model, split, val_cases, device, amp)
         entry = EpochLog(
             epoch,
-            loss_sum / max(events, 1),
+            total_loss / max(events, 1),
             val_loss,
             val.get("hr@10", math.nan),
             val.get("ndcg@10", math.nan),
@@ -224,6 +267,7 @@ def fit(
                 group["lr"] *= config.lr_decay
     model.load_state_dict(best_state)
     model.eval()
+    result.model = model.cpu()  # export, parity gate and evaluation run on the CPU
     result.seconds = time.perf_counter() - started
     return result
 

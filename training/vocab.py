@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from app.manifest import PAD_ID, PAD_TOKEN, UNK_ID, UNK_TOKEN
+from training.arrays import factorize
 from training.errors import DataError
 
 
@@ -41,6 +42,29 @@ class Vocabulary:
         if not kept:
             raise DataError(f"no action occurs at least --min-count={min_count} times in the training events")
         return cls([PAD_TOKEN, UNK_TOKEN, *kept])
+
+    @classmethod
+    def from_codes(cls, tokens: Sequence[str], codes: np.ndarray, min_count: int = 1) -> Vocabulary:
+        """`build` over integer action codes (`tokens[c]` is code c's action) in one pass of numpy: actions seen
+        at least `min_count` times in `codes`, most frequent first, first appearance in `codes` breaking ties."""
+        n = len(tokens)
+        counts = np.bincount(codes, minlength=n)  # (A,)
+        first = np.full(n, n, dtype=np.int64)  # (A,) rank of each code's first appearance
+        seen = factorize(codes)[1].to_numpy()  # codes in order of first appearance (one hash pass)
+        first[seen] = np.arange(len(seen))
+        for reserved in (PAD_TOKEN, UNK_TOKEN):  # an event literally named "<pad>"/"<unk>" maps onto them
+            if reserved in tokens:
+                counts[list(tokens).index(reserved)] = 0
+        order = np.lexsort((first, -counts))  # count descending, then first appearance
+        kept = order[counts[order] >= max(min_count, 1)]
+        if not len(kept):
+            raise DataError(f"no action occurs at least --min-count={min_count} times in the training events")
+        return cls([PAD_TOKEN, UNK_TOKEN, *(tokens[c] for c in kept.tolist())])
+
+    def lookup(self, tokens: Sequence[str]) -> np.ndarray:
+        """(A,) int64 ids of `tokens` (UNK_ID for actions not in the vocabulary): codes -> ids is lookup[codes]."""
+        get = self._lookup.get
+        return np.fromiter((get(t, UNK_ID) for t in tokens), dtype=np.int64, count=len(tokens))
 
     def __len__(self) -> int:
         return len(self.tokens)

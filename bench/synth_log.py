@@ -1,0 +1,183 @@
+"""A synthetic event log at any size, written as Parquet, with the skew of real logs and no internet needed.
+
+    python bench/synth_log.py --events 10_000_000 --out /tmp/synth_10m.parquet
+    python bench/synth_log.py --events 100_000_000 --out /tmp/synth_100m --parts 10   # a directory, 10 files
+
+Columns as in the Taobao UserBehavior log: user_id, item_id, category_id (int64), behavior (pv/cart/fav/buy,
+89/6/3/2 %), timestamp (int64 epoch seconds over 9 days). The skew:
+- actions: item popularity is Zipf (exponent --zipf) over --items items (default: events / 25);
+- users: activity is long-tailed (log-normal events per user, at least 3), --users users (default: events / 100);
+- sequences: a share of events repeat one of the user's last five items (--repeat), a share follow an
+  item-to-item transition of the previous item (--transition: each item has 4 likely successors);
+- time: each user starts at a random moment and waits an exponential gap (mean 20 min, less for the most
+  active users so that every history fits in the 9 days) between events;
+- rows are written in time order (as exports are), with --duplicates of them repeated exactly; with --parts
+  each file holds its own users (a user-partitioned export), generated one at a time in bounded memory.
+Everything is numpy, vectorised: about a second per million events on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BEHAVIORS = np.array(["pv", "cart", "fav", "buy"])
+BEHAVIOR_SHARE = np.array([0.89, 0.06, 0.03, 0.02])
+START = 1_511_539_200  # 2017-11-25T00:00:00Z
+SPAN = 9 * 86_400
+
+
+def user_lengths(rng: np.random.Generator, events: int, users: int) -> np.ndarray:
+    """(U,) events per user: log-normal activity (a few heavy users, many light ones), >= 3, summing to events."""
+    weights = rng.lognormal(mean=0.0, sigma=1.2, size=users)
+    lengths = 3 + np.floor(weights / weights.sum() * (events - 3 * users)).astype(np.int64)
+    short = events - int(lengths.sum())  # rounding: hand the rest to random users
+    np.add.at(lengths, rng.integers(0, users, size=short), 1)
+    return lengths
+
+
+def zipf_items(rng: np.random.Generator, n: int, items: int, exponent: float) -> np.ndarray:
+    """(n,) item indices drawn with popularity 1 / rank**exponent; rank r is a shuffled item id."""
+    cdf = np.cumsum(1.0 / np.arange(1, items + 1) ** exponent)
+    ranks = np.searchsorted(cdf, rng.random(n) * cdf[-1])
+    return rng.permutation(items)[np.minimum(ranks, items - 1)]
+
+
+def generate(
+    events: int,
+    users: int | None = None,
+    items: int | None = None,
+    zipf: float = 1.05,
+    repeat: float = 0.25,
+    transition: float = 0.3,
+    duplicates: float = 0.001,
+    seed: int = 0,
+    first_user: int = 0,
+) -> dict[str, np.ndarray]:
+    """The columns of a synthetic log, in time order; user ids start at 100_000 + first_user."""
+    rng = np.random.default_rng(seed)
+    users = users or max(1, events // 100)
+    items = items or max(10, events // 25)
+    lengths = user_lengths(rng, events, users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    owner = np.repeat(np.arange(users, dtype=np.int64), lengths)  # (E,)
+    position = np.arange(events) - offsets[owner]  # (E,) index within the user's sequence
+
+    item = zipf_items(rng, events, items, zipf)
+    # item-to-item transitions: successor k of item i is (i * 7919 + 104729 * k) % items, k in 0..3
+    follows = (rng.random(events) < transition) & (position > 0)
+    for _ in range(2):  # two passes: a transition after a transition mostly follows the chain too
+        prev = np.roll(item, 1)
+        item = np.where(follows, (prev * 7919 + 104_729 * rng.integers(0, 4, events)) % items, item)
+    # repeats: one of the user's last five items again
+    lag = rng.integers(1, 6, events)
+    repeats = (rng.random(events) < repeat) & (position >= lag)
+    src = np.flatnonzero(repeats)
+    item[src] = item[src - lag[src]]
+
+    mean_gap = np.minimum(1200.0, 0.5 * SPAN / lengths)  # (U,) heavy users act more often: all fit in 9 days
+    gaps = rng.exponential(1.0, events) * mean_gap[owner]
+    gaps[offsets[:-1]] = rng.random(users) * SPAN * 0.5  # each user's first event: a random start
+    clock = np.cumsum(gaps)
+    clock -= np.repeat(clock[offsets[:-1]] - gaps[offsets[:-1]], lengths)  # restart the sum per user
+    timestamp = START + np.minimum(clock, SPAN - 1).astype(np.int64)
+    behavior = rng.choice(len(BEHAVIORS), size=events, p=BEHAVIOR_SHARE).astype(np.int8)
+
+    dup = np.flatnonzero(rng.random(events) < duplicates)  # rows repeated exactly, elsewhere in the file
+    keep = np.concatenate([np.arange(events), dup])
+    order = keep[np.argsort(timestamp[keep], kind="stable")]  # written in time order
+    return {
+        "user_id": 100_000 + first_user + owner[order],
+        "item_id": 1_000_000 + item[order],
+        "category_id": 5_000 + (item[order] * 31) % max(1, items // 200),
+        "behavior": behavior[order],
+        "timestamp": timestamp[order],
+    }
+
+
+def write_parts(events: int, out: Path, parts: int, seed: int = 0, **skew: float) -> list[Path]:
+    """A log of `events` events as a directory of `parts` Parquet files, each generated on its own (its own
+    users, the shared item catalogue, time order within the file): memory for one part at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    users, items = max(1, events // 100), max(10, events // 25)
+    per_users = -(-users // parts)
+    written = []
+    for k in range(parts):
+        n = events // parts + (1 if k < events % parts else 0)
+        columns = generate(n, per_users, items, seed=seed + k, first_user=k * per_users, **skew)  # type: ignore[arg-type]
+        written += write(columns, out / f"part-{k:03d}.parquet")
+    return written
+
+
+def write(columns: dict[str, np.ndarray], out: Path, parts: int = 1) -> list[Path]:
+    """Parquet: one file, or `parts` files in the directory `out` (the usual export layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(columns["user_id"])
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    if parts > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k in range(parts):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        table = pa.table(
+            {
+                "user_id": pa.array(columns["user_id"][lo:hi]),
+                "item_id": pa.array(columns["item_id"][lo:hi]),
+                "category_id": pa.array(columns["category_id"][lo:hi]),
+                "behavior": pa.DictionaryArray.from_arrays(
+                    pa.array(columns["behavior"][lo:hi]), pa.array(BEHAVIORS.tolist())
+                ),
+                "timestamp": pa.array(columns["timestamp"][lo:hi]),
+            }
+        )
+        path = out / f"part-{k:03d}.parquet" if parts > 1 else out
+        pq.write_table(table, path, row_group_size=1 << 20)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=lambda s: int(float(s)), required=True, help="events before duplicates")
+    p.add_argument("--out", type=Path, required=True, help="a .parquet file, or a directory with --parts > 1")
+    p.add_argument(
+        "--parts", type=int, default=1, help="Parquet files in the --out directory, each with its own users"
+    )
+    p.add_argument("--users", type=int, default=None, help="(default: events / 100)")
+    p.add_argument("--items", type=int, default=None, help="(default: events / 25)")
+    p.add_argument("--zipf", type=float, default=1.05, help="item popularity exponent (default: 1.05)")
+    p.add_argument("--repeat", type=float, default=0.25, help="share of repeated items (default: 0.25)")
+    p.add_argument("--transition", type=float, default=0.3, help="share of item-to-item steps (default: 0.3)")
+    p.add_argument("--duplicates", type=float, default=0.001, help="share of exact duplicate rows")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    skew = {
+        "zipf": args.zipf,
+        "repeat": args.repeat,
+        "transition": args.transition,
+        "duplicates": args.duplicates,
+    }
+    if args.parts > 1:
+        paths = write_parts(args.events, args.out, args.parts, args.seed, **skew)
+        print(f"{args.out}: {len(paths)} files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 0
+    columns = generate(args.events, args.users, args.items, seed=args.seed, **skew)  # type: ignore[arg-type]
+    t1 = time.perf_counter()
+    write(columns, args.out)
+    print(
+        f"{len(columns['user_id']):,} rows -> {args.out}: generated in {t1 - t0:.1f} s, "
+        f"written in {time.perf_counter() - t1:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
