@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app import timings
 from app.batching import Batcher
 from app.model import ModelHolder, Prediction, StepRequest
 from app.redis_client import RedisConnection
@@ -34,7 +36,14 @@ class Services:
 
     async def predict(self, actions: list[str], k: int) -> Prediction:
         """The model's top-k for one window, through the micro-batcher."""
-        return await self.batcher.submit((actions, k))
+        rec = timings.current()
+        if rec is None:
+            return await self.batcher.submit((actions, k))
+        rec.setdefault("submit", time.perf_counter())
+        prediction = await self.batcher.submit((actions, k))
+        rec["resumed"] = time.perf_counter()
+        rec["infer_start"], rec["infer_end"] = self.batcher.last_call  # the call that served this request
+        return prediction
 
     async def append_and_predict(self, user_id: str, events: list[NewEvent], k: int) -> tuple[AppendResult, Prediction]:
         """Store the events and predict from the updated window; with incremental state, from the carried state.
@@ -45,7 +54,9 @@ class Services:
         """
         model = self.models.current
         if self.step_batcher is None or model.step is None:
+            timings.mark("redis_start")
             stored = await self.store.append(user_id, events, self.capacity)
+            timings.mark("redis_end")
             return stored, await self.predict(stored.actions, k)
         got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
         stored = got.result
@@ -61,6 +72,7 @@ class Services:
 async def get_services(request: Request) -> Services:
     """The process's Services (async: a plain def dependency would cost a thread hop per request)."""
     services: Services = request.app.state.services
+    timings.mark("deps")
     return services
 
 
