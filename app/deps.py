@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -36,14 +35,7 @@ class Services:
 
     async def predict(self, actions: list[str], k: int) -> Prediction:
         """The model's top-k for one window, through the micro-batcher."""
-        rec = timings.current()
-        if rec is None:
-            return await self.batcher.submit((actions, k))
-        rec.setdefault("submit", time.perf_counter())
-        prediction = await self.batcher.submit((actions, k))
-        rec["resumed"] = time.perf_counter()
-        rec["infer_start"], rec["infer_end"] = self.batcher.last_call  # the call that served this request
-        return prediction
+        return await timings.submit(self.batcher, (actions, k))
 
     async def append_and_predict(self, user_id: str, events: list[NewEvent], k: int) -> tuple[AppendResult, Prediction]:
         """Store the events and predict from the updated window; with incremental state, from the carried state.

@@ -26,15 +26,19 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batching import Batcher
 
 STAGES = ("to_handler", "prologue", "redis", "batch_wait", "inference", "wakeup", "respond", "total")
 KEEP = 200_000  # samples kept per series: a few minutes at the service's throughput, a few MB
 LAG_PROBE_S = 0.005
 DEBUG_PATH = "/debug/timings"
+T = TypeVar("T")
+R = TypeVar("R")
 
 _current: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "nextact_stages", default=None
@@ -51,6 +55,18 @@ def mark(name: str) -> None:
     rec = _current.get()
     if rec is not None and name not in rec:
         rec[name] = time.perf_counter()
+
+
+async def submit(batcher: Batcher[T, R], item: T) -> R:
+    """`batcher.submit(item)`, stamping the batch wait, the inference call and the wake-up when timings are on."""
+    rec = _current.get()
+    if rec is None:
+        return await batcher.submit(item)
+    rec.setdefault("submit", time.perf_counter())
+    result = await batcher.submit(item)
+    rec["resumed"] = time.perf_counter()
+    rec["infer_start"], rec["infer_end"] = batcher.last_call  # the call that served this request
+    return result
 
 
 def _percentiles(values: deque[float]) -> dict[str, float | int]:
