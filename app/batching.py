@@ -56,6 +56,7 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batches = 0  # model calls made
         self.batched = 0  # requests they served (batched / batches = mean batch size)
+        self.last_call = (0.0, 0.0)  # perf_counter start and end of the latest model call (stage timings)
         self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -96,6 +97,8 @@ class Batcher(Generic[T, R]):
             raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
         if len(results) != len(items):
             raise BatchError(f"inference returned {len(results)} results for a batch of {len(items)}")
+        # read by each caller as it resumes: they resume before the next call can end (FIFO callbacks)
+        self.last_call = (start, time.perf_counter())
         self.batches += 1
         self.batched += len(items)
         if self._on_batch is not None:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app import timings
 from app.batching import Batcher
 from app.candidate import Models, PredictRequest, Role, Served
 from app.filters import Filters
@@ -40,7 +41,7 @@ class Services:
     ) -> tuple[Prediction, Role]:
         """The top-k for one window from the model serving this user (the live one unless canary), batched."""
         model, role = self.models.served.for_user(user_id) if user_id is not None else (self.models.current, "live")
-        return await self.batcher.submit((model, actions, k, filters)), role
+        return await timings.submit(self.batcher, (model, actions, k, filters)), role
 
     async def append(self, user_id: str, events: list[NewEvent]) -> AppendResult:
         """Store the events without predicting (live quality still scores the first new one)."""
@@ -68,8 +69,10 @@ class Services:
         if self.prediction_log is not None:
             await self.prediction_log.settle(user_id)
         if self.step_batcher is None or model.step is None:
+            timings.mark("redis_start")
             stored = await self.store.append(user_id, events, self.capacity)
-            prediction = await self.batcher.submit((model, stored.actions, k, filters))
+            timings.mark("redis_end")
+            prediction = await timings.submit(self.batcher, (model, stored.actions, k, filters))
         else:
             got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
             stored = got.result
@@ -108,6 +111,7 @@ class Services:
 async def get_services(request: Request) -> Services:
     """The process's Services (async: a plain def dependency would cost a thread hop per request)."""
     services: Services = request.app.state.services
+    timings.mark("deps")
     return services
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
-from app import routes
+from app import routes, timings
 from app.batching import Batcher
 from app.candidate import Models, PredictRequest, predict_mixed
 from app.deps import Services
@@ -50,6 +50,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
+        if app.state.stage_timings is not None:  # NEXTACT_STAGE_TIMINGS: GC callback and loop-lag probe
+            await stack.enter_async_context(app.state.stage_timings.running())
         if metrics.multiprocess_dir is not None:  # live gauges (in flight, model info) forget this worker on exit
             stack.callback(mark_process_dead, os.getpid(), metrics.multiprocess_dir)
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
@@ -236,6 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # outermost: sees every answer (413s and auth failures included) and stamps its request id on it
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app),
                        auth_enabled=app.state.auth.enabled)
+    app.state.stage_timings = timings.install(app) if settings.stage_timings else None
     app.include_router(routes.v1)
     app.include_router(routes.router)
     install_docs(app)  # /docs and /redoc from local assets, not a CDN

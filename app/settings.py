@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="Python log level.")
+    stage_timings: bool = Field(
+        False,
+        description="Record per-request stage timings (Redis, batch wait, inference, ...), GC pauses and "
+        "event-loop lag, served as JSON on GET /debug/timings (no authentication: diagnosis only).",
+    )
 
     # HTTP hardening (issue 13): limits applied before any request reaches the application
     http_max_header_bytes: int = Field(

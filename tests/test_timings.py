@@ -1,0 +1,52 @@
+"""NEXTACT_STAGE_TIMINGS: real requests (real Redis, real model) are broken into stages on GET /debug/timings."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+
+from app.timings import DEBUG_PATH, STAGES
+from tests.app_client import running_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_stage_timings_record_every_stage_of_a_real_request(
+    behavior_artifact: Path, redis_url: str
+) -> None:
+    async with running_app(behavior_artifact, redis_url, stage_timings=True) as (_, client):
+        for i in range(3):
+            posted = await client.post(
+                f"/v1/users/timed-{i}/events", json={"action": "cart", "timestamp": 100 + i}
+            )
+            assert posted.status_code == 200, posted.text
+        gc.collect()  # one pause the GC callback must have seen
+        got = await client.get(DEBUG_PATH, params={"reset": "true"})
+        assert got.status_code == 200, got.text
+        snap = got.json()
+        assert set(snap["stages_ms"]) == set(STAGES)
+        for stage in STAGES:
+            s = snap["stages_ms"][stage]
+            assert s["count"] == 3, (stage, s)
+            assert 0 <= s["p50"] <= s["p99"] <= s["max"], (stage, s)
+        total = snap["stages_ms"]["total"]["max"]
+        assert all(snap["stages_ms"][stage]["max"] <= total for stage in STAGES if stage != "inference")
+        assert snap["gc"]["pauses"] >= 1 and len(snap["gc"]["by_generation_ms"]) == 3
+        assert set(snap["loop_lag_ms"]) >= {"count"}
+        after = (await client.get(DEBUG_PATH)).json()  # the reset emptied every series
+        assert all(after["stages_ms"][stage]["count"] == 0 for stage in STAGES)
+        reads = await client.get("/v1/users/timed-0/events")
+        assert reads.status_code == 200
+        assert (await client.get(DEBUG_PATH)).json()["stages_ms"]["total"][
+            "count"
+        ] == 1  # every route has a total
+
+
+async def test_stage_timings_are_off_by_default(behavior_artifact: Path, redis_url: str) -> None:
+    async with running_app(behavior_artifact, redis_url) as (app, client):
+        assert app.state.stage_timings is None
+        assert (await client.get(DEBUG_PATH)).status_code == 404
+        posted = await client.post("/v1/users/untimed/events", json={"action": "cart", "timestamp": 100})
+        assert posted.status_code == 200, posted.text
