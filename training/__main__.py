@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--negatives", type=int, default=_T.negatives, help=f"sampled protocol (default: {_T.negatives})"
     )
+    e.add_argument(
+        "--exclude-history",
+        action="store_true",
+        help="full protocol: also report the variant where the actions in the user's window are no candidates "
+        "(under \"exclude_history\", beside the plain figures)",
+    )
     _add_data_options(e, action_default=None)
     return parser
 
@@ -234,7 +240,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
     options = _data_options(args, action_cols, args.split or manifest.training.split)
-    return evaluate_command(options, args.artifact, args.protocol, args.negatives, progress=not args.quiet)
+    return evaluate_command(
+        options,
+        args.artifact,
+        args.protocol,
+        args.negatives,
+        progress=not args.quiet,
+        exclude_history=args.exclude_history,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
