@@ -9,6 +9,8 @@ from typing import Literal
 Cell = Literal["lstm", "gru"]
 SplitName = Literal["leave-one-out", "time"]
 StopMetric = Literal["hr@10", "ndcg@10"]
+Loss = Literal["ce", "sampled", "bce"]
+Sampler = Literal["uniform", "popularity"]
 
 #: Seed of the sampled protocol's negatives: fixed so that `train` and `evaluate` draw the same ones.
 EVAL_SEED = 0
@@ -42,6 +44,8 @@ class ModelConfig:
     tied: bool = False  # score actions with the input embedding table (hidden -> E, then E @ embedding.T)
     history_bias: bool = True  # learn one score offset for actions already in the window
     residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
+    input_dropout: float | None = None  # dropout on the input embeddings; None: `dropout` (hidden states)
+    feed_forward: bool = False  # LayerNorm and a residual feed-forward block on the recurrent output
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,8 @@ class TrainConfig:
     refit: bool = True  # after early stopping, retrain on training + validation events before testing
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     step: bool = True  # also export step.onnx (incremental state in the service), gated against model.onnx
+    loss: Loss = "ce"  # ce: full softmax; sampled: softmax over the target and shared negatives; bce: 1 negative
+    loss_negatives: int = 1000  # sampled: negatives shared by every position of a batch
+    loss_sampler: Sampler = "uniform"  # sampled: how the negatives are drawn
+    logq: bool = True  # sampled: subtract log(expected count) from every candidate's score (popularity sampler)
+    lr_patience: int = 1  # multiply the learning rate by lr_decay after this many epochs without improvement

@@ -1,8 +1,8 @@
-"""The network: action ids (B, T) -> embedding -> LSTM/GRU -> linear over the action vocabulary.
+"""The network: action ids (B, T) -> embedding -> LSTM/GRU -> (feed-forward block) -> scores over the vocabulary.
 
 `forward` is exactly what model.onnx computes: the probabilities of the next action after each row's
-`lengths` events, with the padding and unknown ids masked out. Training uses `position_logits` instead,
-which scores every position of a right-padded batch at once.
+`lengths` events, with the padding and unknown ids masked out. Training reads `position_states` instead:
+the states at every real position of a right-padded batch, which the losses (training/losses.py) score.
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ from torch import nn
 
 from app.manifest import PAD_ID, UNK_ID
 from training.config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """LayerNorm on the recurrent output, then a residual two-layer feed-forward block and a second LayerNorm."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_in(h)  # (..., H)
+        return self.norm_out(h + self.ff(h))  # (..., H)
 
 
 class NextActionModel(nn.Module):
@@ -32,15 +46,18 @@ class NextActionModel(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
+        input_dropout = config.dropout if config.input_dropout is None else config.input_dropout
+        self.input_dropout = nn.Dropout(input_dropout)
         self.dropout = nn.Dropout(config.dropout)
         # The last event decides much of what comes next (item-to-item transitions); a residual path from its
         # embedding keeps its identity sharp in the state the head reads, instead of only through the gates.
         self.skip = (
             nn.Linear(config.embedding_dim, config.hidden_dim, bias=False) if config.residual else None
         )
+        self.block = FeedForward(config.hidden_dim, config.dropout) if config.feed_forward else None
         if config.tied:
             self.project: nn.Module = nn.Linear(config.hidden_dim, config.embedding_dim)
-            self.head = nn.Linear(config.embedding_dim, config.vocab_size)
+            self.head = nn.Linear(config.embedding_dim, config.vocab_size)  # its bias: one per action
             self.head.weight = self.embedding.weight  # one table for inputs and outputs
         else:
             self.project = nn.Identity()
@@ -52,22 +69,34 @@ class NextActionModel(nn.Module):
         masked[[PAD_ID, UNK_ID]] = True  # never predicted: probability exactly 0
         self.register_buffer("masked", masked, persistent=False)
 
+    def head_input(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads from recurrent outputs (..., H) and the embeddings they came from (..., E);
+        the step graph calls it too, so both graphs compute the same thing."""
+        if self.skip is not None:
+            out = out + self.skip(x)  # (..., H)
+        if self.block is not None:
+            out = self.block(out)  # (..., H)
+        return out
+
     def states(self, action_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state after every position of right-padded ids (B, T) -> (B, T, H).
 
         With right padding the state at position t depends only on events 0..t, so padding never
         leaks into the states that are read.
         """
-        x = self.dropout(self.embedding(action_ids))  # (B, T, E)
+        x = self.input_dropout(self.embedding(action_ids))  # (B, T, E)
         out, _ = self.rnn(x)  # (B, T, H)
-        if self.skip is not None:
-            out = out + self.skip(x)  # (B, T, H)
-        return self.dropout(out)  # (B, T, H)
+        return self.dropout(self.head_input(out, x))  # (B, T, H)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary from hidden states (..., H) -> (..., V), PAD and UNK at -inf."""
         bias = self.head.bias.masked_fill(self.masked, float("-inf"))  # (V,): cheaper than masking (N, V)
         return F.linear(self.project(states), self.head.weight, bias)  # (..., V)
+
+    def history_onehot(self, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(N, V): 1 where the action occurs among ids (N, T) at positions `seen` (N, T), else 0."""
+        onehot = torch.zeros(ids.shape[0], self.config.vocab_size, device=ids.device)  # (N, V)
+        return onehot.scatter(1, ids * seen, seen.to(onehot.dtype))  # PAD (id 0) collects the unseen
 
     def _add_history(self, logits: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """logits (N, V) + history_bias where the action occurs among ids (N, T) at positions `seen` (N, T)."""
@@ -76,19 +105,30 @@ class NextActionModel(nn.Module):
         onehot = torch.zeros_like(logits).scatter(1, ids * seen, seen.to(logits.dtype))  # (N, V)
         return logits + self.history_bias * onehot  # (N, V); PAD stays -inf
 
-    def position_logits(
+    def position_states(
         self, action_ids: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: logits (N, V) and targets (N,) at every position whose target is a known action."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training: states (N, H), targets (N,) and, with a history bias, the window each reads as a one-hot
+        (N, V), at every position whose target is a known action (padding is never scored)."""
         states = self.states(action_ids)  # (B, T, H)
         keep = targets > UNK_ID  # (B, T): not padding, not unknown
-        logits = self.logits(states[keep])  # (N, V)
+        history = None
         if self.history_bias is not None:
             rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
             steps = torch.arange(action_ids.shape[1], device=action_ids.device)  # (T,)
             seen = steps.unsqueeze(0) <= cols.unsqueeze(1)  # (N, T): the prefix the prediction reads
-            logits = self._add_history(logits, action_ids[rows], seen)
-        return logits, targets[keep]  # (N, V), (N,)
+            history = self.history_onehot(action_ids[rows], seen)  # (N, V)
+        return states[keep], targets[keep], history  # (N, H), (N,), (N, V) | None
+
+    def position_logits(
+        self, action_ids: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training with full softmax: logits (N, V) and targets (N,) at every position whose target is known."""
+        states, kept, history = self.position_states(action_ids, targets)  # (N, H), (N,), (N, V) | None
+        logits = self.logits(states)  # (N, V)
+        if history is not None and self.history_bias is not None:
+            logits = logits + self.history_bias * history  # (N, V)
+        return logits, kept
 
     def final_logits(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after the first `lengths` events of right-padded ids (B, T); PAD and UNK at -inf.

@@ -1,4 +1,5 @@
-"""The training loop: Adam, cross-entropy at every position, gradient clipping, early stopping, best weights kept."""
+"""The training loop: Adam, a loss at every real position (training/losses.py), gradient clipping, early stopping,
+best weights kept."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.manifest import UNK_ID
+from training.batching import grouped_batches
 from training.config import ModelConfig, TrainConfig
 from training.errors import DataError
+from training.losses import Loss
 from training.metrics import RankAccumulator
 from training.model import NextActionModel
 from training.splits import EvalCases, Split
-from training.windows import history_batch, training_batches, training_windows
+from training.windows import history_batch, training_windows
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,9 @@ def fit(
     if not chunks:
         raise DataError("no training sequence has two events: nothing to learn from")
     val_cases = split.cases("validation")
+    train_events = np.concatenate(split.train_sequences())
+    counts = torch.from_numpy(np.bincount(train_events, minlength=model_config.vocab_size))  # (V,)
+    loss_fn = Loss(config, model_config.vocab_size, counts)
     batch_size = config.batch_size or auto_batch_size(len(chunks))
     n_batches = math.ceil(len(chunks) / batch_size)
     log.info(
@@ -144,7 +150,7 @@ def fit(
         model.train()
         loss_sum, events, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(
-            training_batches(chunks, batch_size, rng),
+            grouped_batches(chunks, batch_size, rng),
             total=n_batches,
             desc=f"epoch {epoch}",
             unit="batch",
@@ -152,18 +158,15 @@ def fit(
             disable=config.quiet,
         )
         for inputs, targets in bar:
-            logits, kept = model.position_logits(
-                torch.from_numpy(inputs), torch.from_numpy(targets)
-            )  # (N, V), (N,)
-            if kept.numel() == 0:
+            loss, kept = loss_fn(model, torch.from_numpy(inputs), torch.from_numpy(targets))
+            if kept == 0:
                 continue
-            loss = F.cross_entropy(logits, kept)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
             optimizer.step()
-            loss_sum += float(loss.detach()) * kept.numel()
-            events += kept.numel()
+            loss_sum += float(loss.detach()) * kept
+            events += kept
             bar.set_postfix(
                 loss=f"{loss_sum / events:.4f}", ev_s=f"{events / (time.perf_counter() - t0):,.0f}"
             )
@@ -220,8 +223,9 @@ def fit(
             if stale >= config.patience:
                 log.info("early stop: no %s improvement for %d epochs", config.stop_metric, stale)
                 break
-            for group in optimizer.param_groups:  # a plateau: smaller steps often find a bit more
-                group["lr"] *= config.lr_decay
+            if stale % config.lr_patience == 0:  # a plateau: smaller steps often find a bit more
+                for group in optimizer.param_groups:
+                    group["lr"] *= config.lr_decay
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
