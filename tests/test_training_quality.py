@@ -120,3 +120,18 @@ def test_new_options_pass_both_parity_gates(cell: str, options: list[str], tmp_p
     assert manifest.step is not None and (out / STEP_FILE).is_file()  # step.onnx passed its gate
     assert manifest.step.parity_max_abs_diff <= 1e-5
     assert set(manifest.metrics) == {"full", "full-exclude-history", "sampled"}
+
+
+def test_validate_agrees_with_the_metrics_module() -> None:
+    from training.predict import model_scorer
+    from training.protocols import evaluate_cases
+    from training.train import validate
+
+    split = _cyclic_split()
+    torch.manual_seed(0)
+    model = NextActionModel(ModelConfig(vocab_size=40, embedding_dim=4, hidden_dim=6, window=10)).eval()
+    cases = split.cases("validation")
+    _, fast = validate(model, split, cases)
+    slow = evaluate_cases(split, cases, {"m": model_scorer(model, 10)}, 40, ("full",)).metrics["full"]["m"]
+    assert 0 < slow["hr@10"] < 1  # an untrained model over 38 actions: some hits, some misses
+    assert fast["hr@10"] == pytest.approx(slow["hr@10"]) and fast["ndcg@10"] == pytest.approx(slow["ndcg@10"])
