@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from app.manifest import UNK_ID
 from training.config import TrainConfig
-from training.model import NextActionModel
+from training.model import NextActionModel, PrefixHistory
 
 
 class Loss:
@@ -42,14 +42,14 @@ class Loss:
     def __call__(
         self, model: NextActionModel, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        states, kept, history = model.position_states(inputs, targets)  # (N, H), (N,), (N, V) | None
+        states, kept, history = model.position_states(inputs, targets)  # (N, H), (N,)
         n = int(kept.numel())
         if n == 0:
             return states.sum() * 0.0, 0
         if self.kind == "ce":
             logits = model.logits(states)  # (N, V)
             if history is not None and model.history_bias is not None:
-                logits = logits + model.history_bias * history
+                logits = logits + model.history_bias * history.seen()  # (N, V)
             return F.cross_entropy(logits, kept), n
         h = model.project(states)  # (N, D)
         if self.kind == "bce":
@@ -71,7 +71,7 @@ def _scores(
     model: NextActionModel,
     h: torch.Tensor,
     ids: torch.Tensor,
-    history: torch.Tensor | None,
+    history: PrefixHistory | None,
     columns: torch.Tensor,
     shared: int = 0,
 ) -> torch.Tensor:
@@ -88,5 +88,5 @@ def _scores(
     else:
         scores = ((h * w).sum(-1) + b).unsqueeze(1)  # (N, 1)
     if history is not None and model.history_bias is not None:
-        scores = scores + model.history_bias * history.gather(1, columns)  # (N, C)
+        scores = scores + model.history_bias * history.seen(columns)  # (N, C)
     return scores

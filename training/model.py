@@ -29,6 +29,24 @@ class FeedForward(nn.Module):
         return self.norm_out(h + self.ff(h))  # (..., H)
 
 
+class PrefixHistory:
+    """Which actions each scored position of a right-padded batch has seen (its row's events up to it),
+    from each row's first position of every action: (B, V) instead of (N, V) one-hots."""
+
+    def __init__(self, action_ids: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> None:
+        b, t = action_ids.shape
+        steps = torch.arange(t, device=action_ids.device).expand(b, t)  # (B, T)
+        first = torch.full((b, vocab_size), t, dtype=torch.long, device=action_ids.device)  # (B, V)
+        self.first = first.scatter_reduce(1, action_ids, steps, reduce="amin")  # (B, V); PAD's is meaningless
+        self.rows, self.cols = keep.nonzero(as_tuple=True)  # (N,), (N,): the scored positions
+
+    def seen(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """1.0 where the position has seen the action, else 0.0: over every action (N, V), or over the
+        candidate ids `columns` (N, C)."""
+        first = self.first[self.rows] if columns is None else self.first[self.rows.unsqueeze(1), columns]
+        return (first <= self.cols.unsqueeze(1)).float()  # (N, V) or (N, C)
+
+
 class NextActionModel(nn.Module):
     """Embedding, a recurrent layer (LSTM or GRU), dropout and a linear layer over the vocabulary."""
 
@@ -93,11 +111,6 @@ class NextActionModel(nn.Module):
         bias = self.head.bias.masked_fill(self.masked, float("-inf"))  # (V,): cheaper than masking (N, V)
         return F.linear(self.project(states), self.head.weight, bias)  # (..., V)
 
-    def history_onehot(self, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """(N, V): 1 where the action occurs among ids (N, T) at positions `seen` (N, T), else 0."""
-        onehot = torch.zeros(ids.shape[0], self.config.vocab_size, device=ids.device)  # (N, V)
-        return onehot.scatter(1, ids * seen, seen.to(onehot.dtype))  # PAD (id 0) collects the unseen
-
     def _add_history(self, logits: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """logits (N, V) + history_bias where the action occurs among ids (N, T) at positions `seen` (N, T)."""
         if self.history_bias is None:
@@ -107,27 +120,22 @@ class NextActionModel(nn.Module):
 
     def position_states(
         self, action_ids: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Training: states (N, H), targets (N,) and, with a history bias, the window each reads as a one-hot
-        (N, V), at every position whose target is a known action (padding is never scored)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, PrefixHistory | None]:
+        """Training: states (N, H) and targets (N,) at every position whose target is a known action (padding
+        is never scored), and, with a history bias, which actions each of those positions has seen."""
         states = self.states(action_ids)  # (B, T, H)
         keep = targets > UNK_ID  # (B, T): not padding, not unknown
-        history = None
-        if self.history_bias is not None:
-            rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
-            steps = torch.arange(action_ids.shape[1], device=action_ids.device)  # (T,)
-            seen = steps.unsqueeze(0) <= cols.unsqueeze(1)  # (N, T): the prefix the prediction reads
-            history = self.history_onehot(action_ids[rows], seen)  # (N, V)
-        return states[keep], targets[keep], history  # (N, H), (N,), (N, V) | None
+        history = PrefixHistory(action_ids, keep, self.config.vocab_size) if self.history_bias is not None else None
+        return states[keep], targets[keep], history  # (N, H), (N,)
 
     def position_logits(
         self, action_ids: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training with full softmax: logits (N, V) and targets (N,) at every position whose target is known."""
-        states, kept, history = self.position_states(action_ids, targets)  # (N, H), (N,), (N, V) | None
+        states, kept, history = self.position_states(action_ids, targets)  # (N, H), (N,)
         logits = self.logits(states)  # (N, V)
         if history is not None and self.history_bias is not None:
-            logits = logits + self.history_bias * history  # (N, V)
+            logits = logits + self.history_bias * history.seen()  # (N, V)
         return logits, kept
 
     def final_logits(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
