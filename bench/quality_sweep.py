@@ -38,6 +38,9 @@ FILES = {
 }
 
 
+_BASELINES: dict[str, dict[str, dict[str, float]]] = {}  # per data set: computed once per process
+
+
 def run(name: str, settings: list[str], data: str, epochs: int, data_dir: Path = DATA) -> dict[str, Any]:
     from training.config import DataOptions, ModelConfig, TrainConfig
     from training.pipeline import prepare, validation_baselines
@@ -50,6 +53,11 @@ def run(name: str, settings: list[str], data: str, epochs: int, data_dir: Path =
     started = time.perf_counter()
     result = fit(split, model_config, config)
     best = result.epochs[result.best_epoch - 1]
+    if data not in _BASELINES:
+        _BASELINES[data] = {
+            k: {"hr@10": round(v["hr@10"], 4), "ndcg@10": round(v["ndcg@10"], 4)}
+            for k, v in validation_baselines(split, len(vocabulary), model_config.window).items()
+        }
     return {
         "data": data,
         "config": name,
@@ -63,10 +71,7 @@ def run(name: str, settings: list[str], data: str, epochs: int, data_dir: Path =
         "wall_seconds": round(time.perf_counter() - started, 1),
         "events_per_second": round(result.events_per_second, 1),
         "load_average": round(os.getloadavg()[0], 2),
-        "baselines": {
-            k: {"hr@10": round(v["hr@10"], 4), "ndcg@10": round(v["ndcg@10"], 4)}
-            for k, v in validation_baselines(split, len(vocabulary), model_config.window).items()
-        },
+        "baselines": _BASELINES[data],
     }
 
 
