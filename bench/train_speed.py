@@ -3,6 +3,7 @@
     python bench/train_speed.py                      # default model and batch, 2 epochs, torch's threads
     python bench/train_speed.py --threads 1 2        # compare thread counts (one run each)
     python bench/train_speed.py --epochs 3 --data ../shared/data/amazon_beauty.csv
+    python bench/train_speed.py --set loss=sampled embedding_dim=64 hidden_dim=64 tied=true   # any config field
 
 Writes bench/results/train_speed.json and bench/results/train_speed.md. An "event" is one training target
 (cross-entropy at every position), so events/s = targets per second of the training loop alone; validation
@@ -40,8 +41,36 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def parse_settings(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`field=value` pairs -> (ModelConfig overrides, TrainConfig overrides); values parsed as JSON if they can be."""
+    from training.config import ModelConfig, TrainConfig
+
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if key in model_fields:
+            model[key] = value
+        elif key in train_fields:
+            train[key] = value
+        else:
+            raise SystemExit(f"--set {pair}: {key!r} is no ModelConfig or TrainConfig field")
+    return model, train
+
+
 def run_once(
-    data: Path, action_col: str, epochs: int, threads: int, model_args: dict[str, Any]
+    data: Path,
+    action_col: str,
+    epochs: int,
+    threads: int,
+    model_args: dict[str, Any],
+    train_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `epochs` epochs (no early stop) and return per-epoch speed."""
     import torch
@@ -52,7 +81,9 @@ def run_once(
 
     _, split, vocabulary = prepare(DataOptions(path=data, action_cols=(action_col,)))
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
-    config = TrainConfig(epochs=epochs, patience=epochs + 1, quiet=True, threads=threads)
+    config = TrainConfig(
+        **{"epochs": epochs, "patience": epochs + 1, "quiet": True, "threads": threads, **(train_args or {})}
+    )
     load_before = os.getloadavg()
     started = time.perf_counter()
     result = fit(split, model_config, config)
@@ -60,6 +91,7 @@ def run_once(
     return {
         "threads": torch.get_num_threads(),
         "model": dataclasses.asdict(model_config),
+        "train": {k: v for k, v in dataclasses.asdict(config).items() if k in (train_args or {})},
         "batch_size": result.batch_size,
         "epochs": [
             {
@@ -92,6 +124,8 @@ def markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         m = run["model"]
         shape = f"{m['cell']} E{m['embedding_dim']} H{m['hidden_dim']} V{m['vocab_size']}"
+        shape += "".join(f" {k}={v}" for k, v in {**run.get("train", {})}.items())
+        shape += " tied" if m.get("tied") else ""
         load = f"{run['load_average_before'][0]} -> {run['load_average_after'][0]}"
         for e in run["epochs"]:
             lines.append(
@@ -117,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[0], help="0: torch's default")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_speed")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig/TrainConfig overrides"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -125,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = ModelConfig(vocab_size=3)
     model_args = {k: v for k, v in dataclasses.asdict(defaults).items() if k != "vocab_size"}
-    runs = [run_once(args.data, args.action_col, args.epochs, t, model_args) for t in args.threads]
+    model_set, train_set = parse_settings(args.set)
+    model_args |= model_set
+    runs = [run_once(args.data, args.action_col, args.epochs, t, model_args, train_set) for t in args.threads]
     report = {
         "argv": sys.argv[1:] if argv is None else argv,
         "data": str(args.data),

@@ -58,8 +58,8 @@ def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> Non
         and manifest.data.users == 40
         and manifest.data.action_columns == ["behavior"]
     )
-    for protocol in ("full", "sampled"):
-        assert set(manifest.metrics[protocol]) == {"model", "popularity", "markov"}
+    for protocol in ("full", "full-exclude-history", "sampled"):
+        assert set(manifest.metrics[protocol]) == {"model", "popularity", "markov", "item-knn"}
         assert set(manifest.metrics[protocol]["model"]) == METRICS
     report = (behavior_artifact / REPORT_FILE).read_text()
     assert f"]({LOSS_PLOT})" in report and f"]({HR_PLOT})" in report
@@ -95,6 +95,7 @@ def test_evaluate_reproduces_the_manifest_metrics(
         "examples/taobao_sample.csv",
         "--artifact",
         str(behavior_artifact),
+        "--exclude-history",
         "--quiet",
     )
     assert (
@@ -102,12 +103,14 @@ def test_evaluate_reproduces_the_manifest_metrics(
         and out["protocol"] == "full"
         and out["split"] == "leave-one-out"
     )
-    stored = read_manifest(behavior_artifact).metrics["full"]
-    for scorer in ("model", "popularity", "markov"):
-        got = out[scorer]
-        assert isinstance(got, dict) and set(got) == METRICS
-        for name, value in got.items():
-            assert value == pytest.approx(stored[scorer][name], abs=1e-9), (scorer, name)
+    metrics = read_manifest(behavior_artifact).metrics
+    excluded = out["exclude_history"]
+    assert isinstance(excluded, dict)
+    for scorer in ("model", "popularity", "markov", "item-knn"):
+        for got, stored in ((out[scorer], metrics["full"]), (excluded[scorer], metrics["full-exclude-history"])):
+            assert isinstance(got, dict) and set(got) == METRICS
+            for name, value in got.items():
+                assert value == pytest.approx(stored[scorer][name], abs=1e-9), (scorer, name)
 
 
 def test_train_gru_on_jsonl_with_time_split_then_evaluate(

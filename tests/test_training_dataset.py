@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.batching import grouped_batches, length_grouped
 from training.config import DataOptions, ModelConfig, TrainConfig
 from training.dataset import WindowIndex, epoch_batches, history_arrays
 from training.device import amp_dtype, resolve_device
@@ -86,3 +87,13 @@ def test_device_choice_and_mixed_precision() -> None:
     else:
         assert amp_dtype(torch.device("cuda"), "off") is None
         assert amp_dtype(torch.device("cuda"), "fp16") == torch.float16
+
+
+def test_length_grouped_order_on_the_index_equals_the_list_based_grouped_batches(split: Split) -> None:
+    chunks = training_windows(split.train_sequences(), 10)
+    index = WindowIndex.from_split(split, 10)
+    before = list(grouped_batches(chunks, 16, np.random.default_rng(3)))
+    after = [index.batch(rows) for rows in length_grouped(index.lengths, 16, np.random.default_rng(3))]
+    assert len(before) == len(after) > 1
+    for (x0, y0), (x1, y1) in zip(before, after, strict=True):
+        assert np.array_equal(x0, x1) and np.array_equal(y0, y1)

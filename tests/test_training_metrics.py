@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from training.baselines import Markov, Popularity
+from training.baselines import ItemKNN, Markov, Popularity, recency_weights
 from training.events import EventLog
 from training.metrics import UNRANKED, RankAccumulator, macro_f1, ranks, summarize, top1
-from training.protocols import evaluate_cases, sample_negatives
+from training.protocols import EXCLUDE_HISTORY, evaluate_cases, history_mask, sample_negatives
 from training.splits import Split, leave_one_out
 
 # columns: <pad>, <unk>, a, b, c, d
@@ -129,3 +129,52 @@ def test_evaluate_cases_runs_both_protocols_for_every_scorer() -> None:
         assert result.metrics[protocol]["oracle"]["macro_f1"] == 1.0
         assert result.metrics[protocol]["constant"]["hr@5"] == 0.0  # all tied: last among 6 candidates
     assert result.metrics["full"]["constant"]["hr@10"] == 1.0  # 10 candidate actions: rank 9
+
+
+def test_item_knn_hand_computed() -> None:
+    # user 0: 2 3 4, user 1: 3 5; window 2, pairs d events apart weigh 0.5 ** (d - 1), reverse pairs 0.25x
+    train = [np.array([2, 3, 4]), np.array([3, 5])]
+    knn = ItemKNN(train, vocab_size=7, window=2, recent=2, decay=0.5, gap_decay=0.5, backward=0.25)
+    count = np.array([0, 0, 1, 2, 1, 1, 0], dtype=np.float64)  # occurrences
+    forward = {(2, 3): 1.0, (3, 4): 1.0, (3, 5): 1.0, (2, 4): 0.5}  # (earlier, later): weighted co-occurrences
+    sim = np.zeros((7, 7))
+    for (i, j), w in forward.items():
+        sim[i, j] += w / math.sqrt(count[i] * count[j])
+        sim[j, i] += 0.25 * w / math.sqrt(count[i] * count[j])
+    floor = sim[sim > 0].min() * 0.5  # the smallest similarity at the oldest recent event's weight
+    backoff = floor * count / (count.sum() + 1)
+    scores = knn([np.array([2, 3]), np.array([6]), np.array([], dtype=np.int64)])
+    assert scores[0] == pytest.approx(backoff + 0.5 * sim[2] + 1.0 * sim[3])  # 3 is the last event: weight 1
+    assert scores[1] == pytest.approx(backoff) and scores[2] == pytest.approx(backoff)  # nothing known
+    assert scores[0, 4] > scores[0, 5] > scores[0, 2]  # 4 followed 2 and 3; 5 followed 3; 2 only preceded 3
+    assert np.all(scores[:, :2] == 0)  # PAD and UNK never scored
+    assert recency_weights(3, 0.5).tolist() == [0.25, 0.5, 1.0]
+
+
+def test_history_mask_keeps_the_target_and_only_the_window() -> None:
+    valid = np.arange(8)[None, :] > 1
+    histories = [np.array([2, 3, 4]), np.array([5, 5])]
+    mask = history_mask(histories, np.array([3, 6]), valid, window=2)
+    assert mask[0].tolist() == [False, False, True, True, False, True, True, True]  # 2 is outside the window
+    assert mask[1].tolist() == [False, False, True, True, True, False, True, True]
+
+
+def test_exclude_history_ranks_the_target_among_unseen_actions() -> None:
+    split = _split([[2, 3, 4, 5], [3, 2, 6]])
+    vocab = 8
+    # scores the history highest, then the target: ranked 3rd (user 0) and 3rd (user 1) among all actions,
+    # first once the window (its last 2 events) is excluded
+    repeat_then_target = Oracle(split, vocab)
+
+    def scorer(histories: Sequence[np.ndarray]) -> np.ndarray:
+        scores = repeat_then_target(histories)
+        for i, h in enumerate(histories):
+            scores[i, h[-2:]] = 2.0
+        return scores
+
+    result = evaluate_cases(
+        split, split.cases("test"), {"s": scorer}, vocab, ("full", EXCLUDE_HISTORY), window=2
+    )
+    assert result.metrics["full"]["s"]["hr@1"] == 0.0 and result.metrics["full"]["s"]["hr@5"] == 1.0
+    assert result.metrics["full"]["s"]["mrr@5"] == pytest.approx(1 / 3)
+    assert result.metrics[EXCLUDE_HISTORY]["s"]["hr@1"] == 1.0

@@ -55,6 +55,54 @@ def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs; only the final JSON")
 
 
+def _add_quality_options(m: argparse._ArgumentGroup, o: argparse._ArgumentGroup) -> None:
+    """The model and loss options of docs/model-quality.md."""
+    m.add_argument(
+        "--input-dropout",
+        type=float,
+        default=_M.input_dropout,
+        help="dropout on the input embeddings (default: --dropout's value); --dropout then applies to the "
+        "recurrent output only",
+    )
+    m.add_argument(
+        "--feed-forward",
+        action=argparse.BooleanOptionalAction,
+        default=_M.feed_forward,
+        help="LayerNorm and a residual feed-forward block on the recurrent output (default: %(default)s)",
+    )
+    o.add_argument(
+        "--loss",
+        choices=["ce", "sampled", "bce"],
+        default=_T.loss,
+        help="ce: full softmax; sampled: softmax over the target and --loss-negatives shared negatives; "
+        f"bce: one negative per position (default: {_T.loss})",
+    )
+    o.add_argument(
+        "--loss-negatives",
+        type=int,
+        default=_T.loss_negatives,
+        help=f"--loss sampled: negatives per batch (default: {_T.loss_negatives})",
+    )
+    o.add_argument(
+        "--loss-sampler",
+        choices=["uniform", "popularity"],
+        default=_T.loss_sampler,
+        help=f"--loss sampled/bce: how negatives are drawn (default: {_T.loss_sampler})",
+    )
+    o.add_argument(
+        "--logq",
+        action=argparse.BooleanOptionalAction,
+        default=_T.logq,
+        help="--loss sampled with --loss-sampler popularity: logQ correction (default: %(default)s)",
+    )
+    o.add_argument(
+        "--lr-patience",
+        type=int,
+        default=_T.lr_patience,
+        help=f"epochs without improvement before each --lr-decay (default: {_T.lr_patience})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes building training batches (0: the training process; default: %(default)s)",
     )
 
+    _add_quality_options(m, o)
+
     e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
     e.add_argument(
         "--artifact", type=Path, required=True, help="artifact directory (model.onnx, manifest.json)"
@@ -188,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["full", "sampled"], default="full", help="(default: full)")
     e.add_argument(
         "--negatives", type=int, default=_T.negatives, help=f"sampled protocol (default: {_T.negatives})"
+    )
+    e.add_argument(
+        "--exclude-history",
+        action="store_true",
+        help="full protocol: also report the variant where the actions in the user's window are no candidates "
+        "(under \"exclude_history\", beside the plain figures)",
     )
     _add_data_options(e, action_default=None)
     return parser
@@ -220,6 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.command == "train":
         if args.window < 1 or args.epochs < 1 or (args.batch_size or 1) < 1 or not 0 <= args.dropout < 1:
             raise TrainingError("--window, --epochs and --batch-size must be >= 1 and --dropout in [0, 1)")
+        if args.loss_negatives < 1 or args.lr_patience < 1 or not 0 <= (args.input_dropout or 0) < 1:
+            raise TrainingError("--loss-negatives and --lr-patience must be >= 1 and --input-dropout in [0, 1)")
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
         model_args = {
             "cell": args.model,
@@ -231,6 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "tied": args.tied,
             "residual": args.residual,
             "history_bias": args.history_bias,
+            "input_dropout": args.input_dropout,
+            "feed_forward": args.feed_forward,
         }
         config = TrainConfig(
             epochs=args.epochs,
@@ -251,12 +311,24 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             device=args.device,
             amp=args.amp,
             loader_workers=args.loader_workers,
+            loss=args.loss,
+            loss_negatives=args.loss_negatives,
+            loss_sampler=args.loss_sampler,
+            logq=args.logq,
+            lr_patience=args.lr_patience,
         )
         return train_command(options, model_args, config, args.out)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
     options = _data_options(args, action_cols, args.split or manifest.training.split)
-    return evaluate_command(options, args.artifact, args.protocol, args.negatives, progress=not args.quiet)
+    return evaluate_command(
+        options,
+        args.artifact,
+        args.protocol,
+        args.negatives,
+        progress=not args.quiet,
+        exclude_history=args.exclude_history,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

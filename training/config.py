@@ -9,6 +9,8 @@ from typing import Literal
 Cell = Literal["lstm", "gru"]
 SplitName = Literal["leave-one-out", "time"]
 StopMetric = Literal["hr@10", "ndcg@10"]
+Loss = Literal["ce", "sampled", "bce"]
+Sampler = Literal["uniform", "popularity"]
 
 #: Seed of the sampled protocol's negatives: fixed so that `train` and `evaluate` draw the same ones.
 EVAL_SEED = 0
@@ -42,6 +44,8 @@ class ModelConfig:
     tied: bool = False  # score actions with the input embedding table (hidden -> E, then E @ embedding.T)
     history_bias: bool = True  # learn one score offset for actions already in the window
     residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
+    input_dropout: float | None = None  # dropout on the input embeddings; None: `dropout` (hidden states)
+    feed_forward: bool = False  # LayerNorm and a residual feed-forward block on the recurrent output
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available), cuda or cpu
     amp: str = "auto"  # mixed precision on a GPU: auto (bf16, else fp16), bf16, fp16 or off; always off on CPU
     loader_workers: int = 0  # DataLoader processes building batches (0: in the training process)
+    loss: Loss = "ce"  # ce: full softmax; sampled: softmax over the target and shared negatives; bce: 1 negative
+    loss_negatives: int = 1000  # sampled: negatives shared by every position of a batch
+    loss_sampler: Sampler = "uniform"  # sampled: how the negatives are drawn
+    logq: bool = True  # sampled: subtract log(expected count) from every candidate's score (popularity sampler)
+    lr_patience: int = 1  # multiply the learning rate by lr_decay after this many epochs without improvement

@@ -10,6 +10,7 @@ Only rank 0 evaluates on the test cases and writes the artifact.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,20 +91,24 @@ def all_min(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-class _PositionLogits(nn.Module):
-    """The training forward (`position_logits`) as a module's forward, which DDP's gradient hooks need."""
+class _TrainingLoss(nn.Module):
+    """The training forward and loss (`loss(model, inputs, targets)`, training/losses.py) as a module's forward,
+    which DDP's gradient hooks need: every parameter the loss reads is reached through this forward."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: Callable[..., tuple[torch.Tensor, int]]) -> None:
         super().__init__()
         self.model = model
+        self.loss = loss
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.position_logits(inputs, targets)  # type: ignore[operator, no-any-return]
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.loss(self.model, inputs, targets)
 
 
-def training_step(model: nn.Module, device: torch.device) -> nn.Module:
-    """A module computing (logits (N, V), targets (N,)) from (inputs, targets): DDP-wrapped when distributed."""
-    step = _PositionLogits(model)
+def training_step(
+    model: nn.Module, device: torch.device, loss: Callable[..., tuple[torch.Tensor, int]]
+) -> nn.Module:
+    """A module computing (mean loss, scored positions) from (inputs, targets): DDP-wrapped when distributed."""
+    step = _TrainingLoss(model, loss)
     if not current().distributed:
         return step
     ids = [device.index] if device.type == "cuda" else None

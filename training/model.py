@@ -1,8 +1,8 @@
-"""The network: action ids (B, T) -> embedding -> LSTM/GRU -> linear over the action vocabulary.
+"""The network: action ids (B, T) -> embedding -> LSTM/GRU -> (feed-forward block) -> scores over the vocabulary.
 
 `forward` is exactly what model.onnx computes: the probabilities of the next action after each row's
-`lengths` events, with the padding and unknown ids masked out. Training uses `position_logits` instead,
-which scores every position of a right-padded batch at once.
+`lengths` events, with the padding and unknown ids masked out. Training reads `position_states` instead:
+the states at every real position of a right-padded batch, which the losses (training/losses.py) score.
 """
 
 from __future__ import annotations
@@ -13,6 +13,38 @@ from torch import nn
 
 from app.manifest import PAD_ID, UNK_ID
 from training.config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """LayerNorm on the recurrent output, then a residual two-layer feed-forward block and a second LayerNorm."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_in(h)  # (..., H)
+        return self.norm_out(h + self.ff(h))  # (..., H)
+
+
+class PrefixHistory:
+    """Which actions each scored position of a right-padded batch has seen (its row's events up to it),
+    from each row's first position of every action: (B, V) instead of (N, V) one-hots."""
+
+    def __init__(self, action_ids: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> None:
+        b, t = action_ids.shape
+        steps = torch.arange(t, device=action_ids.device).expand(b, t)  # (B, T)
+        first = torch.full((b, vocab_size), t, dtype=torch.long, device=action_ids.device)  # (B, V)
+        self.first = first.scatter_reduce(1, action_ids, steps, reduce="amin")  # (B, V); PAD's is meaningless
+        self.rows, self.cols = keep.nonzero(as_tuple=True)  # (N,), (N,): the scored positions
+
+    def seen(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """1.0 where the position has seen the action, else 0.0: over every action (N, V), or over the
+        candidate ids `columns` (N, C)."""
+        first = self.first[self.rows] if columns is None else self.first[self.rows.unsqueeze(1), columns]
+        return (first <= self.cols.unsqueeze(1)).float()  # (N, V) or (N, C)
 
 
 class NextActionModel(nn.Module):
@@ -32,15 +64,18 @@ class NextActionModel(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
+        input_dropout = config.dropout if config.input_dropout is None else config.input_dropout
+        self.input_dropout = nn.Dropout(input_dropout)
         self.dropout = nn.Dropout(config.dropout)
         # The last event decides much of what comes next (item-to-item transitions); a residual path from its
         # embedding keeps its identity sharp in the state the head reads, instead of only through the gates.
         self.skip = (
             nn.Linear(config.embedding_dim, config.hidden_dim, bias=False) if config.residual else None
         )
+        self.block = FeedForward(config.hidden_dim, config.dropout) if config.feed_forward else None
         if config.tied:
             self.project: nn.Module = nn.Linear(config.hidden_dim, config.embedding_dim)
-            self.head = nn.Linear(config.embedding_dim, config.vocab_size)
+            self.head = nn.Linear(config.embedding_dim, config.vocab_size)  # its bias: one per action
             self.head.weight = self.embedding.weight  # one table for inputs and outputs
         else:
             self.project = nn.Identity()
@@ -52,17 +87,24 @@ class NextActionModel(nn.Module):
         masked[[PAD_ID, UNK_ID]] = True  # never predicted: probability exactly 0
         self.register_buffer("masked", masked, persistent=False)
 
+    def head_input(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads from recurrent outputs (..., H) and the embeddings they came from (..., E);
+        the step graph calls it too, so both graphs compute the same thing."""
+        if self.skip is not None:
+            out = out + self.skip(x)  # (..., H)
+        if self.block is not None:
+            out = self.block(out)  # (..., H)
+        return out
+
     def states(self, action_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state after every position of right-padded ids (B, T) -> (B, T, H).
 
         With right padding the state at position t depends only on events 0..t, so padding never
         leaks into the states that are read.
         """
-        x = self.dropout(self.embedding(action_ids))  # (B, T, E)
+        x = self.input_dropout(self.embedding(action_ids))  # (B, T, E)
         out, _ = self.rnn(x)  # (B, T, H)
-        if self.skip is not None:
-            out = out + self.skip(x)  # (B, T, H)
-        return self.dropout(out)  # (B, T, H)
+        return self.dropout(self.head_input(out, x))  # (B, T, H)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary from hidden states (..., H) -> (..., V), PAD and UNK at -inf."""
@@ -76,19 +118,25 @@ class NextActionModel(nn.Module):
         onehot = torch.zeros_like(logits).scatter(1, ids * seen, seen.to(logits.dtype))  # (N, V)
         return logits + self.history_bias * onehot  # (N, V); PAD stays -inf
 
+    def position_states(
+        self, action_ids: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, PrefixHistory | None]:
+        """Training: states (N, H) and targets (N,) at every position whose target is a known action (padding
+        is never scored), and, with a history bias, which actions each of those positions has seen."""
+        states = self.states(action_ids)  # (B, T, H)
+        keep = targets > UNK_ID  # (B, T): not padding, not unknown
+        history = PrefixHistory(action_ids, keep, self.config.vocab_size) if self.history_bias is not None else None
+        return states[keep], targets[keep], history  # (N, H), (N,)
+
     def position_logits(
         self, action_ids: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: logits (N, V) and targets (N,) at every position whose target is a known action."""
-        states = self.states(action_ids)  # (B, T, H)
-        keep = targets > UNK_ID  # (B, T): not padding, not unknown
-        logits = self.logits(states[keep])  # (N, V)
-        if self.history_bias is not None:
-            rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
-            steps = torch.arange(action_ids.shape[1], device=action_ids.device)  # (T,)
-            seen = steps.unsqueeze(0) <= cols.unsqueeze(1)  # (N, T): the prefix the prediction reads
-            logits = self._add_history(logits, action_ids[rows], seen)
-        return logits, targets[keep]  # (N, V), (N,)
+        """Training with full softmax: logits (N, V) and targets (N,) at every position whose target is known."""
+        states, kept, history = self.position_states(action_ids, targets)  # (N, H), (N,)
+        logits = self.logits(states)  # (N, V)
+        if history is not None and self.history_bias is not None:
+            logits = logits + self.history_bias * history.seen()  # (N, V)
+        return logits, kept
 
     def final_logits(self, action_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after the first `lengths` events of right-padded ids (B, T); PAD and UNK at -inf.

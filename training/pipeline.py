@@ -22,11 +22,11 @@ from app.manifest import (
 )
 from training import distributed
 from training.arrays import Sequences
-from training.baselines import Markov, Popularity
+from training.baselines import ItemKNN, Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
 from training.errors import TrainingError
 from training.events import EventLog, load_events
-from training.protocols import Protocol, Scorer, evaluate_cases
+from training.protocols import EXCLUDE_HISTORY, Protocol, Scorer, evaluate_cases
 from training.splits import Split, make_boundaries
 from training.vocab import Vocabulary
 
@@ -60,18 +60,23 @@ def prepare(
     return events, split, vocabulary
 
 
-def baseline_scorers(split: Split, vocab_size: int) -> dict[str, Scorer]:
+def baseline_scorers(split: Split, vocab_size: int, window: int = 50) -> dict[str, Scorer]:
+    """Popularity, Markov and item-kNN (co-occurrence within `window` events), fitted on the training events."""
     train = split.train_sequences()
-    return {"popularity": Popularity(train, vocab_size), "markov": Markov(train, vocab_size)}
+    return {
+        "popularity": Popularity(train, vocab_size),
+        "markov": Markov(train, vocab_size),
+        "item-knn": ItemKNN(train, vocab_size, window),
+    }
 
 
-def validation_baselines(split: Split, vocab_size: int) -> dict[str, dict[str, float]]:
-    """Both baselines on the validation targets (full protocol), fitted on the training events: the reference
+def validation_baselines(split: Split, vocab_size: int, window: int = 50) -> dict[str, dict[str, float]]:
+    """The baselines on the validation targets (full protocol), fitted on the training events: the reference
     lines of the model's validation curve. Empty when there are no validation cases."""
     cases = split.cases("validation")
     if not len(cases):
         return {}
-    evaluation = evaluate_cases(split, cases, baseline_scorers(split, vocab_size), vocab_size, ("full",))
+    evaluation = evaluate_cases(split, cases, baseline_scorers(split, vocab_size, window), vocab_size, ("full",))
     return evaluation.metrics["full"]
 
 
@@ -130,22 +135,23 @@ def _train(
         model, seconds, refit_epochs = final.model, seconds + final.seconds, len(final.epochs)
     if not distributed.current().main:
         return None  # under torchrun every process trains; rank 0 evaluates and writes the artifact
-    baseline_validation = validation_baselines(split, len(vocabulary))
+    baseline_validation = validation_baselines(split, len(vocabulary), model_config.window)
 
     test = final_split.cases("test")
     scorers = {
         "model": model_scorer(model, model_config.window),
-        **baseline_scorers(final_split, len(vocabulary)),
+        **baseline_scorers(final_split, len(vocabulary), model_config.window),
     }
     evaluation = evaluate_cases(
         final_split,
         test,
         scorers,
         len(vocabulary),
-        ("full", "sampled"),
+        ("full", EXCLUDE_HISTORY, "sampled"),
         config.negatives,
         EVAL_SEED,
         progress=not config.quiet,
+        window=model_config.window,
     )
     if not len(test):
         log.warning("no test cases (every user has fewer than 3 events?): the artifact has no metrics")
@@ -230,9 +236,22 @@ def _train(
 
 
 def evaluate_command(
-    options: DataOptions, artifact_dir: Path, protocol: Protocol, negatives: int, progress: bool = False
+    options: DataOptions,
+    artifact_dir: Path,
+    protocol: Protocol,
+    negatives: int,
+    progress: bool = False,
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
-    """Score the artifact's model.onnx (with ONNX Runtime) and both baselines on the re-created test split."""
+    """Score the artifact's model.onnx (with ONNX Runtime) and the baselines on the re-created test split.
+
+    With `exclude_history` (full protocol only) the full-exclude-history figures come too, under
+    "exclude_history", beside the plain ones.
+    """
+    if exclude_history and protocol != "full":
+        raise TrainingError(
+            "--exclude-history applies to --protocol full (sampled negatives already exclude the user's actions)"
+        )
     from training.runtime import onnx_scorer, open_session
 
     manifest = read_manifest(artifact_dir)
@@ -243,13 +262,24 @@ def evaluate_command(
     session = open_session(Path(artifact_dir) / MODEL_FILE)
     scorers = {
         "model": onnx_scorer(session, manifest.window, manifest.io),
-        **baseline_scorers(split, len(vocabulary)),
+        **baseline_scorers(split, len(vocabulary), manifest.window),
     }
+    protocols: tuple[Protocol, ...] = (protocol, EXCLUDE_HISTORY) if exclude_history else (protocol,)
     evaluation = evaluate_cases(
-        split, test, scorers, len(vocabulary), (protocol,), negatives, EVAL_SEED, progress=progress
+        split,
+        test,
+        scorers,
+        len(vocabulary),
+        protocols,
+        negatives,
+        EVAL_SEED,
+        progress=progress,
+        window=manifest.window,
     )
     out: dict[str, Any] = {"protocol": protocol, "split": options.split, "cases": evaluation.cases}
     if evaluation.mean_negatives is not None:
         out["mean_negatives"] = round(evaluation.mean_negatives, 2)
     out.update(evaluation.metrics[protocol])
+    if exclude_history:
+        out["exclude_history"] = evaluation.metrics[EXCLUDE_HISTORY]
     return out

@@ -1,6 +1,9 @@
-"""The two evaluation protocols, run for several scorers on the same cases in one pass.
+"""The evaluation protocols, run for several scorers on the same cases in one pass.
 
 full:    the target is ranked among all actions (every id but PAD and UNK).
+full-exclude-history:
+         the same, but the actions in the case's input window (its last `window` events) are no candidates,
+         except the target itself: the common variant for data where nobody repeats an action (Amazon).
 sampled: the target is ranked among `negatives` actions drawn uniformly, without replacement, from those the
          user never interacted with (fixed seed), as in the published GRU4Rec/SASRec results. When fewer
          such actions exist, all of them are used.
@@ -19,7 +22,8 @@ from app.manifest import UNK_ID
 from training.metrics import RankAccumulator
 from training.splits import EvalCases, Split
 
-Protocol = Literal["full", "sampled"]
+Protocol = Literal["full", "full-exclude-history", "sampled"]
+EXCLUDE_HISTORY: Protocol = "full-exclude-history"
 Scorer = Callable[[Sequence[np.ndarray]], np.ndarray]  # histories -> scores (B, V), higher is more likely
 
 
@@ -65,6 +69,18 @@ def sample_negatives(
     return candidates, valid
 
 
+def history_mask(
+    histories: Sequence[np.ndarray], targets: np.ndarray, valid: np.ndarray, window: int | None
+) -> np.ndarray:
+    """Candidates (b, V) of full-exclude-history: `valid` without each history's last `window` actions, but
+    with its target (a repeated action is still ranked, among the actions not in the window)."""
+    mask = np.repeat(valid, len(histories), axis=0)  # (b, V)
+    for i, history in enumerate(histories):
+        mask[i, history[-window:] if window else history] = False
+    mask[np.arange(len(histories)), targets] = valid[0, targets]
+    return mask
+
+
 def evaluate_cases(
     split: Split,
     cases: EvalCases,
@@ -75,8 +91,12 @@ def evaluate_cases(
     seed: int = 0,
     batch_size: int = 512,
     progress: bool = False,
+    window: int | None = None,
 ) -> Evaluation:
-    """Every scorer under every protocol on `cases`; all scorers see the same sampled negatives."""
+    """Every scorer under every protocol on `cases`; all scorers see the same sampled negatives.
+
+    `window`: how many of a history's last events full-exclude-history masks (None: the whole history).
+    """
     mean_negatives = None
     if "sampled" in protocols:
         candidates, cand_valid = sample_negatives(split, cases, vocab_size, negatives, seed)
@@ -89,10 +109,14 @@ def evaluate_cases(
         histories = [split.history(u, p) for u, p in zip(cases.users[sl], cases.positions[sl], strict=True)]
         targets = cases.targets[sl]  # (b,)
         ok = targets > UNK_ID  # (b,)
+        if EXCLUDE_HISTORY in protocols:
+            unseen = history_mask(histories, targets, full_valid, window)  # (b, V)
         for name, scorer in scorers.items():
             scores = scorer(histories)  # (b, V)
             if "full" in protocols:
                 acc["full"][name].add(scores, None, targets, full_valid, ok)
+            if EXCLUDE_HISTORY in protocols:
+                acc[EXCLUDE_HISTORY][name].add(scores, None, targets, unseen, ok)
             if "sampled" in protocols:
                 cand = candidates[sl]  # (b, 1 + n)
                 picked = np.take_along_axis(scores, cand, axis=1)  # (b, 1 + n)

@@ -15,9 +15,11 @@ from training.train import EpochLog
 
 LOSS_PLOT = "loss.png"
 HR_PLOT = "val_hr10.png"
-SCORERS = ("model", "popularity", "markov")
+SCORERS = ("model", "popularity", "markov", "item-knn")
 PROTOCOL_NOTES = {
     "full": "the target ranked among all actions",
+    "full-exclude-history": "the target ranked among all actions except those in the user's window (the "
+    "target itself stays a candidate)",
     "sampled": "the target ranked against {negatives:.4g} actions on average that the user never interacted "
     "with, drawn uniformly (fixed seed)",
 }
@@ -50,7 +52,9 @@ def plot_curves(
     ):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.plot(x, values, marker="o", color="tab:green", label="model")
-        for (name, metrics), color in zip(baselines.items(), ("tab:gray", "tab:red"), strict=False):
+        for (name, metrics), color in zip(
+            baselines.items(), ("tab:gray", "tab:red", "tab:purple"), strict=False
+        ):
             if key in metrics:
                 ax.axhline(metrics[key], linestyle="--", color=color, label=f"{name} {metrics[key]:.4f}")
         ax.set(xlabel="epoch", ylabel=label, title=f"Validation {label} per epoch (full ranking)")
@@ -144,8 +148,9 @@ def write_report(
             f"## Test metrics, {protocol} protocol",
             "",
             (
-                f"{note.capitalize()}. Ties count against the scorer. Popularity and a first-order Markov chain "
-                "(popularity breaks its ties) are fitted on every event before the test targets."
+                f"{note.capitalize()}. Ties count against the scorer. Popularity, a first-order Markov chain "
+                "and item-kNN (co-occurrence within the window, cosine-normalised, recency-weighted history; "
+                "popularity breaks the ties of both) are fitted on every event before the test targets."
             ),
             "",
             *_metrics_table(per_scorer),

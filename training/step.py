@@ -56,9 +56,7 @@ class StepModel(nn.Module):
             out, (h_out, c_out) = m.rnn(x, (h, rest[0]))  # (B, S, H), (L, B, H) x2
         else:
             out, h_out = m.rnn(x, h)  # (B, S, H), (L, B, H)
-        last = out[:, -1]  # (B, H)
-        if m.skip is not None:
-            last = last + m.skip(x[:, -1])  # (B, H)
+        last = m.head_input(out[:, -1], x[:, -1])  # (B, H): the same head input as model.onnx
         logits = m.logits(last)  # (B, V)
         if m.history_bias is not None:  # the window's action set, scored as model.onnx scores it
             history = rest[-1]  # (B, T), right-padded with PAD
