@@ -44,7 +44,9 @@ def main() -> int:
     if settings.redis_url is None and settings.workers > 1:
         # one embedded server for all workers, owned by this parent process
         embedded = EmbeddedRedis(
-            settings.data_dir, port=settings.embedded_redis_port, appendfsync=settings.embedded_redis_appendfsync
+            settings.data_dir,
+            port=settings.embedded_redis_port,
+            appendfsync=settings.embedded_redis_appendfsync,
         )
         try:
             embedded.start()
@@ -52,8 +54,12 @@ def main() -> int:
             log.critical("cannot start: %s", e)
             return 2
         os.environ["NEXTACT_REDIS_URL"] = embedded.url
-        os.environ[EMBEDDED_URL_ENV] = embedded.url  # so the workers' /readyz and /v1/model say it is embedded
-    metrics_dir = _multiprocess_metrics_dir() if settings.workers > 1 or os.environ.get(MULTIPROC_ENV) else None
+        os.environ[EMBEDDED_URL_ENV] = (
+            embedded.url
+        )  # so the workers' /readyz and /v1/model say it is embedded
+    metrics_dir = (
+        _multiprocess_metrics_dir() if settings.workers > 1 or os.environ.get(MULTIPROC_ENV) else None
+    )
     log.info("nextact serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # a no-op here lets a clean shutdown exit 0 (and skips KeyboardInterrupt's traceback)
@@ -64,20 +70,28 @@ def main() -> int:
 
         http: Any = GuardedHttpToolsProtocol
     except ImportError:  # no httptools on this platform: h11 bounds the head's size, but nothing times it out
-        log.warning("httptools is not installed: request heads and bodies are not timed out "
-                    "(NEXTACT_HTTP_HEADER_TIMEOUT_SECONDS / NEXTACT_HTTP_BODY_TIMEOUT_SECONDS)")
+        log.warning(
+            "httptools is not installed: request heads and bodies are not timed out "
+            "(NEXTACT_HTTP_HEADER_TIMEOUT_SECONDS / NEXTACT_HTTP_BODY_TIMEOUT_SECONDS)"
+        )
         http = "h11"
     try:
         uvicorn.run(
-            "app.main:create_app", factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
+            "app.main:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level.lower(),
+            access_log=False,
             log_config=log_config,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
             # X-Forwarded-For / -Proto only from the configured proxies (default: none)
             proxy_headers=bool(settings.forwarded_allow_ips.strip()),
             forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
             timeout_keep_alive=settings.http_keep_alive_seconds,
-            http=http, h11_max_incomplete_event_size=settings.http_max_header_bytes,
+            http=http,
+            h11_max_incomplete_event_size=settings.http_max_header_bytes,
             server_header=False,  # no "server: uvicorn" on every answer
         )
     finally:

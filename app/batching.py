@@ -85,7 +85,9 @@ class Batcher(Generic[T, R]):
                 await worker
             except asyncio.CancelledError:
                 pass
-        _fail([f for _, f, _ in self._queue], BatcherClosed("the service shut down before the prediction ran"))
+        _fail(
+            [f for _, f, _ in self._queue], BatcherClosed("the service shut down before the prediction ran")
+        )
         self._queue.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 

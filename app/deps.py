@@ -40,7 +40,9 @@ class Services:
         self, actions: list[str], k: int, filters: Filters | None = None, user_id: str | None = None
     ) -> tuple[Prediction, Role]:
         """The top-k for one window from the model serving this user (the live one unless canary), batched."""
-        model, role = self.models.served.for_user(user_id) if user_id is not None else (self.models.current, "live")
+        model, role = (
+            self.models.served.for_user(user_id) if user_id is not None else (self.models.current, "live")
+        )
         return await timings.submit(self.batcher, (model, actions, k, filters)), role
 
     async def append(self, user_id: str, events: list[NewEvent]) -> AppendResult:

@@ -32,8 +32,14 @@ class JSONBytes(Response):
         return orjson.dumps(content)
 
 
-def error_response(status: int, code: str, message: str, *, fields: list[dict[str, str]] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONBytes:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    fields: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONBytes:
     body: dict[str, Any] = {"error": code, "message": message}
     if fields is not None:
         body["fields"] = fields
@@ -78,11 +84,19 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return _validation([{"field": "body", "message": _json_error(errors[0], exc.body)}])
         content_type = request.headers.get("content-type")
-        if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        if (
+            content_type
+            and not _is_json(content_type)
+            and any(tuple(e.get("loc", ())) == ("body",) for e in errors)
+        ):
             # FastAPI hands a non-JSON body over as bytes: say why, rather than that the shape is wrong
-            message = f"the body must be JSON sent with 'Content-Type: application/json' (got {content_type!r})"
+            message = (
+                f"the body must be JSON sent with 'Content-Type: application/json' (got {content_type!r})"
+            )
             return _validation([{"field": "body", "message": message}])
-        fields = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in errors]
+        fields = [
+            {"field": field_path(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in errors
+        ]
         return _validation(fields)
 
     async def on_invalid_field(_: Request, exc: Exception) -> Response:
@@ -95,7 +109,8 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     async def on_store(_: Request, exc: Exception) -> Response:
         log.warning("%s", getattr(exc, "log_message", exc))  # without the user id
         return error_response(
-            503, "redis_unavailable",
+            503,
+            "redis_unavailable",
             f"{exc}. Retry after {retry_after_seconds}s; resending events that carry an event_id is safe.",
             headers=retry,
         )
@@ -123,7 +138,9 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+        return error_response(
+            500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
+        )
 
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(InvalidField, on_invalid_field)
@@ -150,7 +167,9 @@ class BodyLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 # more digits than any body we accept: over the limit (and no int() of a 5000-digit string)
-                declared = (int(value) if len(value) <= 18 else self.max_bytes + 1) if value.isdigit() else None
+                declared = (
+                    (int(value) if len(value) <= 18 else self.max_bytes + 1) if value.isdigit() else None
+                )
                 break
         if declared is not None:
             if declared > self.max_bytes:
@@ -185,7 +204,8 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
         response = error_response(
-            413, "payload_too_large",
+            413,
+            "payload_too_large",
             f"request body of {size} bytes or more is over the limit of {self.max_bytes} bytes (NEXTACT_MAX_BODY_BYTES)",
         )
         await response(scope, receive, send)

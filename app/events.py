@@ -82,11 +82,17 @@ def epoch_seconds(ts: float | None, now: float, settings: Settings, loc: Loc) ->
     if not math.isfinite(ts):
         raise InvalidField(loc, "out of range: must be a finite number")
     if ts < settings.min_event_timestamp:
-        raise InvalidField(loc, f"{ts} is before the earliest accepted time {settings.min_event_timestamp} "
-                                "(NEXTACT_MIN_EVENT_TIMESTAMP)")
+        raise InvalidField(
+            loc,
+            f"{ts} is before the earliest accepted time {settings.min_event_timestamp} "
+            "(NEXTACT_MIN_EVENT_TIMESTAMP)",
+        )
     if ts > now + settings.max_future_seconds:
-        raise InvalidField(loc, f"{ts} is more than {settings.max_future_seconds}s in the future "
-                                f"(NEXTACT_MAX_FUTURE_SECONDS){_unit_hint(ts, now, settings)}")
+        raise InvalidField(
+            loc,
+            f"{ts} is more than {settings.max_future_seconds}s in the future "
+            f"(NEXTACT_MAX_FUTURE_SECONDS){_unit_hint(ts, now, settings)}",
+        )
     return ts
 
 

@@ -46,8 +46,12 @@ class HeadRefused(Exception):
 def error_bytes(status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     """A complete HTTP/1.1 response with the JSON error body, closing the connection."""
     body = orjson.dumps({"error": code, "message": message})
-    lines = [STATUS_LINE[status], b"content-type: application/json\r\n",
-             b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n"]
+    lines = [
+        STATUS_LINE[status],
+        b"content-type: application/json\r\n",
+        b"content-length: " + str(len(body)).encode() + b"\r\n",
+        b"connection: close\r\n",
+    ]
     lines += [name + b": " + value + b"\r\n" for name, value in headers]
     return b"".join([*lines, b"\r\n", body])
 
@@ -55,8 +59,13 @@ def error_bytes(status: int, code: str, message: str, headers: tuple[tuple[bytes
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol plus the limits in this module's docstring (read from the settings of this process)."""
 
-    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         settings = get_settings()
         self.max_head = settings.http_max_header_bytes
@@ -76,11 +85,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            log.warning("refused a connection: over %d open connections (NEXTACT_HTTP_MAX_CONNECTIONS)",
-                        self.max_connections)
-            self._refuse(503, "too_many_connections",
-                         f"the server has {self.max_connections} connections open (NEXTACT_HTTP_MAX_CONNECTIONS); "
-                         "retry shortly", ((b"retry-after", b"1"),))
+            log.warning(
+                "refused a connection: over %d open connections (NEXTACT_HTTP_MAX_CONNECTIONS)",
+                self.max_connections,
+            )
+            self._refuse(
+                503,
+                "too_many_connections",
+                f"the server has {self.max_connections} connections open (NEXTACT_HTTP_MAX_CONNECTIONS); "
+                "retry shortly",
+                ((b"retry-after", b"1"),),
+            )
             return
         self._arm(self.head_timeout, self._head_timed_out)
 
@@ -128,16 +143,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._line_bytes += len(url)
         if self._line_bytes > self.max_head:
-            raise HeadRefused(414, "uri_too_long", f"request line over {self.max_head} bytes "
-                                                   "(NEXTACT_HTTP_MAX_HEADER_BYTES)")
+            raise HeadRefused(
+                414,
+                "uri_too_long",
+                f"request line over {self.max_head} bytes (NEXTACT_HTTP_MAX_HEADER_BYTES)",
+            )
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_lines += 1
         self._line_bytes += len(name) + len(value) + 4
         if self._header_lines > self.max_headers:
-            raise HeadRefused(431, "headers_too_large", f"more than {self.max_headers} header lines "
-                                                        "(NEXTACT_HTTP_MAX_HEADERS)")
+            raise HeadRefused(
+                431,
+                "headers_too_large",
+                f"more than {self.max_headers} header lines (NEXTACT_HTTP_MAX_HEADERS)",
+            )
         if self._line_bytes > self.max_head:
             raise HeadRefused(431, "headers_too_large", self._too_large())
         super().on_header(name, value)
@@ -171,8 +192,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._timer = None
         log.debug("request head not received within %ss", self.head_timeout)
-        self._refuse(408, "request_timeout", f"request head not received within {self.head_timeout:g} s "
-                                             "(NEXTACT_HTTP_HEADER_TIMEOUT_SECONDS)")
+        self._refuse(
+            408,
+            "request_timeout",
+            f"request head not received within {self.head_timeout:g} s (NEXTACT_HTTP_HEADER_TIMEOUT_SECONDS)",
+        )
 
     def _body_timed_out(self) -> None:
         self._timer = None
@@ -180,8 +204,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started:  # too late for an answer: just close
             self._refuse_quietly()
             return
-        self._refuse(408, "request_timeout", f"request body not received within {self.body_timeout:g} s "
-                                             "(NEXTACT_HTTP_BODY_TIMEOUT_SECONDS)")
+        self._refuse(
+            408,
+            "request_timeout",
+            f"request body not received within {self.body_timeout:g} s (NEXTACT_HTTP_BODY_TIMEOUT_SECONDS)",
+        )
 
     def _refuse_quietly(self) -> None:
         self._refused = True
@@ -192,7 +219,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _refuse(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def _refuse(
+        self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         """Answer `status` with the JSON error shape (unless an answer has begun) and close the connection."""
         started = self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete
         if not self.transport.is_closing() and not started:

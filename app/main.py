@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class RedisSettingsError(RuntimeError):
     """The Redis settings cannot work (no URL and no embedded server); the message says what to set."""
 
+
 DESCRIPTION = """Predicts a user's next action from their recent events.
 
 POST a user's events and get the probabilities of their next action back on the same request. Each user's
@@ -52,7 +53,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics: Metrics = app.state.metrics
         if app.state.stage_timings is not None:  # NEXTACT_STAGE_TIMINGS: GC callback and loop-lag probe
             await stack.enter_async_context(app.state.stage_timings.running())
-        if metrics.multiprocess_dir is not None:  # live gauges (in flight, model info) forget this worker on exit
+        if (
+            metrics.multiprocess_dir is not None
+        ):  # live gauges (in flight, model info) forget this worker on exit
             stack.callback(mark_process_dead, os.getpid(), metrics.multiprocess_dir)
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
         if settings.incremental_state:  # off: the same call as before the option existed
@@ -82,24 +85,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded_here = url is None
         if url is None:
             embedded = EmbeddedRedis(
-            settings.data_dir, port=settings.embedded_redis_port, appendfsync=settings.embedded_redis_appendfsync
-        )
+                settings.data_dir,
+                port=settings.embedded_redis_port,
+                appendfsync=settings.embedded_redis_appendfsync,
+            )
             await asyncio.to_thread(embedded.start)
             stack.push_async_callback(asyncio.to_thread, embedded.stop)
             url = embedded.url
-        redis = connect(url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries)
+        redis = connect(
+            url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries
+        )
         # a parent `python -m app` with several workers starts the embedded server and passes its URL on
         redis.embedded = embedded_here or os.environ.get(EMBEDDED_URL_ENV) == url
         if redis.embedded:
-            log.warning("using the embedded Redis at %s: windows are private to this host and not shared with "
-                        "other replicas (set NEXTACT_REDIS_URL for production)", redis.address)
+            log.warning(
+                "using the embedded Redis at %s: windows are private to this host and not shared with "
+                "other replicas (set NEXTACT_REDIS_URL for production)",
+                redis.address,
+            )
         stack.push_async_callback(redis.close)
         store = MeteredWindowStore(
-            redis.client, settings.key_prefix, settings.window_ttl_seconds, redis.address,
-            max_concurrency=settings.redis_max_connections, direct=redis.direct,
+            redis.client,
+            settings.key_prefix,
+            settings.window_ttl_seconds,
+            redis.address,
+            max_concurrency=settings.redis_max_connections,
+            direct=redis.direct,
             queue_timeout_seconds=settings.redis_queue_timeout_seconds,
             call_timeout_seconds=call_deadline(settings.redis_timeout_seconds, settings.redis_retries),
-            metrics=metrics, known=lambda action: holder.current.knows(action),
+            metrics=metrics,
+            known=lambda action: holder.current.knows(action),
         )
         try:
             await store.load_script()
@@ -107,7 +122,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.warning("%s; starting without it", e)
 
         batcher: Batcher[PredictRequest, Prediction] = Batcher(
-            predict_mixed, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
+            predict_mixed,
+            max_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=metrics.observe_batch,
         )
         stack.push_async_callback(batcher.close)
@@ -118,14 +135,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 return holder.current.advance(batch)
 
             step_batcher = Batcher(
-                advance, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000,
-                on_batch=metrics.observe_batch, name="nextact-step",
+                advance,
+                max_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000,
+                on_batch=metrics.observe_batch,
+                name="nextact-step",
             )
             stack.push_async_callback(step_batcher.close)
         if settings.rate_limit_requests:
             app.state.rate_limiter = RateLimiter(
-                redis.client, limit=settings.rate_limit_requests, window_seconds=settings.rate_limit_window_seconds,
-                key_prefix=settings.key_prefix, algorithm=settings.rate_limit_algorithm,
+                redis.client,
+                limit=settings.rate_limit_requests,
+                window_seconds=settings.rate_limit_window_seconds,
+                key_prefix=settings.key_prefix,
+                algorithm=settings.rate_limit_algorithm,
                 timeout_seconds=settings.redis_timeout_seconds,
             )
 
@@ -134,8 +157,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             _show_model(metrics, new)
 
         reloader: Reloader[ServingModel] = Reloader(
-            settings.artifact_dir, load=load, install=install, version=lambda m: m.version,
-            current=lambda: holder.current, metrics=metrics,
+            settings.artifact_dir,
+            load=load,
+            install=install,
+            version=lambda m: m.version,
+            current=lambda: holder.current,
+            metrics=metrics,
         )
         app.state.reloader = reloader
         reloader.start_watch(settings.artifact_watch_seconds)
@@ -155,10 +182,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(prediction_log.drain)  # before the batcher and Redis close
             snapshots = asyncio.create_task(_snapshots(quality, holder, settings.quality_snapshot_seconds))
             stack.callback(snapshots.cancel)
-        app.state.services = Services(settings, holder, redis, store, batcher, step_batcher,
-                                      quality if settings.live_quality else None, prediction_log)
-        log.info("nextact ready: model %s, Redis at %s, window %d", model.version, redis.address,
-                 app.state.services.capacity)
+        app.state.services = Services(
+            settings,
+            holder,
+            redis,
+            store,
+            batcher,
+            step_batcher,
+            quality if settings.live_quality else None,
+            prediction_log,
+        )
+        log.info(
+            "nextact ready: model %s, Redis at %s, window %d",
+            model.version,
+            redis.address,
+            app.state.services.capacity,
+        )
         yield
 
 
@@ -168,8 +207,13 @@ def _load_checked(
     """load_model plus the reload self-check (hash, probe batch): start-up and reloads serve only checked models."""
     return load_and_check(
         artifact_dir,
-        partial(load_model, device=device, intra_op_threads=intra_op_threads, incremental=incremental,
-                rank_depth=rank_depth),
+        partial(
+            load_model,
+            device=device,
+            intra_op_threads=intra_op_threads,
+            incremental=incremental,
+            rank_depth=rank_depth,
+        ),
     )
 
 
@@ -185,7 +229,11 @@ def _candidate_reloader(
         return c.model if c is not None else None
 
     return Reloader(
-        settings.candidate_artifact_dir, load=load, version=lambda m: m.version, current=current, metrics=metrics,
+        settings.candidate_artifact_dir,
+        load=load,
+        version=lambda m: m.version,
+        current=current,
+        metrics=metrics,
         install=lambda m: holder.set_candidate(m, settings.candidate_mode, settings.candidate_share),
     )
 
@@ -194,14 +242,21 @@ async def _snapshots(quality: LiveQuality, holder: Models, every: float) -> None
     """Snapshot the served models' live figures every `every` seconds (the /ui chart's points)."""
     while True:
         served = holder.served
-        quality.snapshot([served.live.version] + ([served.candidate.model.version] if served.candidate else []))
+        quality.snapshot(
+            [served.live.version] + ([served.candidate.model.version] if served.candidate else [])
+        )
         await asyncio.sleep(every)
 
 
 def _show_model(metrics: Metrics, model: ServingModel) -> None:
     m = model.manifest
-    metrics.set_model(model_version=m.model_version, cell=m.cell, window=m.window, vocab_size=m.vocab_size,
-                      provider=model.provider)
+    metrics.set_model(
+        model_version=m.model_version,
+        cell=m.cell,
+        window=m.window,
+        vocab_size=m.vocab_size,
+        provider=model.provider,
+    )
 
 
 def _current_version(app: FastAPI) -> Callable[[], str | None]:
@@ -216,7 +271,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The application for `settings` (default: from the environment); nothing is opened until start-up."""
     settings = settings or get_settings()
     app = FastAPI(
-        title="nextact", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+        title="nextact",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
         openapi_tags=[
             {"name": "events", "description": "Post events, read and erase windows."},
             {"name": "predictions", "description": "Next-action probabilities."},
@@ -231,13 +289,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = None  # set by the lifespan when NEXTACT_RATE_LIMIT_REQUESTS > 0
     app.state.auth_limiter = (
         FailedAuthLimiter(settings.auth_failure_limit, settings.auth_failure_window_seconds)
-        if settings.auth_failure_limit else None
+        if settings.auth_failure_limit
+        else None
     )
     install_error_handlers(app, settings.retry_after_seconds)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # outermost: sees every answer (413s and auth failures included) and stamps its request id on it
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, model_version=_current_version(app),
-                       auth_enabled=app.state.auth.enabled)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=app.state.metrics,
+        model_version=_current_version(app),
+        auth_enabled=app.state.auth.enabled,
+    )
     app.state.stage_timings = timings.install(app) if settings.stage_timings else None
     app.include_router(routes.v1)
     app.include_router(routes.router)

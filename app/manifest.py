@@ -62,7 +62,9 @@ class StepSpec(_Strict):
         "for models with a history bias (which scores the window's action set); None: no such input.",
     )
     state_shape: tuple[int, int] = Field(description="(num_layers, hidden_dim) of each of h and c.")
-    parity_max_abs_diff: float = Field(ge=0, description="Largest difference from model.onnx seen by the gate.")
+    parity_max_abs_diff: float = Field(
+        ge=0, description="Largest difference from model.onnx seen by the gate."
+    )
 
 
 class DataSummary(_Strict):
@@ -102,12 +104,16 @@ class Manifest(_Strict):
     io: IONames = IONames()
     pad_id: int = PAD_ID
     unk_id: int = UNK_ID
-    vocabulary: list[str] = Field(min_length=3, description="Action tokens in id order; [0]=<pad>, [1]=<unk>.")
+    vocabulary: list[str] = Field(
+        min_length=3, description="Action tokens in id order; [0]=<pad>, [1]=<unk>."
+    )
     data: DataSummary
     training: TrainingSummary
     # metrics[protocol][scorer][metric], e.g. metrics["sampled"]["model"]["hr@10"]; scorer in model/popularity/markov
     metrics: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
-    versions: dict[str, str] = Field(default_factory=dict, description="Library versions used to train/export.")
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Library versions used to train/export."
+    )
     step: StepSpec | None = Field(None, description="Optional single-step graph for incremental state.")
 
     @property
@@ -119,13 +125,17 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     """Load and validate manifest.json; every failure names the file."""
     path = Path(artifact_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest file not found (train a model first: python -m training train ...)")
+        raise ManifestError(
+            f"{path}: manifest file not found (train a model first: python -m training train ...)"
+        )
     try:
         manifest = Manifest.model_validate_json(path.read_bytes())
     except ValueError as e:
         raise ManifestError(f"{path}: invalid manifest: {e}") from e
     if manifest.format_version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {manifest.format_version} not supported (want {FORMAT_VERSION})")
+        raise ManifestError(
+            f"{path}: format_version {manifest.format_version} not supported (want {FORMAT_VERSION})"
+        )
     if manifest.vocabulary[PAD_ID] != PAD_TOKEN or manifest.vocabulary[UNK_ID] != UNK_TOKEN:
         raise ManifestError(f"{path}: vocabulary must start with {PAD_TOKEN!r}, {UNK_TOKEN!r}")
     return manifest

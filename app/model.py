@@ -63,7 +63,12 @@ class ServingModel:
     """A loaded artifact: manifest, ONNX Runtime session and the lookup tables for encoding and decoding."""
 
     def __init__(
-        self, artifact_dir: Path, manifest: Manifest, session: Any, device: Device, step: Any = None,
+        self,
+        artifact_dir: Path,
+        manifest: Manifest,
+        session: Any,
+        device: Device,
+        step: Any = None,
         rank_depth: int = 0,
     ) -> None:
         self.artifact_dir = artifact_dir
@@ -138,12 +143,21 @@ class ServingModel:
         encoded = [self.encode(r[0]) for r in requests]
         probs = self.probabilities([ids for ids, _ in encoded])  # (B, V)
         filters = [r[2] if len(r) > 2 else None for r in requests]  # type: ignore[misc]
-        return self._decode(probs, [r[1] for r in requests], [unknown for _, unknown in encoded],
-                            filters, [r[0] for r in requests])
+        return self._decode(
+            probs,
+            [r[1] for r in requests],
+            [unknown for _, unknown in encoded],
+            filters,
+            [r[0] for r in requests],
+        )
 
     def _decode(
-        self, probs: np.ndarray, ks: Sequence[int], unknowns: Sequence[int],
-        filters: Sequence[Filters | None] | None = None, windows: Sequence[Sequence[str]] | None = None,
+        self,
+        probs: np.ndarray,
+        ks: Sequence[int],
+        unknowns: Sequence[int],
+        filters: Sequence[Filters | None] | None = None,
+        windows: Sequence[Sequence[str]] | None = None,
     ) -> list[Prediction]:
         """Top-k of each (V,) row of probs (overwritten), as Predictions; filtered rows from their own copy."""
         probs[:, self._special] = -1.0  # keeps pad/unk out of any top-k
@@ -160,7 +174,9 @@ class ServingModel:
         out = []
         for i, (k, unknown) in enumerate(zip(ks, unknowns, strict=True)):
             actions, values_i = filtered.get(i) or (tokens[i, :k].tolist(), values[i, :k].tolist())
-            out.append(Prediction(self.version, unknown, actions, values_i, top[i, :depth] if depth else None))
+            out.append(
+                Prediction(self.version, unknown, actions, values_i, top[i, :depth] if depth else None)
+            )
         return out
 
     def _filtered(
@@ -209,9 +225,13 @@ class ServingModel:
             feed = {spec.action_ids: ids, spec.h: init[0]} | ({spec.c: init[1]} if spec.c else {})
             if spec.history:
                 seen = [windows[i] if windows is not None else rows[i] for i in index]
-                history = np.full((len(index), max(len(w) for w in seen)), self.manifest.pad_id, dtype=np.int64)
+                history = np.full(
+                    (len(index), max(len(w) for w in seen)), self.manifest.pad_id, dtype=np.int64
+                )
                 for j, w in enumerate(seen):
-                    history[j, : len(w)] = w  # (b, T) right-padded: padding lands on the pad column, never scored
+                    history[j, : len(w)] = (
+                        w  # (b, T) right-padded: padding lands on the pad column, never scored
+                    )
                 feed[spec.history] = history
             p, *new = self.step.run(names, feed)  # (b, V), (L, b, H) per state
             probs[index] = p
@@ -237,7 +257,12 @@ class ServingModel:
                 continue
             live.append(i)
             windows.append(ids)
-            if r.state is not None and r.version == self.version and len(r.state) == size and 0 < r.new <= len(ids):
+            if (
+                r.state is not None
+                and r.version == self.version
+                and len(r.state) == size
+                and 0 < r.new <= len(ids)
+            ):
                 rows.append(ids[-r.new :])
                 states.append(np.frombuffer(r.state, dtype=np.float32).reshape(shape))
             else:
@@ -254,8 +279,13 @@ class ServingModel:
             done = set(live)
             empty = [i for i in range(len(requests)) if i not in done]
             probs[empty] = self.probabilities([encoded[i][0] for i in empty])
-        preds = self._decode(probs, [r.k for r in requests], [u for _, u in encoded],
-                             [r.filters for r in requests], [r.actions for r in requests])
+        preds = self._decode(
+            probs,
+            [r.k for r in requests],
+            [u for _, u in encoded],
+            [r.filters for r in requests],
+            [r.actions for r in requests],
+        )
         return list(zip(preds, blobs, strict=True))
 
 
@@ -302,7 +332,9 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
     want_cuda = device == "cuda" or (device == "auto" and CUDA in available)
     providers = [CUDA, CPU] if want_cuda else [CPU]
     if want_cuda and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
-        printed = io.StringIO()  # the gpu extra's nvidia-* wheels (CUDA, cuDNN): load them before the provider
+        printed = (
+            io.StringIO()
+        )  # the gpu extra's nvidia-* wheels (CUDA, cuDNN): load them before the provider
         with contextlib.redirect_stdout(printed):  # preload_dlls reports failures with print()
             ort.preload_dlls()
         if printed.getvalue().strip():
@@ -320,7 +352,10 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
 
 
 def load_model(
-    artifact_dir: Path, device: Device = "auto", intra_op_threads: int = 0, incremental: bool = False,
+    artifact_dir: Path,
+    device: Device = "auto",
+    intra_op_threads: int = 0,
+    incremental: bool = False,
     rank_depth: int = 0,
 ) -> ServingModel:
     """Read manifest.json and model.onnx, create the session on the requested device and check it answers.
@@ -334,7 +369,9 @@ def load_model(
         raise ModelLoadError(str(e)) from e
     model_path = artifact_dir / MODEL_FILE
     if not model_path.is_file():
-        raise ModelLoadError(f"{model_path}: model file not found (train a model first: python -m training train ...)")
+        raise ModelLoadError(
+            f"{model_path}: model file not found (train a model first: python -m training train ...)"
+        )
     session = _session(model_path, device, intra_op_threads)
     got = session.get_providers()
     if device == "cuda" and got[0] != CUDA:
@@ -343,7 +380,9 @@ def load_model(
             f"session runs on {', '.join(got)}"
         )
     if device == "auto" and got[0] != CUDA and CUDA in _available():
-        log.warning("CUDA execution provider did not load (CUDA/cuDNN libraries missing?): running on %s", got[0])
+        log.warning(
+            "CUDA execution provider did not load (CUDA/cuDNN libraries missing?): running on %s", got[0]
+        )
     names = {i.name for i in session.get_inputs()}
     want = {manifest.io.action_ids, manifest.io.lengths}
     outputs = {o.name for o in session.get_outputs()}
@@ -356,15 +395,24 @@ def load_model(
     if incremental and manifest.step is not None:
         step = _step_session(artifact_dir, manifest.step, device, intra_op_threads)
     elif incremental:
-        log.warning("NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training.step "
-                    "--artifact %s): recomputing every window", artifact_dir, artifact_dir)
+        log.warning(
+            "NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training.step "
+            "--artifact %s): recomputing every window",
+            artifact_dir,
+            artifact_dir,
+        )
     model = ServingModel(artifact_dir, manifest, session, device, step, rank_depth=rank_depth)
     _check_answers(model, model_path)
     if step is not None:
         _check_step(model)
     log.info(
         "model %s loaded from %s: %s, window %d, %d actions (plus <pad> and <unk>), on %s",
-        manifest.model_version, artifact_dir, manifest.cell, manifest.window, manifest.vocab_size - 2, model.provider,
+        manifest.model_version,
+        artifact_dir,
+        manifest.cell,
+        manifest.window,
+        manifest.vocab_size - 2,
+        model.provider,
     )
     return model
 
@@ -400,10 +448,16 @@ def _step_session(artifact_dir: Path, spec: StepSpec, device: Device, intra_op_t
         raise ModelLoadError(f"{path}: step graph named in the manifest not found")
     actual = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     if actual != spec.sha256:
-        raise ModelLoadError(f"{path}: content hash {actual} does not match the manifest's step.sha256 {spec.sha256}")
+        raise ModelLoadError(
+            f"{path}: content hash {actual} does not match the manifest's step.sha256 {spec.sha256}"
+        )
     session = _session(path, device, intra_op_threads)
     names = {i.name for i in session.get_inputs()}
-    want = {spec.action_ids, spec.h} | ({spec.c} if spec.c else set()) | ({spec.history} if spec.history else set())
+    want = (
+        {spec.action_ids, spec.h}
+        | ({spec.c} if spec.c else set())
+        | ({spec.history} if spec.history else set())
+    )
     if names != want:
         raise ModelLoadError(f"{path}: step graph inputs {sorted(names)}, the manifest says {sorted(want)}")
     return session
@@ -423,4 +477,6 @@ def _check_step(model: ServingModel) -> None:
     want = model.probabilities([ids])
     diff = float(np.abs(got - want).max())
     if not diff <= STEP_TOLERANCE:
-        raise ModelLoadError(f"{path}: step graph differs from {MODEL_FILE} by {diff:.3g} (> {STEP_TOLERANCE:g})")
+        raise ModelLoadError(
+            f"{path}: step graph differs from {MODEL_FILE} by {diff:.3g} (> {STEP_TOLERANCE:g})"
+        )

@@ -42,10 +42,14 @@ from app.windows import AppendResult, NewEvent, StatefulAppend, StoredEvent, Win
 log = logging.getLogger("nextact.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-MODEL_VERSION_HEADER = "X-Model-Version"  # the model that made the answer (routes set it; else the current one)
+MODEL_VERSION_HEADER = (
+    "X-Model-Version"  # the model that made the answer (routes set it; else the current one)
+)
 MODEL_VERSION_KEY = MODEL_VERSION_HEADER.lower().encode()
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("nextact_request_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "nextact_request_id", default=None
+)
 
 REDIS_OPS = ("append", "read", "delete", "ping", "ratelimit")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -100,66 +104,111 @@ class Metrics:
             GCCollector(registry=r)
             PlatformCollector(registry=r)
         self.requests = Counter(
-            "http_requests", "HTTP requests by route template, method and status.",
-            ["method", "route", "status"], namespace=ns, registry=r,
+            "http_requests",
+            "HTTP requests by route template, method and status.",
+            ["method", "route", "status"],
+            namespace=ns,
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "http_request_duration_seconds", "HTTP request latency by route template, method and status.",
-            ["method", "route", "status"], namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+            "http_request_duration_seconds",
+            "HTTP request latency by route template, method and status.",
+            ["method", "route", "status"],
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
-        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being served.", namespace=ns, registry=r,
-                               multiprocess_mode="livesum")
+        self.in_flight = Gauge(
+            "http_requests_in_flight",
+            "HTTP requests being served.",
+            namespace=ns,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.inference_seconds = Histogram(
-            "inference_duration_seconds", "Time of one ONNX Runtime call (one micro-batch).",
-            namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+            "inference_duration_seconds",
+            "Time of one ONNX Runtime call (one micro-batch).",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.batch_size = Histogram(
-            "inference_batch_size", "Windows scored in one ONNX Runtime call.",
-            namespace=ns, registry=r, buckets=_BATCH_BUCKETS,
+            "inference_batch_size",
+            "Windows scored in one ONNX Runtime call.",
+            namespace=ns,
+            registry=r,
+            buckets=_BATCH_BUCKETS,
         )
         self.redis_seconds = Histogram(
-            "redis_duration_seconds", "Latency of Redis round trips by operation.",
-            ["op"], namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+            "redis_duration_seconds",
+            "Latency of Redis round trips by operation.",
+            ["op"],
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.redis_errors = Counter(
-            "redis_errors", "Redis calls that failed (connection refused, timeout, error reply) by operation.",
-            ["op"], namespace=ns, registry=r,
+            "redis_errors",
+            "Redis calls that failed (connection refused, timeout, error reply) by operation.",
+            ["op"],
+            namespace=ns,
+            registry=r,
         )
         self.events_ingested = Counter(
             "events_ingested", "Events newly stored in a user window.", namespace=ns, registry=r
         )
         self.duplicates_dropped = Counter(
-            "events_duplicate", "Events dropped because their event_id was already stored for that user.",
-            namespace=ns, registry=r,
+            "events_duplicate",
+            "Events dropped because their event_id was already stored for that user.",
+            namespace=ns,
+            registry=r,
         )
         self.unknown_actions = Counter(
-            "unknown_actions", "Posted events whose action the served model does not know (scored as <unk>).",
-            namespace=ns, registry=r,
+            "unknown_actions",
+            "Posted events whose action the served model does not know (scored as <unk>).",
+            namespace=ns,
+            registry=r,
         )
         self.incremental_appends = Counter(
-            "incremental_appends", "Appends with incremental state by how they were scored: step (from the stored "
+            "incremental_appends",
+            "Appends with incremental state by how they were scored: step (from the stored "
             "state) or rebuild (the window from the zero state: new user, late event, other model version).",
-            ["path"], namespace=ns, registry=r,
+            ["path"],
+            namespace=ns,
+            registry=r,
         )
         self.model_info = Gauge(
-            "model_info", "The model being served (value 1); labels carry its version.",
-            ["model_version", "cell", "window", "vocab_size", "provider"], namespace=ns, registry=r,
+            "model_info",
+            "The model being served (value 1); labels carry its version.",
+            ["model_version", "cell", "window", "vocab_size", "provider"],
+            namespace=ns,
+            registry=r,
             multiprocess_mode="livemax",
         )
         self.model_loaded_at = Gauge(
-            "model_loaded_timestamp_seconds", "When the model being served was loaded (unix time).",
-            namespace=ns, registry=r, multiprocess_mode="livemax",
+            "model_loaded_timestamp_seconds",
+            "When the model being served was loaded (unix time).",
+            namespace=ns,
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_reloads = Counter(
-            "model_reloads", "Model reload attempts by result (ok, refused).", ["result"], namespace=ns, registry=r,
+            "model_reloads",
+            "Model reload attempts by result (ok, refused).",
+            ["result"],
+            namespace=ns,
+            registry=r,
         )
         self.rate_limited = Counter(
             "rate_limited", "Requests refused with 429 by the rate limiter.", namespace=ns, registry=r
         )
         self.auth_failures = Counter(
-            "auth_failures", "Requests refused for authentication, by reason: missing or invalid key (401), "
-            "blocked after too many failures from the address (429).", ["reason"],
-            namespace=ns, registry=r,
+            "auth_failures",
+            "Requests refused for authentication, by reason: missing or invalid key (401), "
+            "blocked after too many failures from the address (429).",
+            ["reason"],
+            namespace=ns,
+            registry=r,
         )
         for reason in ("missing", "invalid", "blocked"):
             self.auth_failures.labels(reason=reason)
@@ -168,13 +217,21 @@ class Metrics:
         for op in REDIS_OPS:  # every series exists from the start, so rate() and alerts see a zero
             self.redis_errors.labels(op=op)
 
-    def set_model(self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str) -> None:
+    def set_model(
+        self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str
+    ) -> None:
         """Point model_info at the model now serving (one series at a time)."""
-        for labels in list(self.model_info._metrics):  # multiprocess mode keeps cleared values on file: zero them
+        for labels in list(
+            self.model_info._metrics
+        ):  # multiprocess mode keeps cleared values on file: zero them
             self.model_info.labels(*labels).set(0)
         self.model_info.clear()
         self.model_info.labels(
-            model_version=model_version, cell=cell, window=str(window), vocab_size=str(vocab_size), provider=provider
+            model_version=model_version,
+            cell=cell,
+            window=str(window),
+            vocab_size=str(vocab_size),
+            provider=provider,
         ).set(1)
         self.model_loaded_at.set(time.time())
 
@@ -240,8 +297,13 @@ class ObservabilityMiddleware:
     the response header and set for log lines; X-Model-Version on every answer; request count/latency
     metrics; one debug log line per request and an error line for every 5xx."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model_version: Callable[[], str | None] | None = None,
-                 auth_enabled: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        model_version: Callable[[], str | None] | None = None,
+        auth_enabled: bool = False,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.model_version = model_version
@@ -266,8 +328,11 @@ class ObservabilityMiddleware:
                 started = True
                 status_code = int(message["status"])
                 headers = [*message.get("headers", ()), header]
-                if (self.model_version is not None and not any(k == MODEL_VERSION_KEY for k, _ in headers)
-                        and (not self.auth_enabled or (scope.get("state") or {}).get("principal"))):
+                if (
+                    self.model_version is not None
+                    and not any(k == MODEL_VERSION_KEY for k, _ in headers)
+                    and (not self.auth_enabled or (scope.get("state") or {}).get("principal"))
+                ):
                     version = self.model_version()
                     if version:
                         headers.append((MODEL_VERSION_KEY, version.encode()))
@@ -283,14 +348,23 @@ class ObservabilityMiddleware:
             if started:
                 raise
             # answer here, so that even a bug gives a JSON body and the request id to quote in a report
-            body = json.dumps({
-                "error": "internal_error", "request_id": request_id,
-                "message": f"internal error (request id {request_id}); see the server log",
-            }).encode()
-            await send_with_id({
-                "type": "http.response.start", "status": 500,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            })
+            body = json.dumps(
+                {
+                    "error": "internal_error",
+                    "request_id": request_id,
+                    "message": f"internal error (request id {request_id}); see the server log",
+                }
+            ).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - start
@@ -300,7 +374,12 @@ class ObservabilityMiddleware:
             labels = {"method": method, "route": route, "status": str(status_code)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_seconds.labels(**labels).observe(elapsed)
-            fields = {"method": method, "route": route, "status": status_code, "duration_ms": round(elapsed * 1000, 3)}
+            fields = {
+                "method": method,
+                "route": route,
+                "status": status_code,
+                "duration_ms": round(elapsed * 1000, 3),
+            }
             if status_code >= 500:
                 log.error("%s %s -> %d", method, route, status_code, extra=fields)
             elif log.isEnabledFor(logging.DEBUG):
@@ -311,7 +390,10 @@ class ObservabilityMiddleware:
 # attributes every LogRecord has; anything else was passed with extra= and goes into the JSON object
 # (uvicorn's color_message is its message with ANSI colours: noise in a JSON line)
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", "color_message",
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
 }
 
 
@@ -346,7 +428,9 @@ def logging_config(level: str = "info") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             name: {"handlers": [], "propagate": True, "level": level}
@@ -363,7 +447,9 @@ def configure_logging(level: str = "info") -> None:
 class MeteredWindowStore(WindowStore):
     """The window store with every Redis round trip timed and counted, and stored/duplicate events counted."""
 
-    def __init__(self, *args: Any, metrics: Metrics, known: Callable[[str], bool] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, metrics: Metrics, known: Callable[[str], bool] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.metrics = metrics
         self.known = known  # is this action in the served model's vocabulary?

@@ -143,5 +143,8 @@ async def enforce_rate_limit(request: Request) -> None:
                 f"rate limit exceeded: {limiter.limit} requests per {limiter.window_ms / 1000:g} s; "
                 f"retry after {decision.retry_after_seconds} s"
             ),
-            headers={"Retry-After": str(decision.retry_after_seconds), "X-RateLimit-Limit": str(limiter.limit)},
+            headers={
+                "Retry-After": str(decision.retry_after_seconds),
+                "X-RateLimit-Limit": str(limiter.limit),
+            },
         )

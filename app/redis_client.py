@@ -31,8 +31,20 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 BACKOFF_CAP_SECONDS = 0.1  # longest pause between two tries of one Redis call
 
 # error replies that say "not now" (busy script, loading, failover, cluster reconfiguring, out of memory)
-_TRANSIENT_REPLIES = frozenset({"BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
-                                "NOREPLICAS", "OOM", "MOVED", "ASK"})
+_TRANSIENT_REPLIES = frozenset(
+    {
+        "BUSY",
+        "LOADING",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "READONLY",
+        "NOREPLICAS",
+        "OOM",
+        "MOVED",
+        "ASK",
+    }
+)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -41,9 +53,20 @@ def is_transient(error: BaseException) -> bool:
     Anything else (a cross-slot refusal, WRONGTYPE, a script error, bad arguments) fails the same way every
     time, so it must not be reported as an outage to retry.
     """
-    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | InvalidResponse | ClusterError
-                  | SlotNotCoveredError | ReadOnlyError | TryAgainError | OutOfMemoryError | AskError
-                  | TimeoutError):
+    if isinstance(
+        error,
+        RedisConnectionError
+        | RedisTimeoutError
+        | OSError
+        | InvalidResponse
+        | ClusterError
+        | SlotNotCoveredError
+        | ReadOnlyError
+        | TryAgainError
+        | OutOfMemoryError
+        | AskError
+        | TimeoutError,
+    ):
         return True
     if isinstance(error, ResponseError):
         words = str(error).split(maxsplit=1)
@@ -177,6 +200,9 @@ def connect(url: str, max_connections: int, timeout_seconds: float, retries: int
         plain = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
         client = RedisCluster.from_url(plain, max_connections=max_connections, **common)
         return RedisConnection(client, redacted_address(plain), cluster=True)
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_seconds, **common)
-    return RedisConnection(Redis.from_pool(pool), redacted_address(url), cluster=False,
-                           direct=DirectCommands(pool, retries))
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_seconds, **common
+    )
+    return RedisConnection(
+        Redis.from_pool(pool), redacted_address(url), cluster=False, direct=DirectCommands(pool, retries)
+    )

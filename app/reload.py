@@ -134,7 +134,9 @@ def check_artifact(artifact_dir: Path) -> Manifest:
 
     def run(rows: Sequence[np.ndarray]) -> Any:
         ids, lengths = pad_rows(rows, manifest)
-        return session.run([manifest.io.probabilities], {manifest.io.action_ids: ids, manifest.io.lengths: lengths})[0]
+        return session.run(
+            [manifest.io.probabilities], {manifest.io.action_ids: ids, manifest.io.lengths: lengths}
+        )[0]
 
     self_check(run, manifest, str(model_path))
     return manifest
@@ -238,12 +240,19 @@ class Reloader(Generic[M]):
             self._metrics.model_reloads.labels(result="ok" if outcome.ok else "refused").inc()
         if outcome.ok:
             log.info(
-                "model reloaded (%s): %s -> %s in %.2fs", reason, outcome.previous_version,
-                outcome.model_version, outcome.seconds,
+                "model reloaded (%s): %s -> %s in %.2fs",
+                reason,
+                outcome.previous_version,
+                outcome.model_version,
+                outcome.seconds,
             )
         else:
-            log.error("model reload (%s) refused, still serving %s: %s", reason, outcome.previous_version,
-                      outcome.error)
+            log.error(
+                "model reload (%s) refused, still serving %s: %s",
+                reason,
+                outcome.previous_version,
+                outcome.error,
+            )
 
     def start_watch(self, interval_seconds: float) -> None:
         """Poll the artifact directory; reload when its files changed and then stayed unchanged for one poll.
@@ -253,7 +262,9 @@ class Reloader(Generic[M]):
         """
         if interval_seconds > 0 and self._watch_task is None:
             self._seen = artifact_stamp(self.artifact_dir)
-            self._watch_task = asyncio.create_task(self._watch(interval_seconds), name="nextact-artifact-watch")
+            self._watch_task = asyncio.create_task(
+                self._watch(interval_seconds), name="nextact-artifact-watch"
+            )
 
     async def stop_watch(self) -> None:
         task, self._watch_task = self._watch_task, None

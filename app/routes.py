@@ -59,41 +59,66 @@ USER_ID_RULE = (
 UserId = Annotated[str, Path(min_length=1, description=USER_ID_RULE, examples=["u-42"])]
 K = Annotated[
     int | None,
-    Query(ge=1, le=100_000, description="How many predictions to return (default NEXTACT_DEFAULT_K; "
-                                        "at most the vocabulary less <pad> and <unk>).", examples=[10]),
+    Query(
+        ge=1,
+        le=100_000,
+        description="How many predictions to return (default NEXTACT_DEFAULT_K; "
+        "at most the vocabulary less <pad> and <unk>).",
+        examples=[10],
+    ),
 ]
 Predict = Annotated[bool, Query(description="Also return one prediction per user.", examples=[False])]
-Target = Annotated[Literal["live", "candidate"], Query(
-    description="Which model to reload: the live one (NEXTACT_ARTIFACT_DIR) or the candidate "
-                "(NEXTACT_CANDIDATE_ARTIFACT_DIR).", examples=["live"],
-)]
+Target = Annotated[
+    Literal["live", "candidate"],
+    Query(
+        description="Which model to reload: the live one (NEXTACT_ARTIFACT_DIR) or the candidate "
+        "(NEXTACT_CANDIDATE_ARTIFACT_DIR).",
+        examples=["live"],
+    ),
+]
 MAX_FILTER_ACTIONS = 1000  # entries of exclude= plus include= in one request
 
 
 async def prediction_filters(
     request: Request,
-    exclude_window: Annotated[bool, Query(
-        description="Leave out actions already in the user's window (e.g. items bought once).", examples=[True],
-    )] = False,
-    exclude: Annotated[list[str] | None, Query(
-        description="Actions never to return; repeat the parameter for several (`exclude=buy&exclude=fav`).",
-        examples=[["buy"]],
-    )] = None,
-    include: Annotated[list[str] | None, Query(
-        description="Return only these actions; repeat the parameter for several (`include=cart&include=buy`).",
-        examples=[["cart", "buy"]],
-    )] = None,
-    renormalize: Annotated[bool, Query(
-        description="Divide each returned probability by the model's total probability of the actions the "
-                    "filters allow (so they are a distribution over what may be returned). Default: the model's "
-                    "own probabilities.", examples=[False],
-    )] = False,
+    exclude_window: Annotated[
+        bool,
+        Query(
+            description="Leave out actions already in the user's window (e.g. items bought once).",
+            examples=[True],
+        ),
+    ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        Query(
+            description="Actions never to return; repeat the parameter for several (`exclude=buy&exclude=fav`).",
+            examples=[["buy"]],
+        ),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        Query(
+            description="Return only these actions; repeat the parameter for several (`include=cart&include=buy`).",
+            examples=[["cart", "buy"]],
+        ),
+    ] = None,
+    renormalize: Annotated[
+        bool,
+        Query(
+            description="Divide each returned probability by the model's total probability of the actions the "
+            "filters allow (so they are a distribution over what may be returned). Default: the model's "
+            "own probabilities.",
+            examples=[False],
+        ),
+    ] = False,
 ) -> Filters | None:
     """The request's filters, applied before top-k: k answers come back when at least k actions remain."""
     settings = request.app.state.settings
     lists = (("exclude", exclude or []), ("include", include or []))
     if sum(len(values) for _, values in lists) > MAX_FILTER_ACTIONS:
-        raise InvalidField(("query", "exclude"), f"more than {MAX_FILTER_ACTIONS} actions in exclude= and include=")
+        raise InvalidField(
+            ("query", "exclude"), f"more than {MAX_FILTER_ACTIONS} actions in exclude= and include="
+        )
     for name, values in lists:
         for i, action in enumerate(values):
             check_string(action, settings.max_action_length, "NEXTACT_MAX_ACTION_LENGTH", ("query", name, i))
@@ -104,8 +129,12 @@ FiltersDep = Annotated[Filters | None, Depends(prediction_filters)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {413: "Body or batch too large", 422: "Invalid field (named in the message)",
-            503: "Redis unavailable (with Retry-After)", 500: "Inference failed"}
+    text = {
+        413: "Body or batch too large",
+        422: "Invalid field (named in the message)",
+        503: "Redis unavailable (with Retry-After)",
+        500: "Inference failed",
+    }
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
@@ -116,12 +145,17 @@ def _prediction(user_id: str, window_size: int, p: Prediction, role: str) -> dic
         "served_by": role,
         "window_size": window_size,
         "unknown_actions": p.unknown_actions,
-        "predictions": [{"action": a, "probability": q} for a, q in zip(p.actions, p.probabilities, strict=True)],
+        "predictions": [
+            {"action": a, "probability": q} for a, q in zip(p.actions, p.probabilities, strict=True)
+        ],
     }
 
 
 @v1.post(
-    "/v1/users/{user_id:anything}/events", response_model=UserPrediction, response_class=JSONBytes, tags=["events"],
+    "/v1/users/{user_id:anything}/events",
+    response_model=UserPrediction,
+    response_class=JSONBytes,
+    tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
 async def post_user_events(
@@ -141,12 +175,16 @@ async def post_user_events(
     else:
         events = [new_event(body, time.time(), settings, ("body",))]
     stored, p, role = await svc.append_and_predict(user_id, events, k or settings.default_k, filters)
-    return JSONBytes(_prediction(user_id, len(stored.actions), p, role),
-                     headers={MODEL_VERSION_HEADER: p.model_version})
+    return JSONBytes(
+        _prediction(user_id, len(stored.actions), p, role), headers={MODEL_VERSION_HEADER: p.model_version}
+    )
 
 
 @v1.post(
-    "/v1/events", response_model=BulkResult, response_class=JSONBytes, tags=["events"],
+    "/v1/events",
+    response_model=BulkResult,
+    response_class=JSONBytes,
+    tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
 async def post_events(
@@ -185,8 +223,11 @@ async def post_events(
 
 
 @v1.get(
-    "/v1/users/{user_id:anything}/predictions", response_model=UserPrediction, response_class=JSONBytes,
-    tags=["predictions"], responses=_errors(422, 503, 500),
+    "/v1/users/{user_id:anything}/predictions",
+    response_model=UserPrediction,
+    response_class=JSONBytes,
+    tags=["predictions"],
+    responses=_errors(422, 503, 500),
 )
 async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep, k: K = None) -> Response:
     """Predict the user's next action from their current window, without adding anything.
@@ -199,25 +240,37 @@ async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep
     check_user_id(user_id, svc.settings)
     actions = await svc.store.actions(user_id, svc.capacity)
     p, role = await svc.predict(actions, k or svc.settings.default_k, filters, user_id)
-    return JSONBytes(_prediction(user_id, len(actions), p, role), headers={MODEL_VERSION_HEADER: p.model_version})
+    return JSONBytes(
+        _prediction(user_id, len(actions), p, role), headers={MODEL_VERSION_HEADER: p.model_version}
+    )
 
 
 @v1.get(
-    "/v1/users/{user_id:anything}/events", response_model=UserWindow, response_class=JSONBytes, tags=["events"],
+    "/v1/users/{user_id:anything}/events",
+    response_model=UserWindow,
+    response_class=JSONBytes,
+    tags=["events"],
     responses=_errors(422, 503),
 )
 async def get_user_events(user_id: UserId, svc: ServicesDep) -> Response:
     """The user's stored window, oldest first, with the event ids (server-assigned where none was sent)."""
     check_user_id(user_id, svc.settings)
     events = await svc.store.events(user_id)
-    return JSONBytes({
-        "user_id": user_id,
-        "events": [{"action": e.action, "timestamp": e.timestamp, "event_id": e.event_id} for e in events],
-    })
+    return JSONBytes(
+        {
+            "user_id": user_id,
+            "events": [
+                {"action": e.action, "timestamp": e.timestamp, "event_id": e.event_id} for e in events
+            ],
+        }
+    )
 
 
 @v1.delete(
-    "/v1/users/{user_id:anything}", status_code=204, response_class=Response, tags=["events"],
+    "/v1/users/{user_id:anything}",
+    status_code=204,
+    response_class=Response,
+    tags=["events"],
     responses=_errors(422, 503),
 )
 async def delete_user(user_id: UserId, svc: ServicesDep) -> Response:
@@ -234,25 +287,27 @@ async def get_model(svc: ServicesDep) -> Response:
     served = svc.models.served
     model = served.live
     m = model.manifest
-    return JSONBytes({
-        "model_version": m.model_version,
-        "created_at": m.created_at,
-        "cell": m.cell,
-        "window": m.window,
-        "window_size": svc.capacity,
-        "vocabulary_size": m.vocab_size,
-        "embedding_dim": m.embedding_dim,
-        "hidden_dim": m.hidden_dim,
-        "num_layers": m.num_layers,
-        "metrics": m.metrics,
-        "execution_provider": model.provider,
-        "providers": model.providers,
-        "device": model.device,
-        "artifact_dir": str(model.artifact_dir),
-        "embedded_redis": svc.redis.embedded,
-        "live_metrics": svc.quality.figures(model.version) if svc.quality is not None else None,
-        "candidate": _candidate_info(svc, served.candidate),
-    })
+    return JSONBytes(
+        {
+            "model_version": m.model_version,
+            "created_at": m.created_at,
+            "cell": m.cell,
+            "window": m.window,
+            "window_size": svc.capacity,
+            "vocabulary_size": m.vocab_size,
+            "embedding_dim": m.embedding_dim,
+            "hidden_dim": m.hidden_dim,
+            "num_layers": m.num_layers,
+            "metrics": m.metrics,
+            "execution_provider": model.provider,
+            "providers": model.providers,
+            "device": model.device,
+            "artifact_dir": str(model.artifact_dir),
+            "embedded_redis": svc.redis.embedded,
+            "live_metrics": svc.quality.figures(model.version) if svc.quality is not None else None,
+            "candidate": _candidate_info(svc, served.candidate),
+        }
+    )
 
 
 def _candidate_info(svc: Services, candidate: Candidate | None) -> dict[str, Any] | None:
@@ -260,15 +315,25 @@ def _candidate_info(svc: Services, candidate: Candidate | None) -> dict[str, Any
         return None
     c, m = candidate.model, candidate.model.manifest
     return {
-        "model_version": c.version, "mode": candidate.mode, "share": candidate.share, "window": m.window,
-        "vocabulary_size": m.vocab_size, "artifact_dir": str(c.artifact_dir), "metrics": m.metrics,
+        "model_version": c.version,
+        "mode": candidate.mode,
+        "share": candidate.share,
+        "window": m.window,
+        "vocabulary_size": m.vocab_size,
+        "artifact_dir": str(c.artifact_dir),
+        "metrics": m.metrics,
         "live_metrics": svc.quality.figures(c.version) if svc.quality is not None else None,
     }
 
 
 @v1.post(
-    "/v1/model/reload", response_model=ReloadResult, response_class=JSONBytes, tags=["model"],
-    responses={409: {"model": ErrorBody, "description": "The new artifact was refused; the old model keeps serving"}},
+    "/v1/model/reload",
+    response_model=ReloadResult,
+    response_class=JSONBytes,
+    tags=["model"],
+    responses={
+        409: {"model": ErrorBody, "description": "The new artifact was refused; the old model keeps serving"}
+    },
 )
 async def reload_model(request: Request, svc: ServicesDep, target: Target = "live") -> Response:
     """Load the artifact in NEXTACT_ARTIFACT_DIR again, self-check it and swap it in.
@@ -282,23 +347,36 @@ async def reload_model(request: Request, svc: ServicesDep, target: Target = "liv
     if target == "candidate":
         reloader = request.app.state.candidate_reloader
         if reloader is None:
-            return error_response(409, "reload_refused", "no candidate configured: set NEXTACT_CANDIDATE_ARTIFACT_DIR "
-                                                         "(not available with NEXTACT_INCREMENTAL_STATE)")
+            return error_response(
+                409,
+                "reload_refused",
+                "no candidate configured: set NEXTACT_CANDIDATE_ARTIFACT_DIR "
+                "(not available with NEXTACT_INCREMENTAL_STATE)",
+            )
     assert reloader is not None
     try:
         outcome = await reloader.reload(reason="api" if target == "live" else "api, candidate")
     except ReloadError as e:
-        return error_response(409, "reload_refused", f"new {target} model refused, still serving "
-                                                     f"{svc.models.current.version}: {e}")
+        return error_response(
+            409,
+            "reload_refused",
+            f"new {target} model refused, still serving {svc.models.current.version}: {e}",
+        )
     return JSONBytes(
-        {"model_version": outcome.model_version, "previous_version": outcome.previous_version or "",
-         "seconds": round(outcome.seconds, 3)},
+        {
+            "model_version": outcome.model_version,
+            "previous_version": outcome.previous_version or "",
+            "seconds": round(outcome.seconds, 3),
+        },
         headers={MODEL_VERSION_HEADER: outcome.model_version or ""},
     )
 
 
 @v1.post(
-    "/v1/model/promote", response_model=PromoteResult, response_class=JSONBytes, tags=["model"],
+    "/v1/model/promote",
+    response_model=PromoteResult,
+    response_class=JSONBytes,
+    tags=["model"],
     responses={409: {"model": ErrorBody, "description": "There is no candidate to promote"}},
 )
 async def promote_model(request: Request) -> Response:
@@ -312,7 +390,9 @@ async def promote_model(request: Request) -> Response:
         previous, now = request.app.state.promote()
     except NoCandidate as e:
         return error_response(409, "no_candidate", str(e))
-    return JSONBytes({"model_version": now, "previous_version": previous}, headers={MODEL_VERSION_HEADER: now})
+    return JSONBytes(
+        {"model_version": now, "previous_version": previous}, headers={MODEL_VERSION_HEADER: now}
+    )
 
 
 @v1.get("/v1/model/quality", response_model=QualityHistory, response_class=JSONBytes, tags=["model"])
@@ -320,11 +400,13 @@ async def quality_history(request: Request, svc: ServicesDep) -> Response:
     """Snapshots of each model's live figures over time, oldest first (the /ui chart's data)."""
     served = svc.models.served
     quality: LiveQuality = request.app.state.quality
-    return JSONBytes({
-        "live_version": served.live.version,
-        "candidate_version": served.candidate.model.version if served.candidate else None,
-        "points": list(quality.history),
-    })
+    return JSONBytes(
+        {
+            "live_version": served.live.version,
+            "candidate_version": served.candidate.model.version if served.candidate else None,
+            "points": list(quality.history),
+        }
+    )
 
 
 @router.get("/ui", response_class=HTMLResponse, tags=["health"], include_in_schema=False)
@@ -339,7 +421,9 @@ def _ui_page() -> bytes:
 
 
 @router.get(
-    "/metrics", tags=["health"], response_class=Response,
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
 )
 async def metrics(request: Request) -> Response:
@@ -356,7 +440,10 @@ async def healthz() -> Response:
 
 
 @router.get(
-    "/readyz", response_model=Ready, response_class=JSONBytes, tags=["health"],
+    "/readyz",
+    response_model=Ready,
+    response_class=JSONBytes,
+    tags=["health"],
     responses={503: {"model": ErrorBody, "description": "Redis does not answer"}},
 )
 async def readyz(request: Request, svc: ServicesDep) -> Response:
@@ -369,9 +456,19 @@ async def readyz(request: Request, svc: ServicesDep) -> Response:
     try:
         await svc.store.ping()
     except StoreUnavailable as e:
-        return error_response(503, "not_ready", str(e) if detail else "not ready: Redis does not answer",
-                              headers={"Retry-After": str(svc.settings.retry_after_seconds)})
+        return error_response(
+            503,
+            "not_ready",
+            str(e) if detail else "not ready: Redis does not answer",
+            headers={"Retry-After": str(svc.settings.retry_after_seconds)},
+        )
     if not detail:
         return JSONBytes({"status": "ready"})
-    return JSONBytes({"status": "ready", "model_version": svc.models.current.version, "redis": svc.redis.address,
-                      "embedded_redis": svc.redis.embedded})
+    return JSONBytes(
+        {
+            "status": "ready",
+            "model_version": svc.models.current.version,
+            "redis": svc.redis.address,
+            "embedded_redis": svc.redis.embedded,
+        }
+    )

@@ -49,8 +49,12 @@ def parse_api_keys(value: str | None) -> tuple[str, ...]:
         try:
             text = candidate.read_text(encoding="utf-8")
         except OSError as e:
-            raise ApiKeyConfigError(f"NEXTACT_API_KEYS: cannot read key file {candidate}: {e.strerror}") from e
-        items = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            raise ApiKeyConfigError(
+                f"NEXTACT_API_KEYS: cannot read key file {candidate}: {e.strerror}"
+            ) from e
+        items = [
+            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
         source = str(candidate)
     else:
         items = [item.strip() for item in raw.split(",") if item.strip()]
@@ -119,13 +123,20 @@ class FailedAuthLimiter:
     (else guessing could go on at full speed). Memory is bounded: the oldest addresses are forgotten first.
     """
 
-    def __init__(self, limit: int, window_seconds: float, max_clients: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int,
+        window_seconds: float,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limit = limit
         self.window = window_seconds
         self.max_clients = max_clients
         self._clock = clock
-        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # address -> (window start, count)
+        self._failures: OrderedDict[str, tuple[float, int]] = (
+            OrderedDict()
+        )  # address -> (window start, count)
 
     def _entry(self, client: str) -> tuple[float, int]:
         now = self._clock()
@@ -174,8 +185,12 @@ _KEY_HELP = "One of the keys in NEXTACT_API_KEYS; only checked when that setting
 bearer_scheme = HTTPBearer(
     auto_error=False, scheme_name="bearerKey", description=f"`Authorization: Bearer <key>`. {_KEY_HELP}"
 )
-header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader",
-                             description=f"`X-API-Key: <key>`. {_KEY_HELP}")
+header_scheme = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKeyHeader",
+    description=f"`X-API-Key: <key>`. {_KEY_HELP}",
+)
 
 
 async def require_api_key(
@@ -202,7 +217,7 @@ async def require_api_key(
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             detail=f"too many failed authentication attempts from this address ({limiter.limit} per "
-                   f"{limiter.window:g} s); retry after {wait} s",
+            f"{limiter.window:g} s); retry after {wait} s",
             headers={"Retry-After": str(wait)},
         )
     key = presented_key(request)

@@ -15,12 +15,16 @@ EMBEDDED_URL_ENV = "_NEXTACT_EMBEDDED_REDIS_URL"  # set by app.__main__ for its 
 class Settings(BaseSettings):
     """All service settings. Read once at start-up (see get_settings) and passed to create_app()."""
 
-    model_config = SettingsConfigDict(env_prefix="NEXTACT_", extra="ignore", frozen=True, populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="NEXTACT_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     # HTTP server (python -m app)
     host: str = Field("127.0.0.1", description="Interface uvicorn binds (0.0.0.0 in the container).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes (each opens its own Redis pool and model).")
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes (each opens its own Redis pool and model)."
+    )
 
     # model
     artifact_dir: Path = Field(
@@ -53,18 +57,28 @@ class Settings(BaseSettings):
         description="Embedded Redis: fsync policy of its append-only file (always: no acknowledged event is lost "
         "even if the server crashes; everysec: up to one second of events at risk, faster writes).",
     )
-    redis_timeout_seconds: float = Field(1.0, gt=0, description="Socket connect/read timeout for Redis calls.")
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, description="Socket connect/read timeout for Redis calls."
+    )
     redis_queue_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest a request waits for a free Redis connection before a 503."
     )
     redis_max_connections: int = Field(
-        64, ge=1, description="Redis connection pool size per process (per cluster node with redis+cluster://)."
+        64,
+        ge=1,
+        description="Redis connection pool size per process (per cluster node with redis+cluster://).",
     )
     redis_retries: int = Field(
-        2, ge=0, le=10, description="Retries of a Redis call after a connection error or timeout (short backoff)."
+        2,
+        ge=0,
+        le=10,
+        description="Retries of a Redis call after a connection error or timeout (short backoff).",
     )
     key_prefix: str = Field(
-        "nextact", min_length=1, max_length=64, pattern=r"^[^{}]+$",
+        "nextact",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^{}]+$",
         description="Prefix of every Redis key (no braces: the user id is the key's cluster hash tag).",
     )
 
@@ -72,7 +86,9 @@ class Settings(BaseSettings):
     window_size: int | None = Field(
         None, ge=1, le=10_000, description="Events kept per user (default: the model's window length)."
     )
-    window_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="A user's window expires after this idle time.")
+    window_ttl_seconds: int = Field(
+        30 * 24 * 3600, ge=1, description="A user's window expires after this idle time."
+    )
 
     # request limits
     max_events_per_request: int = Field(1000, ge=1, description="More events in one request gives 413.")
@@ -82,7 +98,9 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1, description="Predictions returned when k is not given.")
 
     # micro-batching
-    batch_max_size: int = Field(64, ge=1, description="Most predictions coalesced into one ONNX Runtime call.")
+    batch_max_size: int = Field(
+        64, ge=1, description="Most predictions coalesced into one ONNX Runtime call."
+    )
     batch_max_wait_ms: float = Field(
         1.5, ge=0, description="Longest a prediction waits for others to join its batch."
     )
@@ -103,21 +121,33 @@ class Settings(BaseSettings):
 
     # HTTP hardening (issue 13): limits applied before any request reaches the application
     http_max_header_bytes: int = Field(
-        16_384, ge=1024, le=1_048_576,
+        16_384,
+        ge=1024,
+        le=1_048_576,
         description="Longest request head (request line plus headers) in bytes; longer gives 431 (414 for the "
         "request line alone).",
     )
-    http_max_headers: int = Field(100, ge=8, le=10_000, description="Most header lines in one request; more gives 431.")
+    http_max_headers: int = Field(
+        100, ge=8, le=10_000, description="Most header lines in one request; more gives 431."
+    )
     http_header_timeout_seconds: float = Field(
-        10.0, gt=0, description="A request head (or a new connection's first request) must arrive within this; "
+        10.0,
+        gt=0,
+        description="A request head (or a new connection's first request) must arrive within this; "
         "else 408 and the connection is closed.",
     )
     http_body_timeout_seconds: float = Field(
-        30.0, gt=0, description="A request body must arrive within this after its head; else 408 and close.",
+        30.0,
+        gt=0,
+        description="A request body must arrive within this after its head; else 408 and close.",
     )
-    http_keep_alive_seconds: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this.")
+    http_keep_alive_seconds: int = Field(
+        5, ge=1, description="An idle keep-alive connection is closed after this."
+    )
     http_max_connections: int = Field(
-        1000, ge=1, description="Open connections per worker process; a connection over it gets 503 and is closed.",
+        1000,
+        ge=1,
+        description="Open connections per worker process; a connection over it gets 503 and is closed.",
     )
     forwarded_allow_ips: str = Field(
         "",
@@ -125,7 +155,9 @@ class Settings(BaseSettings):
         "X-Forwarded-Proto are trusted. Empty: trust none; the client address is the TCP peer.",
     )
     auth_failure_limit: int = Field(
-        10, ge=0, description="Failed authentication attempts allowed per client address per window; after "
+        10,
+        ge=0,
+        description="Failed authentication attempts allowed per client address per window; after "
         "that every request from it gets 429 until the window ends. 0 = no limit.",
     )
     auth_failure_window_seconds: int = Field(
@@ -139,9 +171,13 @@ class Settings(BaseSettings):
         "needs 'Authorization: Bearer <key>' or 'X-API-Key'. Unset: no authentication (logged at start-up).",
     )
     rate_limit_requests: int = Field(
-        0, ge=0, description="Requests allowed per key (or client address) per rate-limit window; 0 = no limit."
+        0,
+        ge=0,
+        description="Requests allowed per key (or client address) per rate-limit window; 0 = no limit.",
     )
-    rate_limit_window_seconds: int = Field(60, ge=1, le=86_400, description="Length of the rate-limit window.")
+    rate_limit_window_seconds: int = Field(
+        60, ge=1, le=86_400, description="Length of the rate-limit window."
+    )
     rate_limit_algorithm: Literal["sliding", "fixed"] = Field(
         "sliding", description="sliding: weighted sliding-window counter; fixed: calendar windows."
     )
@@ -152,16 +188,23 @@ class Settings(BaseSettings):
         86_400.0, ge=0, description="Latest event timestamp accepted, as seconds past the server's clock."
     )
     artifact_watch_seconds: float = Field(
-        0.0, ge=0, description="Poll the artifact directory this often and hot-reload a changed model; 0 = off."
+        0.0,
+        ge=0,
+        description="Poll the artifact directory this often and hot-reload a changed model; 0 = off.",
     )
     shutdown_timeout_seconds: float = Field(
-        10.0, gt=0, description="On SIGTERM, how long in-flight requests get to finish before the process exits."
+        10.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight requests get to finish before the process exits.",
     )
-    retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 while Redis is unreachable.")
+    retry_after_seconds: int = Field(
+        1, ge=1, description="Retry-After sent with 503 while Redis is unreachable."
+    )
 
     # live quality, candidate model, status page (issue 15)
     live_quality: bool = Field(
-        True, description="Score each posted event against the prediction served before it (hr@k, MRR, per "
+        True,
+        description="Score each posted event against the prediction served before it (hr@k, MRR, per "
         "model version): the top-20 of every prediction is stored next to the user's window.",
     )
     quality_snapshot_seconds: float = Field(
@@ -169,10 +212,12 @@ class Settings(BaseSettings):
     )
     quality_history_size: int = Field(360, ge=1, description="Snapshots kept in memory for the /ui chart.")
     candidate_artifact_dir: Path | None = Field(
-        None, description="A second model served beside the live one (shadow or canary); unset: none.",
+        None,
+        description="A second model served beside the live one (shadow or canary); unset: none.",
     )
     candidate_mode: Literal["shadow", "canary"] = Field(
-        "shadow", description="shadow: the candidate scores every request, its answer is not returned; "
+        "shadow",
+        description="shadow: the candidate scores every request, its answer is not returned; "
         "canary: it answers NEXTACT_CANDIDATE_SHARE of users (a sticky hash of the user id).",
     )
     candidate_share: float = Field(
@@ -183,9 +228,11 @@ class Settings(BaseSettings):
 def redis_problem(settings: Settings) -> str | None:
     """Why the Redis settings cannot work (an actionable message), or None."""
     if settings.redis_url is None and not settings.embedded_redis:
-        return ("NEXTACT_REDIS_URL is not set and NEXTACT_EMBEDDED_REDIS is false: set NEXTACT_REDIS_URL "
-                "(e.g. redis://redis:6379/0, or redis+cluster://host:port), or NEXTACT_EMBEDDED_REDIS=true for a "
-                "development Redis private to this process")
+        return (
+            "NEXTACT_REDIS_URL is not set and NEXTACT_EMBEDDED_REDIS is false: set NEXTACT_REDIS_URL "
+            "(e.g. redis://redis:6379/0, or redis+cluster://host:port), or NEXTACT_EMBEDDED_REDIS=true for a "
+            "development Redis private to this process"
+        )
     return None
 
 

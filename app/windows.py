@@ -126,15 +126,22 @@ end
 """
 
 # Events from ARGV[3]. Returns {accepted, duplicates, actions, arrival counter after, last prediction}.
-APPEND_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
+APPEND_LUA = (
+    _ACTIONS_LUA
+    + _APPEND_FN_LUA
+    + """
 local accepted, duplicates, before, seq, in_order, earliest = append(3)
 return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq,
         last_prediction(accepted, before, in_order, earliest)}
 """
+)
 
 # The same plus ARGV[3] model version; events from ARGV[4]. Returns {accepted, duplicates, actions, arrival
 # counter after the append, last prediction, state bytes or "" when the state is not usable}.
-APPEND_STATE_LUA = _ACTIONS_LUA + _APPEND_FN_LUA + """
+APPEND_STATE_LUA = (
+    _ACTIONS_LUA
+    + _APPEND_FN_LUA
+    + """
 local accepted, duplicates, before, seq, in_order, earliest = append(4)
 local state = ''
 local st = redis.call('HMGET', KEYS[3], 'v', 'n', 'x')
@@ -145,6 +152,7 @@ end
 return {accepted, duplicates, actions(redis.call('ZRANGE', KEYS[1], 0, -1)), seq,
         last_prediction(accepted, before, in_order, earliest), state}
 """
+)
 
 # KEYS[1] index hash, KEYS[2] state hash. ARGV[1] arrival counter the state covers, ARGV[2] model version,
 # ARGV[3] state bytes, ARGV[4] ttl. Writes only if no event arrived since; returns 1 if written, else 0.
@@ -165,16 +173,24 @@ return 1
 """
 
 # KEYS[1] window zset. ARGV[1] how many of the newest. Returns the actions string.
-READ_LUA = _ACTIONS_LUA + """
+READ_LUA = (
+    _ACTIONS_LUA
+    + """
 return actions(redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1))
 """
+)
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
 APPEND_STATE_SHA = hashlib.sha1(APPEND_STATE_LUA.encode()).hexdigest()
 SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
 SAVE_PREDICTION_SHA = hashlib.sha1(SAVE_PREDICTION_LUA.encode()).hexdigest()
-SCRIPTS = {APPEND_SHA: APPEND_LUA, READ_SHA: READ_LUA, APPEND_STATE_SHA: APPEND_STATE_LUA,
-           SAVE_STATE_SHA: SAVE_STATE_LUA, SAVE_PREDICTION_SHA: SAVE_PREDICTION_LUA}
+SCRIPTS = {
+    APPEND_SHA: APPEND_LUA,
+    READ_SHA: READ_LUA,
+    APPEND_STATE_SHA: APPEND_STATE_LUA,
+    SAVE_STATE_SHA: SAVE_STATE_LUA,
+    SAVE_PREDICTION_SHA: SAVE_PREDICTION_LUA,
+}
 
 _SEQ, _LEN = 12, 4  # hex digits of the member's arrival counter and of its event-id length
 
@@ -272,7 +288,9 @@ def _split(member: bytes) -> tuple[str, str]:
 
 def _append_result(reply: Any) -> AppendResult:
     outcome, event, records = reply[4]
-    last = LastPrediction(int(outcome), int(event), bytes(records)) if int(outcome) != NO_PREDICTION else _NONE
+    last = (
+        LastPrediction(int(outcome), int(event), bytes(records)) if int(outcome) != NO_PREDICTION else _NONE
+    )
     return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]), int(reply[3]), last)
 
 
@@ -291,8 +309,14 @@ class WindowStore:
     """Reads and writes user windows. All failures surface as StoreUnavailable."""
 
     def __init__(
-        self, client: Any, prefix: str, ttl_seconds: int, address: str, max_concurrency: int = 64,
-        direct: DirectCommands | None = None, queue_timeout_seconds: float = 5.0,
+        self,
+        client: Any,
+        prefix: str,
+        ttl_seconds: int,
+        address: str,
+        max_concurrency: int = 64,
+        direct: DirectCommands | None = None,
+        queue_timeout_seconds: float = 5.0,
         call_timeout_seconds: float | None = None,
     ) -> None:
         self.client = client
@@ -306,7 +330,9 @@ class WindowStore:
         # The wait is bounded all the same, so a hung Redis cannot pile up requests without end.
         self._limit = asyncio.Semaphore(max_concurrency)
         self._queue_timeout = queue_timeout_seconds
-        self._call_timeout = call_timeout_seconds  # all tries of one call (None: the client's own bounds only)
+        self._call_timeout = (
+            call_timeout_seconds  # all tries of one call (None: the client's own bounds only)
+        )
 
     def keys(self, user_id: str) -> tuple[str, str]:
         """(window zset, dedupe hash) of a user."""
@@ -351,16 +377,16 @@ class WindowStore:
         for e in events:
             args += (e.event_id, e.action, repr(e.timestamp))
         keys = (*self.keys(user_id), self.state_key(user_id))
-        reply = await self._guard(
-            "append", lambda: self._evalsha(APPEND_STATE_SHA, keys, args), user_id
-        )
+        reply = await self._guard("append", lambda: self._evalsha(APPEND_STATE_SHA, keys, args), user_id)
         return StatefulAppend(_append_result(reply), int(reply[3]), bytes(reply[5]) or None)
 
     async def save_prediction(self, user_id: str, seq: int, records: bytes) -> bool:
         """Store the predictions made from the window at arrival counter `seq`, unless an event arrived since."""
         keys = (self.keys(user_id)[1], self.state_key(user_id))
         args = [seq, records, self.ttl_seconds]
-        reply = await self._guard("prediction", lambda: self._evalsha(SAVE_PREDICTION_SHA, keys, args), user_id)
+        reply = await self._guard(
+            "prediction", lambda: self._evalsha(SAVE_PREDICTION_SHA, keys, args), user_id
+        )
         return bool(int(reply))
 
     async def save_predictions(self, items: Sequence[tuple[str, int, bytes]]) -> int:
@@ -369,8 +395,19 @@ class WindowStore:
             done = await asyncio.gather(*(self.save_prediction(*item) for item in items))
             return sum(done)
         direct = self._direct
-        commands = [("EVALSHA", SAVE_PREDICTION_SHA, 2, self.keys(u)[1], self.state_key(u), seq, rec, self.ttl_seconds)
-                    for u, seq, rec in items]
+        commands = [
+            (
+                "EVALSHA",
+                SAVE_PREDICTION_SHA,
+                2,
+                self.keys(u)[1],
+                self.state_key(u),
+                seq,
+                rec,
+                self.ttl_seconds,
+            )
+            for u, seq, rec in items
+        ]
         replies = await self._guard("prediction", lambda: direct.execute_many(commands))
         if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted or flushed its scripts
             await self._guard("SCRIPT LOAD", partial(self.client.script_load, SAVE_PREDICTION_LUA))
@@ -396,9 +433,7 @@ class WindowStore:
     async def events(self, user_id: str) -> list[StoredEvent]:
         """The stored window with ids and timestamps, oldest first."""
         zkey = self.keys(user_id)[0]
-        pairs = await self._guard(
-            "read", lambda: self.client.zrange(zkey, 0, -1, withscores=True), user_id
-        )
+        pairs = await self._guard("read", lambda: self.client.zrange(zkey, 0, -1, withscores=True), user_id)
         out = []
         for member, score in pairs:
             event_id, action = _split(member)
@@ -417,6 +452,7 @@ class WindowStore:
     async def _guard(self, op: str, call: Callable[[], Awaitable[V]], user_id: str | None = None) -> V:
         """Run one Redis call within the connection limit; failures become StoreUnavailable. The message (sent to
         the client) names the user; the log line does not."""
+
         def unavailable(why: str) -> StoreUnavailable:
             where = f"{op} for user {user_id!r}" if user_id is not None else op
             return StoreUnavailable(
@@ -433,7 +469,9 @@ class WindowStore:
             async with asyncio.timeout(self._call_timeout):
                 return await call()
         except TimeoutError as e:
-            raise unavailable(f"no answer within {self._call_timeout}s" if self._call_timeout else repr(e)) from e
+            raise unavailable(
+                f"no answer within {self._call_timeout}s" if self._call_timeout else repr(e)
+            ) from e
         except (RedisError, RedisClusterException, OSError) as e:
             if not is_transient(e):  # the same call would fail again: not an outage to wait out
                 where = f"{op} for user {user_id!r}" if user_id is not None else op

@@ -33,30 +33,45 @@ from fastapi import FastAPI, Query, Response
 from app.errors import JSONBytes
 from app.schemas import UserEventsBody, UserPrediction
 
-UVICORN = {"loop": "uvloop", "http": "httptools", "workers": 1, "access_log": False}  # `python -m app` resolves
+UVICORN = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "workers": 1,
+    "access_log": False,
+}  # `python -m app` resolves
 # loop/http "auto" to these when uvloop and httptools are installed (uvicorn[standard])
 
 
 # ---- ceiling ------------------------------------------------------------------------------------------------
+
 
 def ceiling_app(k_default: int = 10) -> FastAPI:
     app = FastAPI()
     actions = [str(100_000 + i) for i in range(1000)]  # item-id-like strings, like Beauty's
 
     @app.post("/v1/users/{user_id}/events", response_model=UserPrediction, response_class=JSONBytes)
-    async def post_user_events(user_id: str, body: UserEventsBody,
-                               k: Annotated[int | None, Query(ge=1)] = None) -> Response:
+    async def post_user_events(
+        user_id: str, body: UserEventsBody, k: Annotated[int | None, Query(ge=1)] = None
+    ) -> Response:
         kk = k or k_default
-        return JSONBytes({
-            "user_id": user_id, "model_version": "0123456789abcdef", "window_size": 50, "unknown_actions": 0,
-            "predictions": [{"action": actions[(len(user_id) + i) % 1000], "probability": 0.0123456789 / (i + 1)}
-                            for i in range(kk)],
-        })
+        return JSONBytes(
+            {
+                "user_id": user_id,
+                "model_version": "0123456789abcdef",
+                "window_size": 50,
+                "unknown_actions": 0,
+                "predictions": [
+                    {"action": actions[(len(user_id) + i) % 1000], "probability": 0.0123456789 / (i + 1)}
+                    for i in range(kk)
+                ],
+            }
+        )
 
     return app
 
 
 # ---- PyTorch eager, no batching -----------------------------------------------------------------------------
+
 
 class TorchModel:
     """Stands where app.model.ServingModel stands: encode, one forward per window, torch.topk, decode."""
@@ -97,7 +112,9 @@ class TorchModel:
             with torch.inference_mode():
                 probs = self.net(x, torch.tensor([len(ids)]))[0]  # (V,)
                 p, top = torch.topk(probs, min(k, self.vocab_size - 2))
-            out.append(Prediction(self.version, ids.count(1), [self.tokens[i] for i in top.tolist()], p.tolist()))
+            out.append(
+                Prediction(self.version, ids.count(1), [self.tokens[i] for i in top.tolist()], p.tolist())
+            )
         return out
 
 
@@ -123,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("variant", choices=["ceiling", "torch"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch.set_num_threads (0 = torch's default: one per core, which on a shared 2-core "
-                        "machine makes every call wait for a busy core, hundreds of times slower)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (0 = torch's default: one per core, which on a shared 2-core "
+        "machine makes every call wait for a busy core, hundreds of times slower)",
+    )
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())

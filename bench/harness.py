@@ -49,8 +49,13 @@ class Child:
     def start(self) -> Child:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.cmd, cwd=ROOT, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.cmd,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
@@ -104,7 +109,9 @@ def wait_ready(child: Child, port: int, probe: tuple[str, bytes], timeout: float
     last = ""
     while time.monotonic() < deadline:
         if not child.alive():
-            raise BenchError(f"{child.name} exited during start-up; log {child.log_path}:\n{child.log_tail()}")
+            raise BenchError(
+                f"{child.name} exited during start-up; log {child.log_path}:\n{child.log_tail()}"
+            )
         try:
             status, body = http("POST", f"http://127.0.0.1:{port}{probe[0]}", probe[1], timeout=10)
             if status == 200:
@@ -113,12 +120,17 @@ def wait_ready(child: Child, port: int, probe: tuple[str, bytes], timeout: float
         except OSError as e:
             last = str(e)
         time.sleep(0.2)
-    raise BenchError(f"{child.name} not ready on port {port} within {timeout}s ({last}); log {child.log_path}")
+    raise BenchError(
+        f"{child.name} not ready on port {port} within {timeout}s ({last}); log {child.log_path}"
+    )
 
 
 # ---- the population ---------------------------------------------------------------------------------------
 
-def read_sequences(path: Path, action_col: str, user_col: str = "user_id", time_col: str = "timestamp") -> list[list[str]]:
+
+def read_sequences(
+    path: Path, action_col: str, user_col: str = "user_id", time_col: str = "timestamp"
+) -> list[list[str]]:
     """Each user's actions in time order (ties keep file order)."""
     by_user: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
     with path.open(newline="", encoding="utf-8") as f:
@@ -144,6 +156,7 @@ def user_id(i: int) -> str:
 
 
 # ---- prometheus text ----------------------------------------------------------------------------------------
+
 
 def parse_histogram(text: str, name: str) -> dict[str, Any]:
     """Cumulative buckets, sum and count of one unlabelled histogram from Prometheus exposition text."""
@@ -173,6 +186,7 @@ def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 # ---- the machine ------------------------------------------------------------------------------------------
+
 
 def machine() -> dict[str, Any]:
     cpu_model = ""

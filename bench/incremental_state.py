@@ -62,10 +62,21 @@ def export_step(model: NextActionModel, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            step, (ids, h, h.clone()), str(path), input_names=["action_ids", "h", "c"],
-            output_names=["probabilities", "h_out", "c_out"], opset_version=17, dynamo=False,
-            dynamic_axes={"action_ids": {0: "batch"}, "h": {1: "batch"}, "c": {1: "batch"},
-                          "probabilities": {0: "batch"}, "h_out": {1: "batch"}, "c_out": {1: "batch"}},
+            step,
+            (ids, h, h.clone()),
+            str(path),
+            input_names=["action_ids", "h", "c"],
+            output_names=["probabilities", "h_out", "c_out"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={
+                "action_ids": {0: "batch"},
+                "h": {1: "batch"},
+                "c": {1: "batch"},
+                "probabilities": {0: "batch"},
+                "h_out": {1: "batch"},
+                "c_out": {1: "batch"},
+            },
         )
 
 
@@ -91,7 +102,9 @@ def median_ms(fn: Any, budget_s: float, max_reps: int = 300) -> float:
     return statistics.median(times) * 1000
 
 
-def speed(full: Any, step: Any, cfg: Any, window: int, vocab: int, batches: list[int], budget: float) -> list[dict]:
+def speed(
+    full: Any, step: Any, cfg: Any, window: int, vocab: int, batches: list[int], budget: float
+) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for b in batches:
@@ -103,10 +116,18 @@ def speed(full: Any, step: Any, cfg: Any, window: int, vocab: int, batches: list
         feed_step = {"action_ids": one, "h": h, "c": h}
         t_full = median_ms(lambda f=feed_full: full.run(None, f), budget)
         t_step = median_ms(lambda f=feed_step: step.run(None, f), budget)
-        rows.append({"batch": b, "full_window_ms": round(t_full, 3), "single_step_ms": round(t_step, 3),
-                     "speedup": round(t_full / t_step, 2)})
-        print(f"B={b:<4} full T={window}: {t_full:8.3f} ms   single step: {t_step:7.3f} ms   x{t_full / t_step:.1f}",
-              file=sys.stderr)
+        rows.append(
+            {
+                "batch": b,
+                "full_window_ms": round(t_full, 3),
+                "single_step_ms": round(t_step, 3),
+                "speedup": round(t_full / t_step, 2),
+            }
+        )
+        print(
+            f"B={b:<4} full T={window}: {t_full:8.3f} ms   single step: {t_step:7.3f} ms   x{t_full / t_step:.1f}",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -116,8 +137,16 @@ def ranks(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (probs >= p_target).sum(axis=1) - 1  # (B,)
 
 
-def quality(model: NextActionModel, full: Any, step: Any, histories: list[np.ndarray], targets: np.ndarray,
-            window: int, k: int = 10, batch: int = 256) -> dict[str, Any]:
+def quality(
+    model: NextActionModel,
+    full: Any,
+    step: Any,
+    histories: list[np.ndarray],
+    targets: np.ndarray,
+    window: int,
+    k: int = 10,
+    batch: int = 256,
+) -> dict[str, Any]:
     cfg = model.config
     full_ranks, step_ranks = [], []
     max_diff = 0.0
@@ -150,16 +179,22 @@ def quality(model: NextActionModel, full: Any, step: Any, histories: list[np.nda
 
     def metrics(r: np.ndarray) -> dict[str, float]:
         hit = r < k
-        return {f"hr@{k}": round(float(hit.mean()), 4),
-                f"ndcg@{k}": round(float(np.where(hit, 1 / np.log2(r + 2), 0).mean()), 4)}
+        return {
+            f"hr@{k}": round(float(hit.mean()), 4),
+            f"ndcg@{k}": round(float(np.where(hit, 1 / np.log2(r + 2), 0).mean()), 4),
+        }
 
     longer = np.array([len(h) > window for h in histories])
-    return {"users": len(histories), "users_longer_than_window": int(longer.sum()),
-            "full_window": metrics(fr), "incremental": metrics(sr),
-            "full_window_long_users": metrics(fr[longer]) if longer.any() else None,
-            "incremental_long_users": metrics(sr[longer]) if longer.any() else None,
-            "same_target_rank_share": round(float((fr == sr).mean()), 4),
-            "max_abs_probability_difference": max_diff}
+    return {
+        "users": len(histories),
+        "users_longer_than_window": int(longer.sum()),
+        "full_window": metrics(fr),
+        "incremental": metrics(sr),
+        "full_window_long_users": metrics(fr[longer]) if longer.any() else None,
+        "incremental_long_users": metrics(sr[longer]) if longer.any() else None,
+        "same_target_rank_share": round(float((fr == sr).mean()), 4),
+        "max_abs_probability_difference": max_diff,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(args.artifact_dir)
     model, vocab = load_checkpoint(args.artifact_dir)
     if model.history_bias is not None:
-        sys.exit(f"{args.artifact_dir}: this exploration's single-step graph has no window input, so it needs a model "
-                 "trained with --no-history-bias (the service's step.onnx from `train` handles history bias)")
+        sys.exit(
+            f"{args.artifact_dir}: this exploration's single-step graph has no window input, so it needs a model "
+            "trained with --no-history-bias (the service's step.onnx from `train` handles history bias)"
+        )
     cfg = model.config
     data = args.data or Path(manifest.data.file)
     col = manifest.data.action_columns[0]
@@ -199,32 +236,60 @@ def main(argv: list[str] | None = None) -> int:
         # the step graph reproduces the full model on a one-event window
         one = np.array([5, 7], dtype=np.int64)
         zeros = np.zeros((cfg.num_layers, 2, cfg.hidden_dim), dtype=np.float32)
-        (pf,) = full.run(["probabilities"], {"action_ids": one[:, None], "lengths": np.ones(2, dtype=np.int64)})
+        (pf,) = full.run(
+            ["probabilities"], {"action_ids": one[:, None], "lengths": np.ones(2, dtype=np.int64)}
+        )
         ps = step.run(None, {"action_ids": one, "h": zeros, "c": zeros})[0]
         parity = float(np.abs(pf - ps).max())
         rows = speed(full, step, cfg, manifest.window, manifest.vocab_size, args.batch_sizes, args.budget_s)
         q = quality(model, full, step, histories, targets, manifest.window)
-    result = {"model": {"cell": cfg.cell, "vocab": cfg.vocab_size, "window": manifest.window,
-                        "embedding": cfg.embedding_dim, "hidden": cfg.hidden_dim, "layers": cfg.num_layers,
-                        "version": manifest.model_version},
-              "data": str(data), "threads": args.threads, "step_parity_max_abs_diff": parity,
-              "speed": rows, "quality": q}
+    result = {
+        "model": {
+            "cell": cfg.cell,
+            "vocab": cfg.vocab_size,
+            "window": manifest.window,
+            "embedding": cfg.embedding_dim,
+            "hidden": cfg.hidden_dim,
+            "layers": cfg.num_layers,
+            "version": manifest.model_version,
+        },
+        "data": str(data),
+        "threads": args.threads,
+        "step_parity_max_abs_diff": parity,
+        "speed": rows,
+        "quality": q,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [(f"Single-step graph vs full-window recompute ({cfg.cell.upper()}, hidden {cfg.hidden_dim}, vocabulary "
-           f"{cfg.vocab_size:,}, window {manifest.window}; ONNX Runtime CPU, {args.threads} thread; one-event "
-           f"parity {parity:.1e})"), "",
-          "| batch | full window ms | single step ms | speed-up |", "|---:|---:|---:|---:|",
-          *[f"| {r['batch']} | {r['full_window_ms']:.3f} | {r['single_step_ms']:.3f} | {r['speedup']:.1f}x |"
-            for r in rows], "",
-          (f"Quality on {q['users']:,} held-out users of {data.name} (leave-one-out, full ranking; "
-           f"{q['users_longer_than_window']:,} have more history than the window):"), "",
-          "| scorer | HR@10 | NDCG@10 |", "|---|---:|---:|",
-          f"| full-window recompute (served today) | {q['full_window']['hr@10']} | {q['full_window']['ndcg@10']} |",
-          f"| incremental state over the whole history | {q['incremental']['hr@10']} | {q['incremental']['ndcg@10']} |",
-          "",
-          (f"Largest difference in any probability between the two: {q['max_abs_probability_difference']:.1e}; "
-           f"the target's rank is the same for {q['same_target_rank_share']:.1%} of users.")]
+    md = [
+        (
+            f"Single-step graph vs full-window recompute ({cfg.cell.upper()}, hidden {cfg.hidden_dim}, vocabulary "
+            f"{cfg.vocab_size:,}, window {manifest.window}; ONNX Runtime CPU, {args.threads} thread; one-event "
+            f"parity {parity:.1e})"
+        ),
+        "",
+        "| batch | full window ms | single step ms | speed-up |",
+        "|---:|---:|---:|---:|",
+        *[
+            f"| {r['batch']} | {r['full_window_ms']:.3f} | {r['single_step_ms']:.3f} | {r['speedup']:.1f}x |"
+            for r in rows
+        ],
+        "",
+        (
+            f"Quality on {q['users']:,} held-out users of {data.name} (leave-one-out, full ranking; "
+            f"{q['users_longer_than_window']:,} have more history than the window):"
+        ),
+        "",
+        "| scorer | HR@10 | NDCG@10 |",
+        "|---|---:|---:|",
+        f"| full-window recompute (served today) | {q['full_window']['hr@10']} | {q['full_window']['ndcg@10']} |",
+        f"| incremental state over the whole history | {q['incremental']['hr@10']} | {q['incremental']['ndcg@10']} |",
+        "",
+        (
+            f"Largest difference in any probability between the two: {q['max_abs_probability_difference']:.1e}; "
+            f"the target's rank is the same for {q['same_target_rank_share']:.1%} of users."
+        ),
+    ]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -166,7 +166,9 @@ async def closed_loop(args: argparse.Namespace, tpl: Templates) -> dict:
             stats.record(start, time.perf_counter(), status, body)
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker(c) for c in conns)), args.warmup + args.duration + args.timeout + 5)
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(c) for c in conns)), args.warmup + args.duration + args.timeout + 5
+        )
     finally:
         for c in conns:
             c.close()
@@ -233,8 +235,9 @@ async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
     out = summarise(stats, args.duration, offered=args.rate)
     out["due_in_window"] = len(recorded_due)
     lags.sort()
-    out["dispatch_lag_ms"] = {q: round(percentile(lags, v) * 1000, 3) if lags else None
-                              for q, v in (("p50", 50), ("p99", 99))}
+    out["dispatch_lag_ms"] = {
+        q: round(percentile(lags, v) * 1000, 3) if lags else None for q, v in (("p50", 50), ("p99", 99))
+    }
     # requests due in the window that never completed within the drain time count against the server
     out["not_completed"] = max(0, len(recorded_due) - out["requests"] - sum(stats.errors.values()))
     return out
@@ -260,9 +263,14 @@ def summarise(stats: Stats, duration: float, offered: float | None) -> dict:
         "duration_s": duration,
         "rps": round(ok / duration, 1),
         "offered_rps": offered,
-        "latency_ms": {"p50": ms(50), "p90": ms(90), "p99": ms(99), "p99.9": ms(99.9),
-                       "max": round(lat[-1] * 1000, 3) if lat else None,
-                       "mean": round(sum(lat) / len(lat) * 1000, 3) if lat else None},
+        "latency_ms": {
+            "p50": ms(50),
+            "p90": ms(90),
+            "p99": ms(99),
+            "p99.9": ms(99.9),
+            "max": round(lat[-1] * 1000, 3) if lat else None,
+            "mean": round(sum(lat) / len(lat) * 1000, 3) if lat else None,
+        },
         "loadgen_cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
         "sample_response": stats.sample,
     }

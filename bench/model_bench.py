@@ -53,7 +53,9 @@ def bound_call(serving: Any, feed: dict[str, np.ndarray], names: list[str]) -> C
     return call
 
 
-def timed(fn: Callable[[], Any], budget_s: float, max_reps: int, sync: Callable[[], None]) -> dict[str, float]:
+def timed(
+    fn: Callable[[], Any], budget_s: float, max_reps: int, sync: Callable[[], None]
+) -> dict[str, float]:
     for _ in range(2):  # warm-up: allocator, kernels, thread pools
         fn()
     sync()
@@ -65,8 +67,11 @@ def timed(fn: Callable[[], Any], budget_s: float, max_reps: int, sync: Callable[
         sync()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"median_ms": round(statistics.median(times) * 1000, 3),
-            "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))] * 1000, 3), "reps": len(times)}
+    return {
+        "median_ms": round(statistics.median(times) * 1000, 3),
+        "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))] * 1000, 3),
+        "reps": len(times),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +98,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = np.full(8, manifest.window, dtype=np.int64)
     (p_ort,) = serving.session.run(names, {inputs[0]: ids, inputs[1]: lengths})
     with torch.inference_mode():
-        p_torch = net(torch.from_numpy(ids).to(torch_device), torch.from_numpy(lengths).to(torch_device)).cpu().numpy()
+        p_torch = (
+            net(torch.from_numpy(ids).to(torch_device), torch.from_numpy(lengths).to(torch_device))
+            .cpu()
+            .numpy()
+        )
     parity = float(np.max(np.abs(p_ort - p_torch)))
 
     rows = []
@@ -116,23 +125,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bound = None
             if serving.provider == CUDA:
                 bound = timed(bound_call(serving, feed, names), args.budget_s, args.max_reps, lambda: None)
-            rows.append({
-                "window": window, "batch": batch,
-                "ort_ms": o["median_ms"], "ort_p90_ms": o["p90_ms"], "ort_reps": o["reps"],
-                "torch_ms": t["median_ms"], "torch_p90_ms": t["p90_ms"], "torch_reps": t["reps"],
-                "ort_rows_per_s": round(batch / o["median_ms"] * 1000, 1),
-                "torch_rows_per_s": round(batch / t["median_ms"] * 1000, 1),
-                "speedup": round(t["median_ms"] / o["median_ms"], 2),
-                **({"ort_iobinding_ms": bound["median_ms"]} if bound else {}),
-            })
+            rows.append(
+                {
+                    "window": window,
+                    "batch": batch,
+                    "ort_ms": o["median_ms"],
+                    "ort_p90_ms": o["p90_ms"],
+                    "ort_reps": o["reps"],
+                    "torch_ms": t["median_ms"],
+                    "torch_p90_ms": t["p90_ms"],
+                    "torch_reps": t["reps"],
+                    "ort_rows_per_s": round(batch / o["median_ms"] * 1000, 1),
+                    "torch_rows_per_s": round(batch / t["median_ms"] * 1000, 1),
+                    "speedup": round(t["median_ms"] / o["median_ms"], 2),
+                    **({"ort_iobinding_ms": bound["median_ms"]} if bound else {}),
+                }
+            )
             if not args.quiet:
                 r = rows[-1]
-                print(f"T={window:<4} B={batch:<4} ort {r['ort_ms']:8.3f} ms  torch {r['torch_ms']:8.3f} ms  "
-                      f"x{r['speedup']}", file=sys.stderr)
+                print(
+                    f"T={window:<4} B={batch:<4} ort {r['ort_ms']:8.3f} ms  torch {r['torch_ms']:8.3f} ms  "
+                    f"x{r['speedup']}",
+                    file=sys.stderr,
+                )
     return {
-        "model": {"cell": manifest.cell, "vocab": manifest.vocab_size, "window": manifest.window,
-                  "embedding": manifest.embedding_dim, "hidden": manifest.hidden_dim,
-                  "layers": manifest.num_layers, "version": manifest.model_version},
+        "model": {
+            "cell": manifest.cell,
+            "vocab": manifest.vocab_size,
+            "window": manifest.window,
+            "embedding": manifest.embedding_dim,
+            "hidden": manifest.hidden_dim,
+            "layers": manifest.num_layers,
+            "version": manifest.model_version,
+        },
         "device_requested": args.device,
         "ort_provider": serving.provider,
         "ort_providers_available": ort.get_available_providers(),
@@ -148,20 +173,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        (f"ONNX Runtime {result['ort_version']} on {result['ort_provider']} vs PyTorch {result['torch_version']} "
-         f"eager on {result['torch_device']}; threads: ORT {result['ort_intra_op_threads']}, PyTorch "
-         f"{result['torch_threads']}; one process, no HTTP; median per call; max |p_ort - p_torch| = "
-         f"{result['parity_max_abs_diff']:.2e}"),
+        (
+            f"ONNX Runtime {result['ort_version']} on {result['ort_provider']} vs PyTorch {result['torch_version']} "
+            f"eager on {result['torch_device']}; threads: ORT {result['ort_intra_op_threads']}, PyTorch "
+            f"{result['torch_threads']}; one process, no HTTP; median per call; max |p_ort - p_torch| = "
+            f"{result['parity_max_abs_diff']:.2e}"
+        ),
         "",
         "| window | batch | ORT ms/call | PyTorch ms/call | ORT rows/s | PyTorch rows/s | ORT speed-up |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if any("ort_iobinding_ms" in r for r in result["rows"]):
-        lines += ["", "ORT with I/O binding (inputs on the device, output left there), ms/call: " + ", ".join(
-            f"T={r['window']} B={r['batch']}: {r['ort_iobinding_ms']:.3f}" for r in result["rows"])]
+        lines += [
+            "",
+            "ORT with I/O binding (inputs on the device, output left there), ms/call: "
+            + ", ".join(
+                f"T={r['window']} B={r['batch']}: {r['ort_iobinding_ms']:.3f}" for r in result["rows"]
+            ),
+        ]
     for r in result["rows"]:
-        lines.append(f"| {r['window']} | {r['batch']} | {r['ort_ms']:.3f} | {r['torch_ms']:.3f} | "
-                     f"{r['ort_rows_per_s']:,.0f} | {r['torch_rows_per_s']:,.0f} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['window']} | {r['batch']} | {r['ort_ms']:.3f} | {r['torch_ms']:.3f} | "
+            f"{r['ort_rows_per_s']:,.0f} | {r['torch_rows_per_s']:,.0f} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50])
     p.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell and runtime")
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads of both runtimes (0 = each one's default: one per core). 1 by default: "
-                        "the fair like-for-like setting, and on a small shared machine the only stable one")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of both runtimes (0 = each one's default: one per core). 1 by default: "
+        "the fair like-for-like setting, and on a small shared machine the only stable one",
+    )
     p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (overrides --threads)")
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (overrides --threads)")
     p.add_argument("--json", type=Path, help="write the result here")

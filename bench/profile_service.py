@@ -100,7 +100,7 @@ def summarise_stacks(raw: Path) -> dict[int, dict[str, Any]]:
         head = frames[0]
         if not head.startswith("thread ("):
             continue
-        tid = int(head[len("thread ("):].split(")", 1)[0], 0)
+        tid = int(head[len("thread (") :].split(")", 1)[0], 0)
         name = head.split("): ", 1)[1] if "): " in head else "?"
         t = threads.setdefault(tid, {"name": name, "samples": 0, "categories": Counter(), "self": Counter()})
         n = int(count)
@@ -129,30 +129,48 @@ def group_name(name: str) -> str:
     return "AnyIO worker threads (FastAPI's threadpool)" if name.startswith("AnyIO worker") else name
 
 
-def report(stacks: dict[int, dict[str, Any]], before: dict[int, float], after: dict[int, float],
-           load: dict[str, Any], args: argparse.Namespace, elapsed: float) -> str:
+def report(
+    stacks: dict[int, dict[str, Any]],
+    before: dict[int, float],
+    after: dict[int, float],
+    load: dict[str, Any],
+    args: argparse.Namespace,
+    elapsed: float,
+) -> str:
     requests = max(1, round(load["requests"] * (1 + args.warmup / args.duration)))  # warm-up was sampled too
     cpu: dict[str, float] = {}
     for tid, seconds in after.items():
         used = seconds - before.get(tid, 0.0)
-        name = group_name(stacks[tid]["name"]) if tid in stacks else "native threads (ONNX Runtime intra-op pool)"
+        name = (
+            group_name(stacks[tid]["name"])
+            if tid in stacks
+            else "native threads (ONNX Runtime intra-op pool)"
+        )
         cpu[name] = cpu.get(name, 0.0) + used
     total_cpu = sum(cpu.values())
-    load_desc = f"{args.connections} connections" if args.mode == "closed" else f"{args.rate:.0f} req/s offered"
+    load_desc = (
+        f"{args.connections} connections" if args.mode == "closed" else f"{args.rate:.0f} req/s offered"
+    )
     lines = [
         "# Where nextact's time goes under load",
         "",
-        (f"{args.mode} loop ({load_desc}), {args.warmup + args.duration:.0f} s sampled by py-spy at {args.rate_hz} Hz "
-         f"(non-blocking, idle excluded); {load['rps']:.0f} req/s answered, p50 {load['latency_ms']['p50']} ms, "
-         f"p99 {load['latency_ms']['p99']} ms. Server process CPU {total_cpu:.1f} s = "
-         f"**{total_cpu * 1000 / requests:.3f} ms per request**. "
-         f"Machine load average at the end: {[round(x, 2) for x in os.getloadavg()]}."),
+        (
+            f"{args.mode} loop ({load_desc}), {args.warmup + args.duration:.0f} s sampled by py-spy at {args.rate_hz} Hz "
+            f"(non-blocking, idle excluded); {load['rps']:.0f} req/s answered, p50 {load['latency_ms']['p50']} ms, "
+            f"p99 {load['latency_ms']['p99']} ms. Server process CPU {total_cpu:.1f} s = "
+            f"**{total_cpu * 1000 / requests:.3f} ms per request**. "
+            f"Machine load average at the end: {[round(x, 2) for x in os.getloadavg()]}."
+        ),
         "",
         "## CPU time by thread (/proc; the only view that sees ONNX Runtime's native worker threads)",
         "",
         "| thread | CPU s | share | ms per request |",
         "|---|---:|---:|---:|",
-        *[f"| {n} | {c:.2f} | {c / total_cpu:.0%} | {c * 1000 / requests:.3f} |" for n, c in sorted(cpu.items(), key=lambda kv: -kv[1]) if c > 0],
+        *[
+            f"| {n} | {c:.2f} | {c / total_cpu:.0%} | {c * 1000 / requests:.3f} |"
+            for n, c in sorted(cpu.items(), key=lambda kv: -kv[1])
+            if c > 0
+        ],
     ]
     for name in ("MainThread", "nextact-infer_0"):
         tids = [tid for tid, t in stacks.items() if t["name"] == name]
@@ -162,10 +180,17 @@ def report(stacks: dict[int, dict[str, Any]], before: dict[int, float], after: d
         total = t["samples"] or 1
         ms = cpu.get(name, 0.0) * 1000 / requests
         lines += [
-            "", f"## {name}: components ({total} samples; a sample counts for its innermost known frame)", "",
-            "| component | share of the thread | ≈ ms per request |", "|---|---:|---:|",
+            "",
+            f"## {name}: components ({total} samples; a sample counts for its innermost known frame)",
+            "",
+            "| component | share of the thread | ≈ ms per request |",
+            "|---|---:|---:|",
             *[f"| {c} | {n / total:.1%} | {n / total * ms:.3f} |" for c, n in t["categories"].most_common()],
-            "", f"{name}: top functions by own samples", "", "| function | share |", "|---|---:|",
+            "",
+            f"{name}: top functions by own samples",
+            "",
+            "| function | share |",
+            "|---|---:|",
             *[f"| `{f}` | {n / total:.1%} |" for f, n in t["self"].most_common(15)],
         ]
     return "\n".join(lines) + "\n"
@@ -214,21 +239,45 @@ def main(argv: list[str] | None = None) -> int:
     spy: subprocess.Popen[bytes] | None = None
     try:
         redis.start()
-        asyncio.run(prefill(redis.url, make_windows(sequences, args.users, manifest.window, rng), manifest.window))
+        asyncio.run(
+            prefill(redis.url, make_windows(sequences, args.users, manifest.window, rng), manifest.window)
+        )
         port = free_port()
-        env = {"NEXTACT_REDIS_URL": redis.url, "NEXTACT_ARTIFACT_DIR": str(art), "NEXTACT_LOG_LEVEL": "warning",
-               "NEXTACT_HOST": "127.0.0.1", "NEXTACT_PORT": str(port), "NEXTACT_WORKERS": "1",
-               **dict(e.split("=", 1) for e in args.env)}
+        env = {
+            "NEXTACT_REDIS_URL": redis.url,
+            "NEXTACT_ARTIFACT_DIR": str(art),
+            "NEXTACT_LOG_LEVEL": "warning",
+            "NEXTACT_HOST": "127.0.0.1",
+            "NEXTACT_PORT": str(port),
+            "NEXTACT_WORKERS": "1",
+            **dict(e.split("=", 1) for e in args.env),
+        }
         server = Child("nextact", [sys.executable, "-m", "app"], work / "nextact.log", env).start()
         wait_ready(server, port, probe(templates, "probe"))
         # uvicorn may run the app in the process it was started as (1 worker): that is the one to sample
         before = thread_cpu(server.pid)
         cpu0 = time.monotonic()
         spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(server.pid), "--rate", str(args.rate_hz), "--duration",
-             str(int(args.duration + args.warmup)), "--format", "raw", "--nonblocking", "--threads", "--function",
-             "--output", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(server.pid),
+                "--rate",
+                str(args.rate_hz),
+                "--duration",
+                str(int(args.duration + args.warmup)),
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--threads",
+                "--function",
+                "--output",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         load = loadgen(port, templates, work / "load.json", args.mode, args, "prof-", args.rate)
         after = thread_cpu(server.pid)

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             name, _, rest = spec.partition(":")
             row = run(name, [p for p in rest.split(",") if p], data, args.epochs, args.data_dir)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("data", "config", "val_hr10", "val_ndcg10", "wall_seconds")}))
+            print(
+                json.dumps({k: row[k] for k in ("data", "config", "val_hr10", "val_ndcg10", "wall_seconds")})
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
             args.out.with_suffix(".md").write_text(

@@ -61,15 +61,38 @@ PHASES = itertools.count(1)
 
 # ---- set-up -------------------------------------------------------------------------------------------------
 
+
 def ensure_artifact(args: argparse.Namespace) -> Path:
     """The Beauty model to serve; trained here (bounded: a few epochs) when the directory has none."""
     art: Path = args.artifact_dir
-    if (art / "manifest.json").is_file() and (art / "model.onnx").is_file() and (art / "checkpoint.pt").is_file():
+    if (
+        (art / "manifest.json").is_file()
+        and (art / "model.onnx").is_file()
+        and (art / "checkpoint.pt").is_file()
+    ):
         return art
     data = args.data or SAMPLE_DATA
-    print(f"==> no model in {art}: training one on {data} (item_id, window 50, {args.train_epochs} epochs)", flush=True)
-    cmd = [sys.executable, "-m", "training", "train", "--data", str(data), "--action-col", "item_id",
-           "--window", "50", "--out", str(art), "--epochs", str(args.train_epochs), "--quiet"]
+    print(
+        f"==> no model in {art}: training one on {data} (item_id, window 50, {args.train_epochs} epochs)",
+        flush=True,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "--data",
+        str(data),
+        "--action-col",
+        "item_id",
+        "--window",
+        "50",
+        "--out",
+        str(art),
+        "--epochs",
+        str(args.train_epochs),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, timeout=1800, check=False)
     if done.returncode != 0:
         raise BenchError(f"training the benchmark model failed: {' '.join(cmd)}")
@@ -83,8 +106,12 @@ def ensure_step(art: Path) -> Any:
 
     if read_manifest(art).step is None:
         print(f"==> exporting the step graph into {art}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "training.step", "--artifact", str(art)], cwd=ROOT,
-                              timeout=600, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "training.step", "--artifact", str(art)],
+            cwd=ROOT,
+            timeout=600,
+            check=False,
+        )
         if done.returncode != 0:
             raise BenchError(f"exporting the step graph into {art} failed")
     return load_model(art, device="cpu", intra_op_threads=1, incremental=True)
@@ -99,8 +126,9 @@ def population_source(manifest: Any, args: argparse.Namespace) -> tuple[Path, st
     raise BenchError("no event data for the user population: pass --data")
 
 
-async def prefill(redis_url: str, windows: list[list[str]], capacity: int, prefix: str = "nextact",
-                  model: Any = None) -> float:
+async def prefill(
+    redis_url: str, windows: list[list[str]], capacity: int, prefix: str = "nextact", model: Any = None
+) -> float:
     """Write every user's full window with the service's own append script (one EVALSHA per user).
 
     With `model` (a ServingModel with its step graph): the incremental service's population, each window
@@ -128,7 +156,9 @@ async def prefill(redis_url: str, windows: list[list[str]], capacity: int, prefi
                 ((_, state),) = model.advance([StepRequest(result.actions, 1)])
                 await store.save_state(user_id(i), got.seq, model.version, state)
             if len(result.actions) != capacity:
-                raise BenchError(f"prefill: user {user_id(i)} has {len(result.actions)} events, want {capacity}")
+                raise BenchError(
+                    f"prefill: user {user_id(i)} has {len(result.actions)} events, want {capacity}"
+                )
 
     try:
         await asyncio.gather(*(one(i, w) for i, w in enumerate(windows)))
@@ -155,11 +185,36 @@ def probe(templates: Path, tag: str) -> tuple[str, bytes]:
 
 # ---- measuring ----------------------------------------------------------------------------------------------
 
-def loadgen(port: int, templates: Path, out: Path, mode: str, args: argparse.Namespace, tag: str,
-            rate: float | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--requests", str(templates),
-           "--mode", mode, "--duration", str(args.duration), "--warmup", str(args.warmup),
-           "--max-requests", str(args.max_requests), "--tag", tag, "--out", str(out)]
+
+def loadgen(
+    port: int,
+    templates: Path,
+    out: Path,
+    mode: str,
+    args: argparse.Namespace,
+    tag: str,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "loadgen.py"),
+        "--port",
+        str(port),
+        "--requests",
+        str(templates),
+        "--mode",
+        mode,
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--max-requests",
+        str(args.max_requests),
+        "--tag",
+        tag,
+        "--out",
+        str(out),
+    ]
     if mode == "closed":
         cmd += ["--connections", str(args.connections)]
     else:
@@ -202,12 +257,27 @@ def batch_stats(delta: dict[str, Any] | None) -> dict[str, Any] | None:
     scale = delta["sum"] / (sum(rows.values()) or 1)
     labels = list(rows)
     calls_by = dict(zip(labels, delta["per_bucket"].values(), strict=True))
-    return {"calls": delta["count"], "windows": int(delta["sum"]), "mean": delta["mean"], "calls_by_bucket": calls_by,
-            "approx_request_share": {k: round(v * scale / delta["sum"], 4) for k, v in rows.items()}}
+    return {
+        "calls": delta["count"],
+        "windows": int(delta["sum"]),
+        "mean": delta["mean"],
+        "calls_by_bucket": calls_by,
+        "approx_request_share": {k: round(v * scale / delta["sum"], 4) for k, v in rows.items()},
+    }
 
 
-def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path, work: Path, mode: str,
-            args: argparse.Namespace, round_no: int, rate: float | None = None) -> dict[str, Any]:
+def measure(
+    name: str,
+    server: Child,
+    port: int,
+    redis_pid: int,
+    templates: Path,
+    work: Path,
+    mode: str,
+    args: argparse.Namespace,
+    round_no: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
     tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
     before_batches = scrape_batches(port) if name in NEXTACTS else None
     before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
@@ -217,7 +287,7 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
         raise BenchError(f"{name} died under load; log {server.log_path}:\n{server.log_tail()}")
     # CPU per request counts warm-up requests too (the counter cannot tell them apart): an estimate
     total_sent = result["requests"] * (args.warmup + args.duration) / args.duration
-    per_req = (lambda s: round(s * 1000 / total_sent, 3) if total_sent else None)
+    per_req = lambda s: round(s * 1000 / total_sent, 3) if total_sent else None
     result["server_cpu_ms_per_request"] = per_req(after["cpu_s"] - before["cpu_s"])
     result["redis_cpu_ms_per_request"] = per_req(redis_after["cpu_s"] - redis_before["cpu_s"])
     result["server_rss_mib"] = after["rss_mib"]
@@ -228,16 +298,23 @@ def measure(name: str, server: Child, port: int, redis_pid: int, templates: Path
             result["batch_size"] = histogram_delta(before_batches, after_batches)
     bad = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
     if bad or result["errors"]:
-        print(f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
-              f"{result['sample_response'][:300]}", flush=True)
+        print(
+            f"    !! {name} {mode}: statuses {result['statuses']} errors {result['errors']}: "
+            f"{result['sample_response'][:300]}",
+            flush=True,
+        )
     lat = result["latency_ms"]
     offered = f" of {rate:.0f} offered" if rate else ""
-    print(f"    {name:8} {mode:6} {result['rps']:8.1f} req/s{offered}  p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  "
-          f"p99 {fmt(lat['p99'])} ms  server cpu {fmt(result['server_cpu_ms_per_request'], '.3f')} ms/req", flush=True)
+    print(
+        f"    {name:8} {mode:6} {result['rps']:8.1f} req/s{offered}  p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  "
+        f"p99 {fmt(lat['p99'])} ms  server cpu {fmt(result['server_cpu_ms_per_request'], '.3f')} ms/req",
+        flush=True,
+    )
     return result
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
+
 
 def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
@@ -261,23 +338,33 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 **{q: median([m["latency_ms"][q] for m in ms]) for q in ("p50", "p90", "p99")},
                 "server_cpu_ms_per_request": median([m["server_cpu_ms_per_request"] for m in ms]),
                 "redis_cpu_ms_per_request": median([m["redis_cpu_ms_per_request"] for m in ms]),
-                "errors": sum(sum(m["errors"].values()) + sum(v for k, v in m["statuses"].items()
-                                                               if not k.startswith("2")) for m in ms),
+                "errors": sum(
+                    sum(m["errors"].values())
+                    + sum(v for k, v in m["statuses"].items() if not k.startswith("2"))
+                    for m in ms
+                ),
             }
         s["rss_mib"] = max(m["server_rss_mib"] for r in runs for m in r.values())
         out[name] = s
-    c, n, i, t = (out.get(k, {}).get("closed", {}).get("rps") for k in ("ceiling", "nextact", "incremental", "torch"))
+    c, n, i, t = (
+        out.get(k, {}).get("closed", {}).get("rps") for k in ("ceiling", "nextact", "incremental", "torch")
+    )
     out["ratios"] = {
         "nextact_over_ceiling": round(n / c, 3) if n and c else None,
         "nextact_over_torch": round(n / t, 3) if n and t else None,
     }
     if i:
-        cpu = {k: out[k]["closed"]["server_cpu_ms_per_request"] for k in ("nextact", "incremental") if k in out}
+        cpu = {
+            k: out[k]["closed"]["server_cpu_ms_per_request"] for k in ("nextact", "incremental") if k in out
+        }
         out["ratios"] |= {
             "incremental_over_ceiling": round(i / c, 3) if c else None,
             "incremental_over_nextact": round(i / n, 3) if n else None,
-            "nextact_cpu_over_incremental_cpu": (round(cpu["nextact"] / cpu["incremental"], 3)
-                                                 if len(cpu) == 2 and cpu["incremental"] else None),
+            "nextact_cpu_over_incremental_cpu": (
+                round(cpu["nextact"] / cpu["incremental"], 3)
+                if len(cpu) == 2 and cpu["incremental"]
+                else None
+            ),
         }
     return out
 
@@ -311,26 +398,42 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# nextact service benchmark ({'quick' if cfg['quick'] else 'full'})",
         "",
-        (f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
-         f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}"),
-        (f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
-         "(the load generator and Redis share these CPUs with the server)"),
-        (f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, "
-         f"embedding {m['embedding']}, hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), "
-         f"served from {cfg['artifact_dir']}"),
-        (f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
-         "each request posts one event (random user, real action, unique event_id) and asks k=10"),
-        (f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
-         f"open loop: Poisson arrivals at {rate:.0f} req/s{rate_note}; "
-         f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)"),
+        (
+            f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
+            f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}"
+        ),
+        (
+            f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
+            "(the load generator and Redis share these CPUs with the server)"
+        ),
+        (
+            f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, "
+            f"embedding {m['embedding']}, hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), "
+            f"served from {cfg['artifact_dir']}"
+        ),
+        (
+            f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
+            "each request posts one event (random user, real action, unique event_id) and asks k=10"
+        ),
+        (
+            f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
+            f"open loop: Poisson arrivals at {rate:.0f} req/s{rate_note}; "
+            f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)"
+        ),
         f"- command: `{cfg['command']}`",
         "",
-        ("| server | req/s at 64 conn | p50 | p90 | p99 ms (saturated) | open loop: answered req/s | p50 | p90 "
-         "| p99 ms (open loop) | server CPU ms/req | Redis CPU ms/req | RSS MiB |"),
+        (
+            "| server | req/s at 64 conn | p50 | p90 | p99 ms (saturated) | open loop: answered req/s | p50 | p90 "
+            "| p99 ms (open loop) | server CPU ms/req | Redis CPU ms/req | RSS MiB |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    labels = {"ceiling": "bare FastAPI (ceiling)", "nextact": "**nextact**", "torch": "FastAPI + PyTorch eager",
-              "incremental": "nextact (incremental state)"}
+    labels = {
+        "ceiling": "bare FastAPI (ceiling)",
+        "nextact": "**nextact**",
+        "torch": "FastAPI + PyTorch eager",
+        "incremental": "nextact (incremental state)",
+    }
     for name in TARGETS:
         if name not in s:
             continue
@@ -338,61 +441,100 @@ def markdown(res: dict[str, Any]) -> str:
         answered = fmt(o.get("rps"), ",.0f")
         if o.get("rps") is not None and o.get("offered_rps") and o["rps"] < 0.95 * o["offered_rps"]:
             answered += " (overloaded)"
-        cells = [fmt(c.get("rps"), ",.0f"), *(fmt(c.get(q)) for q in ("p50", "p90", "p99")),
-                 answered, *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
-                 fmt(c.get("server_cpu_ms_per_request"), ".3f"), fmt(c.get("redis_cpu_ms_per_request"), ".3f"),
-                 fmt(s[name]["rss_mib"], ".0f")]
+        cells = [
+            fmt(c.get("rps"), ",.0f"),
+            *(fmt(c.get(q)) for q in ("p50", "p90", "p99")),
+            answered,
+            *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
+            fmt(c.get("server_cpu_ms_per_request"), ".3f"),
+            fmt(c.get("redis_cpu_ms_per_request"), ".3f"),
+            fmt(s[name]["rss_mib"], ".0f"),
+        ]
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
     r = s["ratios"]
     t = res["targets"]
     lines += [
         "",
-        (f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
-         f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
-         f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
-         f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
-         f"{'met' if t['p99_met'] else 'not met'})."),
+        (
+            f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
+            f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
+            f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
+            f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
+            f"{'met' if t['p99_met'] else 'not met'})."
+        ),
     ]
     if r.get("incremental_over_nextact"):
-        lines += ["", (f"nextact (incremental state) / nextact = **{r['incremental_over_nextact']}** in req/s, "
-                       f"**{r['nextact_cpu_over_incremental_cpu']}x** less server CPU per request; "
-                       f"/ ceiling = {r['incremental_over_ceiling']}.")]
+        lines += [
+            "",
+            (
+                f"nextact (incremental state) / nextact = **{r['incremental_over_nextact']}** in req/s, "
+                f"**{r['nextact_cpu_over_incremental_cpu']}x** less server CPU per request; "
+                f"/ ceiling = {r['incremental_over_ceiling']}."
+            ),
+        ]
     own = s.get("nextact", {}).get("open_own")
     if own:
-        lines += ["", (f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
-                       f"p50 {fmt(own['p50'])} ms, p90 {fmt(own['p90'])} ms, p99 {fmt(own['p99'])} ms, "
-                       f"{fmt(own['rps'], ',.0f')} req/s answered.")]
+        lines += [
+            "",
+            (
+                f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
+                f"p50 {fmt(own['p50'])} ms, p90 {fmt(own['p90'])} ms, p99 {fmt(own['p99'])} ms, "
+                f"{fmt(own['rps'], ',.0f')} req/s answered."
+            ),
+        ]
     hists = {mode: h for mode, h in res["batch_size_histogram"].items() if h}
     if hists:
-        buckets = [b for b in next(iter(hists.values()))["approx_request_share"] if any(
-            h["approx_request_share"].get(b) for h in hists.values())]
-        labels = {"closed": "saturated (64 connections)", "open": f"open loop, {rate:.0f} req/s",
-                  "open_own": "open loop, half nextact's throughput"}
-        lines += ["", ("nextact micro-batches, from its nextact_inference_batch_size histogram on /metrics: ONNX "
-                       "Runtime calls, mean windows per call, and the approximate share of requests served in a "
-                       "batch of each size"), "",
-                  "| phase | ORT calls | mean batch | " + " | ".join(buckets) + " |",
-                  "|---|---:|---:|" + "---:|" * len(buckets)]
+        buckets = [
+            b
+            for b in next(iter(hists.values()))["approx_request_share"]
+            if any(h["approx_request_share"].get(b) for h in hists.values())
+        ]
+        labels = {
+            "closed": "saturated (64 connections)",
+            "open": f"open loop, {rate:.0f} req/s",
+            "open_own": "open loop, half nextact's throughput",
+        }
+        lines += [
+            "",
+            (
+                "nextact micro-batches, from its nextact_inference_batch_size histogram on /metrics: ONNX "
+                "Runtime calls, mean windows per call, and the approximate share of requests served in a "
+                "batch of each size"
+            ),
+            "",
+            "| phase | ORT calls | mean batch | " + " | ".join(buckets) + " |",
+            "|---|---:|---:|" + "---:|" * len(buckets),
+        ]
         for mode, h in hists.items():
             shares = " | ".join(f"{h['approx_request_share'][b]:.0%}" for b in buckets)
             lines.append(f"| {labels.get(mode, mode)} | {h['calls']:,} | {h['mean']} | {shares} |")
     else:
         lines += ["", "Batch sizes: not available (no nextact_inference_batch_size histogram on /metrics)."]
     if res.get("model_bench_markdown"):
-        lines += ["", "## Model micro-benchmark (same model, one process, no HTTP)", "", res["model_bench_markdown"]]
+        lines += [
+            "",
+            "## Model micro-benchmark (same model, one process, no HTTP)",
+            "",
+            res["model_bench_markdown"],
+        ]
     return "\n".join(lines) + "\n"
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1-2 minute smoke run (1 round, short phases)")
     p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
     p.add_argument("--data", type=Path, help="events for the population (default: the model's training file)")
-    p.add_argument("--train-epochs", type=int, default=3, help="epochs when the model has to be trained first")
+    p.add_argument(
+        "--train-epochs", type=int, default=3, help="epochs when the model has to be trained first"
+    )
     p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--templates", type=int, default=20_000, help="distinct requests the load generator cycles")
+    p.add_argument(
+        "--templates", type=int, default=20_000, help="distinct requests the load generator cycles"
+    )
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--open-connections", type=int, default=64)
     p.add_argument("--rate", type=float, help="open-loop offered rate (default: half the ceiling's req/s)")
@@ -400,22 +542,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
-    p.add_argument("--targets", default=",".join(t for t in TARGETS if t != "incremental"),
-                   help="servers to load (incremental is added by --incremental)")
+    p.add_argument(
+        "--targets",
+        default=",".join(t for t in TARGETS if t != "incremental"),
+        help="servers to load (incremental is added by --incremental)",
+    )
     p.add_argument("--skip-model-bench", action="store_true")
-    p.add_argument("--incremental", action="store_true",
-                   help="also serve 'nextact (incremental state)': NEXTACT_INCREMENTAL_STATE=true on its own copy "
-                        "of the population with states; exports step.onnx into the artifact if it has none")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)")
-    p.add_argument("--out", type=Path, help="results path without suffix (default bench/results/service[_quick])")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="also serve 'nextact (incremental state)': NEXTACT_INCREMENTAL_STATE=true on its own copy "
+        "of the population with states; exports step.onnx into the artifact if it has none",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="results path without suffix (default bench/results/service[_quick])"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     if args.quick:
         args.duration, args.warmup, args.rounds = min(args.duration, 5.0), min(args.warmup, 1.5), 1
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
-    targets = [t for t in TARGETS if t in args.targets.split(",") + (["incremental"] if args.incremental else [])]
+    targets = [
+        t for t in TARGETS if t in args.targets.split(",") + (["incremental"] if args.incremental else [])
+    ]
     started = time.monotonic()
 
     from app.manifest import read_manifest
@@ -436,21 +593,45 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "machine": machine(),
-        "model": {"cell": manifest.cell, "vocab": manifest.vocab_size, "window": manifest.window,
-                  "embedding": manifest.embedding_dim, "hidden": manifest.hidden_dim, "layers": manifest.num_layers,
-                  "version": manifest.model_version},
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "population_data": str(data), "command": " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])])},
+        "model": {
+            "cell": manifest.cell,
+            "vocab": manifest.vocab_size,
+            "window": manifest.window,
+            "embedding": manifest.embedding_dim,
+            "hidden": manifest.hidden_dim,
+            "layers": manifest.num_layers,
+            "version": manifest.model_version,
+        },
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "population_data": str(data),
+            "command": " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
+        },
         "notes": "Load generator, Redis and the server share the machine's CPUs; 'server CPU ms/req' is the "
-                 "server process's own CPU time per request (all its threads) and is the least noisy figure.",
+        "server process's own CPU time per request (all its threads) and is the least noisy figure.",
     }
     if not args.skip_model_bench:
         print("==> model micro-benchmark (ONNX Runtime vs PyTorch eager)", flush=True)
         mb = work / "model_bench.json"
         budget = "0.2" if args.quick else "0.6"
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "model_bench.py"), "--artifact-dir", str(art),
-                               "--json", str(mb), "--budget-s", budget, "--quiet"],
-                              cwd=ROOT, timeout=600, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "model_bench.py"),
+                "--artifact-dir",
+                str(art),
+                "--json",
+                str(mb),
+                "--budget-s",
+                budget,
+                "--quiet",
+            ],
+            cwd=ROOT,
+            timeout=600,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise BenchError(f"model_bench.py failed:\n{done.stderr[-2000:]}")
         result["model_bench"] = json.loads(mb.read_text())
@@ -462,8 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         redis.start()
         assert redis.process is not None
-        print(f"==> Redis on {redis.url}: pre-filling {args.users:,} users x {manifest.window} events from {data}",
-              flush=True)
+        print(
+            f"==> Redis on {redis.url}: pre-filling {args.users:,} users x {manifest.window} events from {data}",
+            flush=True,
+        )
         seconds = asyncio.run(prefill(redis.url, windows, manifest.window))
         result["prefill_seconds"] = round(seconds, 2)
         if "incremental" in targets:
@@ -473,14 +656,25 @@ def main(argv: list[str] | None = None) -> int:
             result["prefill_incremental_seconds"] = round(seconds, 2)
 
         ports = {name: free_port() for name in targets}
-        env_base = {"NEXTACT_REDIS_URL": redis.url, "NEXTACT_ARTIFACT_DIR": str(art), "NEXTACT_LOG_LEVEL": "warning",
-                    "NEXTACT_HOST": "127.0.0.1", "NEXTACT_WORKERS": "1"}
+        env_base = {
+            "NEXTACT_REDIS_URL": redis.url,
+            "NEXTACT_ARTIFACT_DIR": str(art),
+            "NEXTACT_LOG_LEVEL": "warning",
+            "NEXTACT_HOST": "127.0.0.1",
+            "NEXTACT_WORKERS": "1",
+        }
         extra = dict(e.split("=", 1) for e in args.env)
         cmds = {
             "nextact": [sys.executable, "-m", "app"],
             "incremental": [sys.executable, "-m", "app"],
             "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
-            "torch": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--artifact-dir", str(art)],
+            "torch": [
+                sys.executable,
+                str(ROOT / "bench" / "baseline_apps.py"),
+                "torch",
+                "--artifact-dir",
+                str(art),
+            ],
         }
         servers: dict[str, Child] = {}
         for name in targets:
@@ -500,19 +694,50 @@ def main(argv: list[str] | None = None) -> int:
             print(f"==> round {r}/{args.rounds}", flush=True)
             this: dict[str, Any] = {}
             for name in targets:
-                this[name] = {"closed": measure(name, servers[name], ports[name], redis.process.pid, templates, work,
-                                                "closed", args, r)}
+                this[name] = {
+                    "closed": measure(
+                        name,
+                        servers[name],
+                        ports[name],
+                        redis.process.pid,
+                        templates,
+                        work,
+                        "closed",
+                        args,
+                        r,
+                    )
+                }
                 if rate is None:
                     base = this.get("ceiling", this[name])["closed"]["rps"]
                     rate = max(10.0, round(base / 2, -1))
             for name in targets:
-                this[name]["open"] = measure(name, servers[name], ports[name], redis.process.pid, templates, work,
-                                             "open", args, r, rate)
+                this[name]["open"] = measure(
+                    name,
+                    servers[name],
+                    ports[name],
+                    redis.process.pid,
+                    templates,
+                    work,
+                    "open",
+                    args,
+                    r,
+                    rate,
+                )
             if "nextact" in this and not args.quick:
                 # latency where nextact itself is half busy, whatever the ceiling is
                 own = max(10.0, round(this["nextact"]["closed"]["rps"] / 2, -1))
-                this["nextact"]["open_own"] = measure("nextact", servers["nextact"], ports["nextact"],
-                                                      redis.process.pid, templates, work, "open", args, r, own)
+                this["nextact"]["open_own"] = measure(
+                    "nextact",
+                    servers["nextact"],
+                    ports["nextact"],
+                    redis.process.pid,
+                    templates,
+                    work,
+                    "open",
+                    args,
+                    r,
+                    own,
+                )
                 this["nextact"]["open_own"]["offered_rps"] = own
             rounds.append(this)
         result["open_loop_rate"] = rate
@@ -523,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["summary"] = summary = summarise(rounds)
-    result["batch_size_histogram"] = {mode: batch_histogram(rounds, mode) for mode in ("closed", "open", "open_own")}
+    result["batch_size_histogram"] = {
+        mode: batch_histogram(rounds, mode) for mode in ("closed", "open", "open_own")
+    }
     ratios = summary["ratios"]
     p99 = summary.get("nextact", {}).get("open", {}).get("p99")
     result["targets"] = {

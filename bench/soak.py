@@ -110,7 +110,9 @@ class Soak:
 
     # processes ----------------------------------------------------------------------------------------
     def start_redis(self, port: int) -> None:
-        self.redis = EmbeddedRedis(self.work / "redis", port=port, extra_args=["--appendfsync", "always"]).start()
+        self.redis = EmbeddedRedis(
+            self.work / "redis", port=port, extra_args=["--appendfsync", "always"]
+        ).start()
 
     def kill_redis(self) -> None:
         assert self.redis is not None and self.redis.process is not None
@@ -132,8 +134,13 @@ class Soak:
         }
         self.log_path = self.work / "service.log"
         self.service = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.base = f"http://127.0.0.1:{port}"
 
@@ -172,8 +179,11 @@ class Soak:
             # a 503 is expected from a request that may have reached Redis between the kill and shortly after
             # the restart (the pool reconnects on first use); anything else is a failure
             o = t.outage
-            expected = (response.status_code == 503 and o is not None
-                        and o[0] - self.args.request_timeout <= started <= o[1] + 5)
+            expected = (
+                response.status_code == 503
+                and o is not None
+                and o[0] - self.args.request_timeout <= started <= o[1] + 5
+            )
             if expected:
                 self.outage_503s += 1
             else:
@@ -193,8 +203,11 @@ class Soak:
                 if roll < 0.6:
                     user = self._user_for_event(rng, users)
                     event_id = uuid.uuid4().hex
-                    body = {"action": rng.choice(self.events), "event_id": event_id,
-                            "timestamp": time.time() - rng.random() * 3600}
+                    body = {
+                        "action": rng.choice(self.events),
+                        "event_id": event_id,
+                        "timestamp": time.time() - rng.random() * 3600,
+                    }
                     r = await client.post(f"{self.base}/v1/users/{user}/events", json=body, headers=HEADERS)
                     self._record("post_event", r, started)
                     if 200 <= r.status_code < 300:
@@ -203,8 +216,14 @@ class Soak:
                     batch: list[dict[str, Any]] = []
                     for _ in range(rng.randint(2, 20)):
                         user = self._user_for_event(rng, users)
-                        batch.append({"user_id": user, "action": rng.choice(self.events),
-                                      "event_id": uuid.uuid4().hex, "timestamp": time.time()})
+                        batch.append(
+                            {
+                                "user_id": user,
+                                "action": rng.choice(self.events),
+                                "event_id": uuid.uuid4().hex,
+                                "timestamp": time.time(),
+                            }
+                        )
                     r = await client.post(f"{self.base}/v1/events", json={"events": batch}, headers=HEADERS)
                     self._record("post_bulk", r, started)
                     if 200 <= r.status_code < 300:
@@ -212,8 +231,9 @@ class Soak:
                             self.tally.acked[str(e["user_id"])].add(str(e["event_id"]))
                 else:
                     user = users[rng.randrange(len(users))] if users else "nobody"
-                    r = await client.get(f"{self.base}/v1/users/{user}/predictions", params={"k": 5},
-                                         headers=HEADERS)
+                    r = await client.get(
+                        f"{self.base}/v1/users/{user}/predictions", params={"k": 5}, headers=HEADERS
+                    )
                     self._record("predict", r, started)
             except httpx.TransportError:
                 self.tally.transport_errors += 1
@@ -255,8 +275,12 @@ class Soak:
         r = await client.post(f"{self.base}/v1/model/reload", headers=HEADERS, timeout=60)
         self.tally.reload_done_at = time.monotonic()
         model = (await client.get(f"{self.base}/v1/model", headers=HEADERS)).json()
-        return {"status": r.status_code, "seconds": round(time.monotonic() - started, 3), "body": r.json(),
-                "serving": model.get("version") or model.get("model_version")}
+        return {
+            "status": r.status_code,
+            "seconds": round(time.monotonic() - started, 3),
+            "body": r.json(),
+            "serving": model.get("version") or model.get("model_version"),
+        }
 
     async def audit(self, client: httpx.AsyncClient) -> dict[str, int]:
         lost = 0
@@ -288,9 +312,13 @@ def _rss_verdict(samples: list[tuple[float, int]]) -> dict[str, Any]:
     third = max(1, len(mib) // 3)
     middle, last = statistics.median(mib[third : 2 * third] or mib), statistics.median(mib[-third:])
     return {
-        "samples": len(mib), "start_mib": round(mib[0], 1), "max_mib": round(max(mib), 1),
-        "end_mib": round(mib[-1], 1), "middle_third_median_mib": round(middle, 1),
-        "last_third_median_mib": round(last, 1), "bounded": last <= middle * 1.10 + 16,
+        "samples": len(mib),
+        "start_mib": round(mib[0], 1),
+        "max_mib": round(max(mib), 1),
+        "end_mib": round(mib[-1], 1),
+        "middle_third_median_mib": round(middle, 1),
+        "last_third_median_mib": round(last, 1),
+        "bounded": last <= middle * 1.10 + 16,
     }
 
 
@@ -343,7 +371,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         op: {
             "requests": sum(n for (o, _), n in t.statuses.items() if o == op),
             "statuses": {str(s): n for (o, s), n in sorted(t.statuses.items()) if o == op},
-            "p50_ms": round(_pct(lat, 0.5) * 1000, 2), "p99_ms": round(_pct(lat, 0.99) * 1000, 2),
+            "p50_ms": round(_pct(lat, 0.5) * 1000, 2),
+            "p99_ms": round(_pct(lat, 0.99) * 1000, 2),
             "max_ms": round(max(lat) * 1000, 1) if lat else None,
         }
         for op, lat in sorted(t.latencies.items())
@@ -352,23 +381,46 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "no_acknowledged_event_lost": audit["acked_events_lost"] == 0 and audit["acked_events_checked"] > 0,
         "only_503_during_outage": t.errors_5xx_outside_outage == 0 and t.missing_retry_after == 0,
         "recovered_without_restart": soak.recovery_seconds is not None,
-        "reload_served_new_version": reload_result["status"] == 200 and reload_result["serving"] == version_2
+        "reload_served_new_version": reload_result["status"] == 200
+        and reload_result["serving"] == version_2
         and set(t.versions_after_reload) == {version_2},
         "rss_bounded": rss["bounded"],
         "clean_exit_on_sigterm": exit_code == 0,
     }
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "settings": {"minutes": args.minutes, "concurrency": args.concurrency, "window": soak.window,
-                     "redis_down_seconds": args.redis_down_seconds, "artifact": str(source)},
-        "seconds": round(elapsed, 1), "requests": requests, "requests_per_second": round(requests / elapsed, 1),
-        "by_op": by_op, "transport_errors": t.transport_errors,
-        "outage": {"503_answers": soak.outage_503s, "recovery_seconds_after_restart":
-                   None if soak.recovery_seconds is None else round(soak.recovery_seconds, 3)},
-        "reload": {**reload_result, "new_version": version_2,
-                   "responses_after_reload_by_version": dict(t.versions_after_reload)},
-        "audit": audit, "rss": rss, "service_exit_code": exit_code, "checks": checks,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "settings": {
+            "minutes": args.minutes,
+            "concurrency": args.concurrency,
+            "window": soak.window,
+            "redis_down_seconds": args.redis_down_seconds,
+            "artifact": str(source),
+        },
+        "seconds": round(elapsed, 1),
+        "requests": requests,
+        "requests_per_second": round(requests / elapsed, 1),
+        "by_op": by_op,
+        "transport_errors": t.transport_errors,
+        "outage": {
+            "503_answers": soak.outage_503s,
+            "recovery_seconds_after_restart": None
+            if soak.recovery_seconds is None
+            else round(soak.recovery_seconds, 3),
+        },
+        "reload": {
+            **reload_result,
+            "new_version": version_2,
+            "responses_after_reload_by_version": dict(t.versions_after_reload),
+        },
+        "audit": audit,
+        "rss": rss,
+        "service_exit_code": exit_code,
+        "checks": checks,
         "passed": all(checks.values()),
     }
 
@@ -377,29 +429,46 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Soak ({result['when']})", "",
-        (f"`python bench/soak.py --minutes {result['settings']['minutes']}` on {result['machine']['cpus']} CPUs: "
-        f"{result['seconds']} s, {result['requests']} requests ({result['requests_per_second']}/s) from "
-        f"{result['settings']['concurrency']} concurrent clients; Redis SIGKILLed for "
-        f"{result['settings']['redis_down_seconds']} s at 35%, model reloaded at 65%."), "",
-        "| operation | requests | statuses | p50 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- |",
+        f"# Soak ({result['when']})",
+        "",
+        (
+            f"`python bench/soak.py --minutes {result['settings']['minutes']}` on {result['machine']['cpus']} CPUs: "
+            f"{result['seconds']} s, {result['requests']} requests ({result['requests_per_second']}/s) from "
+            f"{result['settings']['concurrency']} concurrent clients; Redis SIGKILLed for "
+            f"{result['settings']['redis_down_seconds']} s at 35%, model reloaded at 65%."
+        ),
+        "",
+        "| operation | requests | statuses | p50 ms | p99 ms | max ms |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for op, row in result["by_op"].items():
         statuses = ", ".join(f"{s}: {n}" for s, n in row["statuses"].items())
-        lines.append(f"| {op} | {row['requests']} | {statuses} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |")
+        lines.append(
+            f"| {op} | {row['requests']} | {statuses} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |"
+        )
     a, o, r, m = result["audit"], result["outage"], result["reload"], result["rss"]
     lines += [
         "",
-        (f"- acknowledged events checked: {a['acked_events_checked']} across {a['users']} users; lost: "
-        f"**{a['acked_events_lost']}**"),
-        (f"- Redis outage: {o['503_answers']} answers were 503 + Retry-After; service answered again "
-        f"{o['recovery_seconds_after_restart']} s after Redis was back, with no restart"),
-        (f"- reload: HTTP {r['status']} in {r['seconds']} s, now serving {r['serving']}; responses after it by "
-        f"version: {r['responses_after_reload_by_version']}"),
-        (f"- service RSS: start {m['start_mib']} MiB, max {m['max_mib']} MiB, end {m['end_mib']} MiB; median of "
-        f"middle third {m['middle_third_median_mib']} MiB, last third {m['last_third_median_mib']} MiB"),
-        f"- exit code on SIGTERM: {result['service_exit_code']}", "",
-        "| check | passed |", "| --- | --- |",
+        (
+            f"- acknowledged events checked: {a['acked_events_checked']} across {a['users']} users; lost: "
+            f"**{a['acked_events_lost']}**"
+        ),
+        (
+            f"- Redis outage: {o['503_answers']} answers were 503 + Retry-After; service answered again "
+            f"{o['recovery_seconds_after_restart']} s after Redis was back, with no restart"
+        ),
+        (
+            f"- reload: HTTP {r['status']} in {r['seconds']} s, now serving {r['serving']}; responses after it by "
+            f"version: {r['responses_after_reload_by_version']}"
+        ),
+        (
+            f"- service RSS: start {m['start_mib']} MiB, max {m['max_mib']} MiB, end {m['end_mib']} MiB; median of "
+            f"middle third {m['middle_third_median_mib']} MiB, last third {m['last_third_median_mib']} MiB"
+        ),
+        f"- exit code on SIGTERM: {result['service_exit_code']}",
+        "",
+        "| check | passed |",
+        "| --- | --- |",
         *[f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items()],
     ]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
@@ -409,7 +478,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="traffic duration (default 3)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default 16)")
-    parser.add_argument("--artifact", default=str(ROOT / "artifacts" / "demo"), help="model artifact to serve")
+    parser.add_argument(
+        "--artifact", default=str(ROOT / "artifacts" / "demo"), help="model artifact to serve"
+    )
     parser.add_argument("--window", type=int, default=0, help="events kept per user (default: the model's)")
     parser.add_argument("--redis-down-seconds", type=float, default=3.0)
     parser.add_argument("--request-timeout", type=float, default=10.0)
@@ -417,8 +488,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if not (Path(args.artifact) / MANIFEST_FILE).is_file():
-        print(f"no artifact at {args.artifact}: run ./dev.sh serve once (it trains the demo model) or pass "
-              "--artifact", file=sys.stderr)
+        print(
+            f"no artifact at {args.artifact}: run ./dev.sh serve once (it trains the demo model) or pass "
+            "--artifact",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="nextact-soak-") as tmp:
         result = asyncio.run(run(args, Path(tmp)))

@@ -36,7 +36,20 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 def train_artifact(out: Path, data: Path, *args: str) -> Path:
     """Train a small real model with the training package's command line; returns the artifact directory."""
-    cmd = [sys.executable, "-m", "training", "train", "--data", str(data), "--out", str(out), "--quiet", "--seed", "7", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--seed",
+        "7",
+        *args,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
@@ -48,8 +61,18 @@ def behavior_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LSTM on the Taobao sample predicting the next behaviour (pv/cart/fav/buy): tiny vocabulary."""
     out = tmp_path_factory.mktemp("artifact-behavior")
     return train_artifact(
-        out, EXAMPLES / "taobao_sample.csv", "--action-col", "behavior", "--window", "20",
-        "--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "32",
+        out,
+        EXAMPLES / "taobao_sample.csv",
+        "--action-col",
+        "behavior",
+        "--window",
+        "20",
+        "--epochs",
+        "2",
+        "--embedding-dim",
+        "16",
+        "--hidden-dim",
+        "32",
     )
 
 
@@ -58,6 +81,16 @@ def item_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LSTM on the Beauty sample predicting the next item: a realistic (thousands of actions) vocabulary."""
     out = tmp_path_factory.mktemp("artifact-item")
     return train_artifact(
-        out, EXAMPLES / "beauty_sample.csv", "--action-col", "item_id", "--window", "20",
-        "--epochs", "1", "--embedding-dim", "16", "--hidden-dim", "32",
+        out,
+        EXAMPLES / "beauty_sample.csv",
+        "--action-col",
+        "item_id",
+        "--window",
+        "20",
+        "--epochs",
+        "1",
+        "--embedding-dim",
+        "16",
+        "--hidden-dim",
+        "32",
     )

@@ -28,10 +28,17 @@ async def test_posting_events_changes_the_prediction(behavior_artifact: Path, re
         empty = await client.get("/v1/users/alice/predictions", params={"k": len(vocab)})
         assert empty.status_code == 200, empty.text
         assert empty.json()["window_size"] == 0
-        posted = await client.post("/v1/users/alice/events", json={
-            "events": [{"action": "cart", "timestamp": 100}, {"action": "cart", "timestamp": 101},
-                       {"action": "buy", "timestamp": 102}]},
-            params={"k": len(vocab)})
+        posted = await client.post(
+            "/v1/users/alice/events",
+            json={
+                "events": [
+                    {"action": "cart", "timestamp": 100},
+                    {"action": "cart", "timestamp": 101},
+                    {"action": "buy", "timestamp": 102},
+                ]
+            },
+            params={"k": len(vocab)},
+        )
         assert posted.status_code == 200, posted.text
         body = posted.json()
         assert body["user_id"] == "alice"
@@ -46,8 +53,9 @@ async def test_probabilities_are_a_sorted_distribution(behavior_artifact: Path, 
     vocab = read_manifest(behavior_artifact).vocabulary
     async with running_app(behavior_artifact, redis_url) as (_, client):
         for n, action in enumerate(["pv", "pv", "fav", "cart", "no-such-action"]):
-            r = await client.post("/v1/users/bob/events", json={"action": action, "timestamp": n},
-                                  params={"k": 1000})
+            r = await client.post(
+                "/v1/users/bob/events", json={"action": action, "timestamp": n}, params={"k": 1000}
+            )
             body = r.json()
             _check_distribution(body, vocab)
             assert len(body["predictions"]) == len(vocab) - 2  # k is capped at the real actions
@@ -63,17 +71,27 @@ async def test_probabilities_are_a_sorted_distribution(behavior_artifact: Path, 
 async def test_late_events_land_in_timestamp_order(behavior_artifact: Path, redis_url: str) -> None:
     async with running_app(behavior_artifact, redis_url) as (_, client):
         for ts, action in [(30, "buy"), (10, "pv"), ("1970-01-01T00:00:20Z", "cart"), (10, "fav")]:
-            assert (await client.post("/v1/users/c/events", json={"action": action, "timestamp": ts})).status_code == 200
+            assert (
+                await client.post("/v1/users/c/events", json={"action": action, "timestamp": ts})
+            ).status_code == 200
         events = (await client.get("/v1/users/c/events")).json()["events"]
         assert [(e["action"], e["timestamp"]) for e in events] == [
-            ("pv", 10.0), ("fav", 10.0), ("cart", 20.0), ("buy", 30.0)]  # the tie keeps arrival order
+            ("pv", 10.0),
+            ("fav", 10.0),
+            ("cart", 20.0),
+            ("buy", 30.0),
+        ]  # the tie keeps arrival order
         assert all(len(e["event_id"]) == 32 for e in events)  # assigned by the server
 
 
 async def test_duplicate_event_ids_are_ignored(behavior_artifact: Path, redis_url: str) -> None:
-    batch = {"events": [{"action": "pv", "timestamp": 1, "event_id": "e1"},
-                        {"action": "cart", "timestamp": 2, "event_id": "e2"},
-                        {"action": "cart", "timestamp": 2, "event_id": "e2"}]}
+    batch = {
+        "events": [
+            {"action": "pv", "timestamp": 1, "event_id": "e1"},
+            {"action": "cart", "timestamp": 2, "event_id": "e2"},
+            {"action": "cart", "timestamp": 2, "event_id": "e2"},
+        ]
+    }
     async with running_app(behavior_artifact, redis_url) as (_, client):
         first = await client.post("/v1/users/d/events", json=batch)
         second = await client.post("/v1/users/d/events", json=batch)
@@ -81,9 +99,15 @@ async def test_duplicate_event_ids_are_ignored(behavior_artifact: Path, redis_ur
         assert first.json()["window_size"] == 2
         events = (await client.get("/v1/users/d/events")).json()["events"]
         assert [e["event_id"] for e in events] == ["e1", "e2"]
-        bulk = await client.post("/v1/events", json={"events": [
-            {"user_id": "d", "action": "pv", "timestamp": 1, "event_id": "e1"},
-            {"user_id": "d", "action": "buy", "timestamp": 3, "event_id": "e3"}]})
+        bulk = await client.post(
+            "/v1/events",
+            json={
+                "events": [
+                    {"user_id": "d", "action": "pv", "timestamp": 1, "event_id": "e1"},
+                    {"user_id": "d", "action": "buy", "timestamp": 3, "event_id": "e3"},
+                ]
+            },
+        )
         assert bulk.json() == {"accepted": 1, "duplicates": 1}
 
 
@@ -91,7 +115,10 @@ async def test_the_window_never_exceeds_its_length(behavior_artifact: Path, redi
     window = read_manifest(behavior_artifact).window
     async with running_app(behavior_artifact, redis_url) as (_, client):
         for start in range(0, 3 * window, window // 2 + 1):
-            events = [{"action": "pv", "timestamp": t, "event_id": f"e{t}"} for t in range(start, start + window // 2 + 1)]
+            events = [
+                {"action": "pv", "timestamp": t, "event_id": f"e{t}"}
+                for t in range(start, start + window // 2 + 1)
+            ]
             r = await client.post("/v1/users/e/events", json={"events": events})
             assert r.json()["window_size"] <= window
         stored = (await client.get("/v1/users/e/events")).json()["events"]
@@ -107,12 +134,19 @@ async def test_the_window_never_exceeds_its_length(behavior_artifact: Path, redi
 
 
 async def test_the_window_expires_after_the_ttl(behavior_artifact: Path, redis_url: str) -> None:
-    async with running_app(behavior_artifact, redis_url, window_ttl_seconds=TTL, key_prefix="ttl") as (_, client):
+    async with running_app(behavior_artifact, redis_url, window_ttl_seconds=TTL, key_prefix="ttl") as (
+        _,
+        client,
+    ):
         await client.post("/v1/users/f/events", json={"action": "pv"})
     sync = redis.Redis.from_url(redis_url)
     try:
         keys = sync.keys("ttl:{f}:*")
-        assert sorted(keys) == [b"ttl:{f}:i", b"ttl:{f}:s", b"ttl:{f}:w"]  # s: the stored prediction (live quality)
+        assert sorted(keys) == [
+            b"ttl:{f}:i",
+            b"ttl:{f}:s",
+            b"ttl:{f}:w",
+        ]  # s: the stored prediction (live quality)
         assert all(TTL - 10 <= sync.ttl(k) <= TTL for k in keys)
     finally:
         sync.close()
@@ -132,22 +166,31 @@ async def test_delete_erases_the_user(behavior_artifact: Path, redis_url: str) -
     sync = redis.Redis.from_url(redis_url)
     try:
         assert sorted(sync.keys("del:*")) == [
-            b"del:{g}:i", b"del:{g}:s", b"del:{g}:w", b"del:{h}:i", b"del:{h}:s", b"del:{h}:w",
+            b"del:{g}:i",
+            b"del:{g}:s",
+            b"del:{g}:w",
+            b"del:{h}:i",
+            b"del:{h}:s",
+            b"del:{h}:w",
         ]
     finally:
         sync.close()
 
 
 async def test_bulk_ingestion_and_per_user_predictions(behavior_artifact: Path, redis_url: str) -> None:
-    events = [{"user_id": u, "action": a, "timestamp": t}
-              for t, (u, a) in enumerate([("u1", "pv"), ("u2", "cart"), ("u1", "buy"), ("u3", "pv"), ("u2", "??")])]
+    events = [
+        {"user_id": u, "action": a, "timestamp": t}
+        for t, (u, a) in enumerate([("u1", "pv"), ("u2", "cart"), ("u1", "buy"), ("u3", "pv"), ("u2", "??")])
+    ]
     async with running_app(behavior_artifact, redis_url) as (_, client):
         r = await client.post("/v1/events", json={"events": events}, params={"predict": "true", "k": 2})
         assert r.status_code == 200, r.text
         body = r.json()
         assert (body["accepted"], body["duplicates"]) == (5, 0)
-        assert [(p["user_id"], p["window_size"], p["unknown_actions"], len(p["predictions"]))
-                for p in body["predictions"]] == [("u1", 2, 0, 2), ("u2", 2, 1, 2), ("u3", 1, 0, 2)]
+        assert [
+            (p["user_id"], p["window_size"], p["unknown_actions"], len(p["predictions"]))
+            for p in body["predictions"]
+        ] == [("u1", 2, 0, 2), ("u2", 2, 1, 2), ("u3", 1, 0, 2)]
         for p in body["predictions"]:
             single = (await client.get(f"/v1/users/{p['user_id']}/predictions", params={"k": 2})).json()
             assert single == p
@@ -187,7 +230,9 @@ async def test_openapi_describes_every_field_with_an_example(behavior_artifact: 
         for method, op in ops.items():
             assert op.get("description") or op.get("summary"), f"{method} {path}"
             for param in op.get("parameters", []):
-                if not (param.get("description") and (param.get("examples") or param["schema"].get("examples"))):
+                if not (
+                    param.get("description") and (param.get("examples") or param["schema"].get("examples"))
+                ):
                     missing.append(f"{method} {path} {param['name']}")
     assert not missing, missing
 

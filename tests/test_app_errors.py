@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 async def client(behavior_artifact: Path, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    limits = {"max_events_per_request": 5, "max_body_bytes": 2048, "max_id_length": 20, "max_action_length": 10,
-              "min_event_timestamp": 100.0, "max_future_seconds": 60.0}
+    limits = {
+        "max_events_per_request": 5,
+        "max_body_bytes": 2048,
+        "max_id_length": 20,
+        "max_action_length": 10,
+        "min_event_timestamp": 100.0,
+        "max_future_seconds": 60.0,
+    }
     async with running_app(behavior_artifact, redis_url, **limits) as (_, c):
         yield c
 
@@ -39,47 +45,73 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     return str(body["message"])
 
 
-@pytest.mark.parametrize(("body", "field", "says"), [
-    ({"timestamp": 200}, "body.action", "Field required"),
-    ({"events": [{"action": "pv"}, {"timestamp": 200}]}, "body.events[1].action", "Field required"),
-    ({"events": []}, "body.events", "at least 1 item"),
-    ({"action": ""}, "body.action", "at least 1 character"),
-    ({"action": 5}, "body.action", "valid string"),
-    ({"action": "pv", "colour": "red"}, "body.colour", "Extra inputs are not permitted"),
-    ({"action": "pv", "timestamp": "yesterday"}, "body.timestamp", "epoch seconds (a number) or an ISO-8601"),
-    ({"action": "pv", "timestamp": True}, "body.timestamp", "epoch seconds"),
-    ({"action": "pv", "timestamp": float("nan")}, "body.timestamp", "finite number"),
-    ({"action": "pv", "timestamp": 50}, "body.timestamp", "NEXTACT_MIN_EVENT_TIMESTAMP"),
-    ({"action": "pv", "timestamp": time.time() + 3600}, "body.timestamp", "NEXTACT_MAX_FUTURE_SECONDS"),
-    ({"action": "x" * 11}, "body.action", "longer than 10 characters (NEXTACT_MAX_ACTION_LENGTH)"),
-    ({"events": [{"action": "pv", "event_id": "i" * 21}]}, "body.events[0].event_id", "NEXTACT_MAX_ID_LENGTH"),
-    ({"action": "pv", "event_id": "\ud800"}, "body.event_id", "valid string"),
-    ([{"action": "pv"}], "body", 'expected one event object or {"events": [...]}'),
-])
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"timestamp": 200}, "body.action", "Field required"),
+        ({"events": [{"action": "pv"}, {"timestamp": 200}]}, "body.events[1].action", "Field required"),
+        ({"events": []}, "body.events", "at least 1 item"),
+        ({"action": ""}, "body.action", "at least 1 character"),
+        ({"action": 5}, "body.action", "valid string"),
+        ({"action": "pv", "colour": "red"}, "body.colour", "Extra inputs are not permitted"),
+        (
+            {"action": "pv", "timestamp": "yesterday"},
+            "body.timestamp",
+            "epoch seconds (a number) or an ISO-8601",
+        ),
+        ({"action": "pv", "timestamp": True}, "body.timestamp", "epoch seconds"),
+        ({"action": "pv", "timestamp": float("nan")}, "body.timestamp", "finite number"),
+        ({"action": "pv", "timestamp": 50}, "body.timestamp", "NEXTACT_MIN_EVENT_TIMESTAMP"),
+        ({"action": "pv", "timestamp": time.time() + 3600}, "body.timestamp", "NEXTACT_MAX_FUTURE_SECONDS"),
+        ({"action": "x" * 11}, "body.action", "longer than 10 characters (NEXTACT_MAX_ACTION_LENGTH)"),
+        (
+            {"events": [{"action": "pv", "event_id": "i" * 21}]},
+            "body.events[0].event_id",
+            "NEXTACT_MAX_ID_LENGTH",
+        ),
+        ({"action": "pv", "event_id": "\ud800"}, "body.event_id", "valid string"),
+        ([{"action": "pv"}], "body", 'expected one event object or {"events": [...]}'),
+    ],
+)
 async def test_invalid_user_events_are_422_naming_the_field(
     client: httpx.AsyncClient, body: Any, field: str, says: str
 ) -> None:
-    r = await client.post("/v1/users/u/events", content=json.dumps(body), headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/users/u/events", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     message = _error(r, 422, "validation_error")
     assert f"{field}: " in message and says in message, message
-    assert {"field": field} .items() <= r.json()["fields"][0].items()
+    assert {"field": field}.items() <= r.json()["fields"][0].items()
     assert (await client.get("/v1/users/u/events")).json()["events"] == []  # nothing stored
 
 
 async def test_other_422s(client: httpx.AsyncClient) -> None:
-    assert "query.k: " in _error(await client.get("/v1/users/u/predictions", params={"k": 0}), 422, "validation_error")
-    assert "query.k: " in _error(await client.post("/v1/users/u/events", params={"k": "many"}, json={"action": "a"}),
-                                 422, "validation_error")
-    assert "path.user_id: longer than 20" in _error(await client.get("/v1/users/" + "u" * 21 + "/events"),
-                                                     422, "validation_error")
+    assert "query.k: " in _error(
+        await client.get("/v1/users/u/predictions", params={"k": 0}), 422, "validation_error"
+    )
+    assert "query.k: " in _error(
+        await client.post("/v1/users/u/events", params={"k": "many"}, json={"action": "a"}),
+        422,
+        "validation_error",
+    )
+    assert "path.user_id: longer than 20" in _error(
+        await client.get("/v1/users/" + "u" * 21 + "/events"), 422, "validation_error"
+    )
     assert "body.events[1].user_id: Field required" in _error(
-        await client.post("/v1/events", json={"events": [{"user_id": "a", "action": "pv"}, {"action": "pv"}]}),
-        422, "validation_error")
+        await client.post(
+            "/v1/events", json={"events": [{"user_id": "a", "action": "pv"}, {"action": "pv"}]}
+        ),
+        422,
+        "validation_error",
+    )
     assert "body.events[0].user_id: longer than 20" in _error(
         await client.post("/v1/events", json={"events": [{"user_id": "a" * 21, "action": "pv"}]}),
-        422, "validation_error")
-    broken = await client.post("/v1/users/u/events", content=b'{"action": "pv"',
-                               headers={"content-type": "application/json"})
+        422,
+        "validation_error",
+    )
+    broken = await client.post(
+        "/v1/users/u/events", content=b'{"action": "pv"', headers={"content-type": "application/json"}
+    )
     assert "invalid JSON at line 1, column 16" in _error(broken, 422, "validation_error")
 
 
@@ -88,30 +120,37 @@ async def test_too_many_events_is_413(client: httpx.AsyncClient) -> None:
     message = _error(await client.post("/v1/users/u/events", json={"events": six}), 413, "payload_too_large")
     assert "6 events in one request is over the limit of 5 (NEXTACT_MAX_EVENTS_PER_REQUEST)" in message
     bulk = [{"user_id": "u", "action": "pv"} for _ in range(6)]
-    assert "NEXTACT_MAX_EVENTS_PER_REQUEST" in _error(await client.post("/v1/events", json={"events": bulk}),
-                                                      413, "payload_too_large")
+    assert "NEXTACT_MAX_EVENTS_PER_REQUEST" in _error(
+        await client.post("/v1/events", json={"events": bulk}), 413, "payload_too_large"
+    )
     assert (await client.get("/v1/users/u/events")).json()["events"] == []
 
 
 async def test_a_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
     big = json.dumps({"action": "pv", "event_id": "x" * 3000}).encode()
-    message = _error(await client.post("/v1/users/u/events", content=big,
-                                       headers={"content-type": "application/json"}), 413, "payload_too_large")
+    message = _error(
+        await client.post("/v1/users/u/events", content=big, headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
     assert "over the limit of 2048 bytes (NEXTACT_MAX_BODY_BYTES)" in message
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while streaming
         for i in range(0, len(big), 500):
             yield big[i : i + 500]
 
-    chunked = await client.post("/v1/users/u/events", content=chunks(), headers={"content-type": "application/json"})
+    chunked = await client.post(
+        "/v1/users/u/events", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert "NEXTACT_MAX_BODY_BYTES" in _error(chunked, 413, "payload_too_large")
 
     async def small() -> AsyncIterator[bytes]:
         yield b'{"action": '
         yield b'"pv"}'
 
-    assert (await client.post("/v1/users/u/events", content=small(),
-                              headers={"content-type": "application/json"})).status_code == 200
+    assert (
+        await client.post("/v1/users/u/events", content=small(), headers={"content-type": "application/json"})
+    ).status_code == 200
 
 
 async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
@@ -124,13 +163,17 @@ async def test_redis_unreachable_is_503_with_retry_after(
 ) -> None:
     port = free_port()
     user = "user-7f3a9c"
-    async with running_app(behavior_artifact, f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.5,
-                           retry_after_seconds=7) as (_, client):
+    async with running_app(
+        behavior_artifact, f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.5, retry_after_seconds=7
+    ) as (_, client):
         assert (await client.get("/healthz")).status_code == 200
-        calls = [client.post(f"/v1/users/{user}/events", json={"action": "pv"}),
-                 client.post("/v1/events", json={"events": [{"user_id": user, "action": "pv"}]}),
-                 client.get(f"/v1/users/{user}/predictions"), client.get(f"/v1/users/{user}/events"),
-                 client.delete(f"/v1/users/{user}")]
+        calls = [
+            client.post(f"/v1/users/{user}/events", json={"action": "pv"}),
+            client.post("/v1/events", json={"events": [{"user_id": user, "action": "pv"}]}),
+            client.get(f"/v1/users/{user}/predictions"),
+            client.get(f"/v1/users/{user}/events"),
+            client.delete(f"/v1/users/{user}"),
+        ]
         for call in calls:
             with caplog.at_level(logging.WARNING, logger="app"):
                 r = await call
@@ -149,14 +192,20 @@ async def test_the_service_recovers_when_redis_returns(behavior_artifact: Path, 
     server = EmbeddedRedis(tmp_path, port=free_port()).start()
     try:
         async with running_app(behavior_artifact, server.url, redis_timeout_seconds=0.5) as (_, client):
-            ok = await client.post("/v1/users/u/events", json={"action": "pv", "event_id": "a", "timestamp": 1})
+            ok = await client.post(
+                "/v1/users/u/events", json={"action": "pv", "event_id": "a", "timestamp": 1}
+            )
             assert ok.status_code == 200
             server.stop()
-            down = await client.post("/v1/users/u/events", json={"action": "cart", "event_id": "b", "timestamp": 2})
+            down = await client.post(
+                "/v1/users/u/events", json={"action": "cart", "event_id": "b", "timestamp": 2}
+            )
             _error(down, 503, "redis_unavailable")
             server.start()
             assert (await client.get("/readyz")).status_code == 200
-            back = await client.post("/v1/users/u/events", json={"action": "buy", "event_id": "c", "timestamp": 3})
+            back = await client.post(
+                "/v1/users/u/events", json={"action": "buy", "event_id": "c", "timestamp": 3}
+            )
             assert back.status_code == 200, back.text
             stored = (await client.get("/v1/users/u/events")).json()["events"]
             assert [e["event_id"] for e in stored] == ["a", "c"]  # acknowledged events survived the restart
@@ -230,8 +279,19 @@ async def test_device_cuda_runs_on_cuda_or_refuses_to_start(behavior_artifact: P
 
 
 def test_python_m_app_names_the_missing_file(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "NEXTACT_ARTIFACT_DIR": str(tmp_path / "none"), "NEXTACT_PORT": str(free_port())}
-    done = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NEXTACT_ARTIFACT_DIR": str(tmp_path / "none"),
+        "NEXTACT_PORT": str(free_port()),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert f"cannot start: {tmp_path / 'none' / MANIFEST_FILE}: manifest file not found" in done.stderr

@@ -20,8 +20,13 @@ def test_a_batch_gives_each_window_what_it_gets_alone(item_model: ServingModel) 
     vocab = item_model.manifest.vocabulary
     window = item_model.manifest.window
     rng = np.random.default_rng(0)
-    windows = [[], [vocab[2]], list(rng.choice(vocab[2:], size=window)), list(rng.choice(vocab[2:], size=3)),
-               ["never-seen", vocab[5]]]
+    windows = [
+        [],
+        [vocab[2]],
+        list(rng.choice(vocab[2:], size=window)),
+        list(rng.choice(vocab[2:], size=3)),
+        ["never-seen", vocab[5]],
+    ]
     k = item_model.vocab_size
     together = item_model.predict([(w, k) for w in windows])
     for w, batched in zip(windows, together, strict=True):

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_a_restarted_service_keeps_the_windows(behavior_artifact: Path, redis_url: str) -> None:
-    events = [{"action": a, "timestamp": t, "event_id": f"e{t}"} for t, a in enumerate(["pv", "cart", "pv", "buy"])]
+    events = [
+        {"action": a, "timestamp": t, "event_id": f"e{t}"} for t, a in enumerate(["pv", "cart", "pv", "buy"])
+    ]
     async with running_app(behavior_artifact, redis_url) as (_, client):
         before = (await client.post("/v1/users/r/events", json={"events": events})).json()
         window = (await client.get("/v1/users/r/events")).json()
@@ -31,7 +33,9 @@ async def test_a_restarted_service_keeps_the_windows(behavior_artifact: Path, re
         assert (await client.get("/v1/users/r/predictions")).json() == before
 
 
-async def test_the_embedded_redis_keeps_windows_across_restarts(behavior_artifact: Path, tmp_path: Path) -> None:
+async def test_the_embedded_redis_keeps_windows_across_restarts(
+    behavior_artifact: Path, tmp_path: Path
+) -> None:
     embedded = {"data_dir": tmp_path / "data", "embedded_redis_port": free_port()}
     async with running_app(behavior_artifact, None, **embedded) as (app, client):
         assert app.state.services.redis.address == f"127.0.0.1:{embedded['embedded_redis_port']}"
@@ -43,10 +47,17 @@ async def test_the_embedded_redis_keeps_windows_across_restarts(behavior_artifac
     assert list((tmp_path / "data").glob("appendonly*"))
 
 
-async def test_200_concurrent_posts_for_one_user_lose_nothing(behavior_artifact: Path, redis_url: str) -> None:
+async def test_200_concurrent_posts_for_one_user_lose_nothing(
+    behavior_artifact: Path, redis_url: str
+) -> None:
     async with running_app(behavior_artifact, redis_url, window_size=500, batch_max_size=32) as (_, client):
-        posts = [client.post("/v1/users/hot/events", json={"action": "pv", "timestamp": 1000 + (i * 7919) % 200,
-                                                           "event_id": f"e{i}"}) for i in range(200)]
+        posts = [
+            client.post(
+                "/v1/users/hot/events",
+                json={"action": "pv", "timestamp": 1000 + (i * 7919) % 200, "event_id": f"e{i}"},
+            )
+            for i in range(200)
+        ]
         answers = await asyncio.gather(*posts)
         assert all(a.status_code == 200 for a in answers)
         assert max(a.json()["window_size"] for a in answers) == 200
@@ -59,8 +70,12 @@ async def test_concurrent_posts_keep_the_newest_window(behavior_artifact: Path, 
     window = read_manifest(behavior_artifact).window
     async with running_app(behavior_artifact, redis_url) as (_, client):
         order = [(i * 37) % 120 for i in range(120)]  # every timestamp once, in a scrambled order
-        answers = await asyncio.gather(*(client.post("/v1/users/w/events", json={
-            "action": "fav", "timestamp": t, "event_id": f"t{t}"}) for t in order))
+        answers = await asyncio.gather(
+            *(
+                client.post("/v1/users/w/events", json={"action": "fav", "timestamp": t, "event_id": f"t{t}"})
+                for t in order
+            )
+        )
         assert all(a.status_code == 200 and a.json()["window_size"] <= window for a in answers)
         events = (await client.get("/v1/users/w/events")).json()["events"]
     assert [e["event_id"] for e in events] == [f"t{t}" for t in range(120 - window, 120)]
@@ -68,12 +83,23 @@ async def test_concurrent_posts_keep_the_newest_window(behavior_artifact: Path, 
 
 def test_python_m_app_serves_with_an_embedded_redis(behavior_artifact: Path, tmp_path: Path) -> None:
     port, redis_port = free_port(), free_port()
-    env = {**os.environ, "NEXTACT_ARTIFACT_DIR": str(behavior_artifact), "NEXTACT_PORT": str(port),
-           "NEXTACT_DATA_DIR": str(tmp_path), "NEXTACT_EMBEDDED_REDIS_PORT": str(redis_port),
-           "NEXTACT_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
+        "NEXTACT_PORT": str(port),
+        "NEXTACT_DATA_DIR": str(tmp_path),
+        "NEXTACT_EMBEDDED_REDIS_PORT": str(redis_port),
+        "NEXTACT_LOG_LEVEL": "warning",
+    }
     env.pop("NEXTACT_REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

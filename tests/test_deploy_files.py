@@ -86,18 +86,18 @@ def test_gpu_lock_brings_onnxruntime_gpu_with_its_cuda_libraries() -> None:
     libraries = {name for name in gpu if name.startswith("nvidia-")}
     assert {"nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cufft", "nvidia-curand"} <= libraries, libraries
     assert any(name.startswith("nvidia-cudnn-cu") for name in libraries), libraries
-    (gpu_version, _), = gpu["onnxruntime-gpu"]
-    (cpu_version, _), = cpu["onnxruntime"]
+    ((gpu_version, _),) = gpu["onnxruntime-gpu"]
+    ((cpu_version, _),) = cpu["onnxruntime"]
     assert gpu_version == cpu_version, "the CPU and GPU images must run the same ONNX Runtime"
     cudnn = next(name for name in libraries if name.startswith("nvidia-cudnn-cu"))
-    (runtime_version, _), = gpu["nvidia-cuda-runtime"]
+    ((runtime_version, _),) = gpu["nvidia-cuda-runtime"]
     assert cudnn.endswith(f"cu{runtime_version.split('.')[0]}"), (cudnn, runtime_version)
 
 
 def test_tests_run_the_onnxruntime_the_images_pin() -> None:
     import onnxruntime
 
-    (pinned, _), = read_lock("serve-cpu")["onnxruntime"]
+    ((pinned, _),) = read_lock("serve-cpu")["onnxruntime"]
     assert onnxruntime.__version__ == pinned, (
         f"the tests run ONNX Runtime {onnxruntime.__version__}, the images pin {pinned} (./dev.sh setup)"
     )
@@ -173,7 +173,9 @@ def test_serving_image_has_no_torch_and_no_compilers(dockerfile: Dockerfile) -> 
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
-    assert [c.args for c in dockerfile.stage("serve-deps").all("COPY")] == ["requirements/ /tmp/requirements/"]
+    assert [c.args for c in dockerfile.stage("serve-deps").all("COPY")] == [
+        "requirements/ /tmp/requirements/"
+    ]
     for target, install in (("runtime", "COPY"), ("trainer", "RUN")):
         ins = dockerfile.stage(target).instructions
         first_install = next(i for i, x in enumerate(ins) if x.keyword == install)

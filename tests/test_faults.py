@@ -43,13 +43,18 @@ def durable_redis(redis_dir: Path) -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-def service(behavior_artifact: Path, durable_redis: EmbeddedRedis, tmp_path: Path) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(tmp_path / "service.log", {
-        "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
-        "NEXTACT_REDIS_URL": durable_redis.url,
-        "NEXTACT_REDIS_TIMEOUT_SECONDS": str(REDIS_TIMEOUT),
-        "NEXTACT_LOG_LEVEL": "warning",
-    }).start()
+def service(
+    behavior_artifact: Path, durable_redis: EmbeddedRedis, tmp_path: Path
+) -> Iterator[ServiceProcess]:
+    svc = ServiceProcess(
+        tmp_path / "service.log",
+        {
+            "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
+            "NEXTACT_REDIS_URL": durable_redis.url,
+            "NEXTACT_REDIS_TIMEOUT_SECONDS": str(REDIS_TIMEOUT),
+            "NEXTACT_LOG_LEVEL": "warning",
+        },
+    ).start()
     yield svc
     svc.kill()
 
@@ -79,7 +84,11 @@ class Traffic:
             user = f"fault-{n}-{i // self.per_user}-\u00e9"
             event_id = uuid.uuid4().hex
             self.acked.setdefault(user, set())
-            body = {"action": self.actions[i % len(self.actions)], "event_id": event_id, "timestamp": time.time()}
+            body = {
+                "action": self.actions[i % len(self.actions)],
+                "event_id": event_id,
+                "timestamp": time.time(),
+            }
             started = time.monotonic()
             try:
                 r = await http.post(f"{self.base_url}/v1/users/{user}/events", json=body)
@@ -154,11 +163,15 @@ async def test_redis_outage_fails_fast_and_recovers_without_losing_acked_events(
             await asyncio.gather(*clients)
 
         assert set(traffic.statuses) <= {200, 503}, f"unexpected answers: {traffic.statuses}\n{service.log()}"
-        assert not traffic.bad_503, f"503 without Retry-After or the redis_unavailable code: {traffic.bad_503[:3]}"
+        assert not traffic.bad_503, (
+            f"503 without Retry-After or the redis_unavailable code: {traffic.bad_503[:3]}"
+        )
         assert traffic.slowest_failure < FAIL_FAST, f"a failing request took {traffic.slowest_failure:.2f}s"
         assert recovered < 10
         scrape = (await http.get(f"{service.base_url}/metrics")).text
-        errors = [line for line in scrape.splitlines() if line.startswith('nextact_redis_errors_total{op="append"}')]
+        errors = [
+            line for line in scrape.splitlines() if line.startswith('nextact_redis_errors_total{op="append"}')
+        ]
         assert errors and float(errors[0].split()[-1]) > 0, errors
         assert service.process is not None and service.process.poll() is None  # the same process recovered
 
@@ -176,11 +189,14 @@ async def test_redis_outage_fails_fast_and_recovers_without_losing_acked_events(
 async def test_redis_down_at_start_up_then_up(behavior_artifact: Path, tmp_path: Path) -> None:
     """The service starts without Redis (readyz 503, requests 503) and becomes ready when Redis appears."""
     port = free_port()
-    svc = ServiceProcess(tmp_path / "service.log", {
-        "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
-        "NEXTACT_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "NEXTACT_REDIS_TIMEOUT_SECONDS": str(REDIS_TIMEOUT),
-    }).start()
+    svc = ServiceProcess(
+        tmp_path / "service.log",
+        {
+            "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
+            "NEXTACT_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "NEXTACT_REDIS_TIMEOUT_SECONDS": str(REDIS_TIMEOUT),
+        },
+    ).start()
     server = EmbeddedRedis(tmp_path / "late-redis", port=port)
     try:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -199,18 +215,25 @@ async def test_redis_down_at_start_up_then_up(behavior_artifact: Path, tmp_path:
         server.stop()
 
 
-async def test_a_hung_redis_gives_503_within_the_timeout(service: ServiceProcess, durable_redis: EmbeddedRedis) -> None:
+async def test_a_hung_redis_gives_503_within_the_timeout(
+    service: ServiceProcess, durable_redis: EmbeddedRedis
+) -> None:
     """SIGSTOP: Redis accepts connections but never answers. Requests must not hang: bounded by the socket
     timeout and the retries, they answer 503, and the service carries on once Redis resumes."""
     assert durable_redis.process is not None
     async with httpx.AsyncClient(timeout=30) as http:
-        assert (await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})).status_code == 200
+        assert (
+            await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})
+        ).status_code == 200
         durable_redis.process.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
-            answers = await asyncio.gather(*(
-                http.post(f"{service.base_url}/v1/users/h{i}/events", json={"action": "pv"}) for i in range(6)
-            ))
+            answers = await asyncio.gather(
+                *(
+                    http.post(f"{service.base_url}/v1/users/h{i}/events", json={"action": "pv"})
+                    for i in range(6)
+                )
+            )
             elapsed = time.monotonic() - started
             ready = await http.get(f"{service.base_url}/readyz")
         finally:
@@ -221,4 +244,6 @@ async def test_a_hung_redis_gives_503_within_the_timeout(service: ServiceProcess
         assert elapsed < 3 * REDIS_TIMEOUT * 3, f"requests to a hung Redis took {elapsed:.1f}s"
         assert ready.status_code == 503
         await _eventually(http, f"{service.base_url}/readyz", 200, timeout=10)
-        assert (await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})).status_code == 200
+        assert (
+            await http.post(f"{service.base_url}/v1/users/h/events", json={"action": "pv"})
+        ).status_code == 200

@@ -34,27 +34,40 @@ from app.windows import NewEvent, WindowStore
 from tests.service_proc import ServiceProcess
 
 NOW = 1_700_000_000.0
-SETTINGS = Settings(max_id_length=64, max_action_length=64, min_event_timestamp=0.0, max_future_seconds=86_400)
+SETTINGS = Settings(
+    max_id_length=64, max_action_length=64, min_event_timestamp=0.0, max_future_seconds=86_400
+)
 FUZZ_EXAMPLES = 25  # per API operation
 BOUNDED = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # strings that tend to break things: separators of the key/member layouts, control characters, unicode
 nasty_text = st.text(
-    alphabet=st.sampled_from([*":{}|,\\/\"'\x00\x01\n\r\t ", "é", "漢", "🙂", "\u202e", *string.ascii_letters]),
-    min_size=1, max_size=12,
+    alphabet=st.sampled_from(
+        [*":{}|,\\/\"'\x00\x01\n\r\t ", "é", "漢", "🙂", "\u202e", *string.ascii_letters]
+    ),
+    min_size=1,
+    max_size=12,
 ) | st.text(min_size=1, max_size=12)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 
 
 # --- event parsing -------------------------------------------------------------------------------------------
 
+
 @BOUNDED
-@given(st.dictionaries(st.sampled_from(["action", "timestamp", "event_id", "events", "user_id", "x"]),
-                       json_values, max_size=5) | json_values)
+@given(
+    st.dictionaries(
+        st.sampled_from(["action", "timestamp", "event_id", "events", "user_id", "x"]),
+        json_values,
+        max_size=5,
+    )
+    | json_values
+)
 def test_any_json_body_validates_or_fails_with_a_field(body: Any) -> None:
     """Arbitrary JSON either parses into an event/batch or fails with pydantic's located errors, nothing else."""
     for adapter in (TypeAdapter(UserEventsBody), TypeAdapter(BulkEvents)):
@@ -65,8 +78,11 @@ def test_any_json_body_validates_or_fails_with_a_field(body: Any) -> None:
 
 
 @BOUNDED
-@given(action=nasty_text, event_id=st.none() | nasty_text,
-       ts=st.none() | st.floats(min_value=0, max_value=NOW + 86_400, allow_nan=False))
+@given(
+    action=nasty_text,
+    event_id=st.none() | nasty_text,
+    ts=st.none() | st.floats(min_value=0, max_value=NOW + 86_400, allow_nan=False),
+)
 def test_valid_events_keep_their_fields(action: str, event_id: str | None, ts: float | None) -> None:
     event = EventIn(action=action, event_id=event_id, timestamp=ts)
     try:
@@ -118,7 +134,10 @@ def test_nan_and_infinity_timestamps_are_refused() -> None:
 
 # --- window logic against the real Redis ---------------------------------------------------------------------
 
-def reference_append(state: dict[str, Any], events: list[NewEvent], capacity: int) -> tuple[int, int, list[str]]:
+
+def reference_append(
+    state: dict[str, Any], events: list[NewEvent], capacity: int
+) -> tuple[int, int, list[str]]:
     """What the append script must do: skip ids in the window, insert by (timestamp, arrival), trim the oldest."""
     accepted = duplicates = 0
     for e in events:
@@ -135,7 +154,9 @@ def reference_append(state: dict[str, Any], events: list[NewEvent], capacity: in
 
 event_ids = st.sampled_from(["a", "b", "c", "d", "e:1", "{x}", "é", "🙂"]) | st.text(min_size=1, max_size=6)
 new_events = st.builds(
-    NewEvent, event_id=event_ids, action=nasty_text,
+    NewEvent,
+    event_id=event_ids,
+    action=nasty_text,
     timestamp=st.sampled_from([0.0, 1.0, 1.5, 2.0]) | st.floats(min_value=0, max_value=1e10, allow_nan=False),
 )
 
@@ -145,12 +166,19 @@ def window_redis_url(redis_server: Any) -> str:
     return str(redis_server.url)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(user=nasty_text, capacity=st.integers(1, 6),
-       batches=st.lists(st.lists(new_events, min_size=1, max_size=6), min_size=1, max_size=5))
-def test_window_matches_the_reference_model(window_redis_url: str, user: str, capacity: int,
-                                             batches: list[list[NewEvent]]) -> None:
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    user=nasty_text,
+    capacity=st.integers(1, 6),
+    batches=st.lists(st.lists(new_events, min_size=1, max_size=6), min_size=1, max_size=5),
+)
+def test_window_matches_the_reference_model(
+    window_redis_url: str, user: str, capacity: int, batches: list[list[NewEvent]]
+) -> None:
     async def scenario() -> None:
         client = aioredis.Redis.from_url(window_redis_url)
         store = WindowStore(client, "fuzz", 60, "test")
@@ -182,17 +210,21 @@ API_KEY = "fuzz-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def fuzzed_service(behavior_artifact: Path, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(tmp_path_factory.mktemp("fuzz") / "service.log", {
-        "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
-        "NEXTACT_REDIS_URL": redis_server.url,
-        "NEXTACT_KEY_PREFIX": "fuzzapi",
-        "NEXTACT_API_KEYS": API_KEY,
-        "NEXTACT_LOG_LEVEL": "warning",
-        "NEXTACT_MAX_EVENTS_PER_REQUEST": "50",
-        "NEXTACT_MAX_BODY_BYTES": "65536",
-    }).start()
+def fuzzed_service(
+    behavior_artifact: Path, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    svc = ServiceProcess(
+        tmp_path_factory.mktemp("fuzz") / "service.log",
+        {
+            "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
+            "NEXTACT_REDIS_URL": redis_server.url,
+            "NEXTACT_KEY_PREFIX": "fuzzapi",
+            "NEXTACT_API_KEYS": API_KEY,
+            "NEXTACT_LOG_LEVEL": "warning",
+            "NEXTACT_MAX_EVENTS_PER_REQUEST": "50",
+            "NEXTACT_MAX_BODY_BYTES": "65536",
+        },
+    ).start()
     yield svc
     svc.kill()
     assert "Traceback" not in svc.log(), svc.log()
@@ -209,12 +241,18 @@ def test_api_never_answers_500_and_errors_are_json(fuzzed_service: ServiceProces
         operation = result.ok()
         operations += 1
 
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(case=st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                              operation.as_strategy(GenerationMode.NEGATIVE)))
+        @settings(
+            max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(
+            case=st.one_of(
+                operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+            )
+        )
         def check(case: Any) -> None:
-            response = case.call(base_url=fuzzed_service.base_url, timeout=10,
-                                 headers={"Authorization": f"Bearer {API_KEY}"})
+            response = case.call(
+                base_url=fuzzed_service.base_url, timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}
+            )
             statuses[response.status_code] += 1
             where = f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
             if response.status_code >= 500 and response.status_code != 503:
@@ -225,8 +263,11 @@ def test_api_never_answers_500_and_errors_are_json(fuzzed_service: ServiceProces
                 except ValueError:
                     failures.append(f"non-JSON error body: {where}")
                     return
-                if not (isinstance(body, dict) and isinstance(body.get("error"), str)
-                        and isinstance(body.get("message"), str)):
+                if not (
+                    isinstance(body, dict)
+                    and isinstance(body.get("error"), str)
+                    and isinstance(body.get("message"), str)
+                ):
                     failures.append(f"error body without error/message: {where}")
 
         check()
@@ -236,6 +277,7 @@ def test_api_never_answers_500_and_errors_are_json(fuzzed_service: ServiceProces
 
 
 # --- hand-written hostile requests (what a generator rarely finds) --------------------------------------------
+
 
 def _hostile_requests() -> list[tuple[str, str, Any, int]]:
     long_user = "u" * 10_000
@@ -248,7 +290,7 @@ def _hostile_requests() -> list[tuple[str, str, Any, int]]:
         ("POST", "/v1/users/u/events", '{"action": "pv", "action": "buy"}', 200),  # duplicated key: last wins
         ("POST", "/v1/users/u/events", '{"action": "a\\u0000b:{c}|\\n\\u202e"}', 200),
         ("POST", "/v1/users/u/events", '{"action": "\\ud800"}', 422),  # lone surrogate
-        ("POST", "/v1/users/u/events", '{"action": "pv"' , 422),  # truncated JSON
+        ("POST", "/v1/users/u/events", '{"action": "pv"', 422),  # truncated JSON
         ("POST", "/v1/users/u/events", json.dumps({"events": [{"action": "pv"}] * 51}), 413),
         ("POST", "/v1/events", json.dumps({"events": [{"user_id": "u", "action": "x" * 70_000}]}), 413),
         ("POST", "/v1/users/" + long_user + "/events", '{"action": "pv"}', 422),
@@ -260,10 +302,19 @@ def _hostile_requests() -> list[tuple[str, str, Any, int]]:
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), _hostile_requests())
-def test_hostile_requests(fuzzed_service: ServiceProcess, behavior_artifact: Path, method: str, path: str, body: str | None,
-                          status: int) -> None:
+def test_hostile_requests(
+    fuzzed_service: ServiceProcess,
+    behavior_artifact: Path,
+    method: str,
+    path: str,
+    body: str | None,
+    status: int,
+) -> None:
     response = httpx.request(
-        method, fuzzed_service.base_url + path, content=body, timeout=10,
+        method,
+        fuzzed_service.base_url + path,
+        content=body,
+        timeout=10,
         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
     )
     assert response.status_code == status, response.text[:500]

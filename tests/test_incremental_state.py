@@ -34,8 +34,19 @@ T0 = 1_700_000_000.0
 def plain_behavior(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The behaviour model without a history bias and without step.onnx (exported by the fixtures below)."""
     return train_artifact(
-        tmp_path_factory.mktemp("plain-behavior"), EXAMPLES / "taobao_sample.csv", "--action-col", "behavior",
-        "--window", "20", "--epochs", "2", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+        tmp_path_factory.mktemp("plain-behavior"),
+        EXAMPLES / "taobao_sample.csv",
+        "--action-col",
+        "behavior",
+        "--window",
+        "20",
+        "--epochs",
+        "2",
+        "--embedding-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--no-history-bias",
         "--no-step",
     )
 
@@ -51,8 +62,19 @@ def behavior_step(plain_behavior: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def item_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plain = train_artifact(
-        tmp_path_factory.mktemp("plain-item"), EXAMPLES / "beauty_sample.csv", "--action-col", "item_id",
-        "--window", "20", "--epochs", "1", "--embedding-dim", "16", "--hidden-dim", "32", "--no-history-bias",
+        tmp_path_factory.mktemp("plain-item"),
+        EXAMPLES / "beauty_sample.csv",
+        "--action-col",
+        "item_id",
+        "--window",
+        "20",
+        "--epochs",
+        "1",
+        "--embedding-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--no-history-bias",
         "--no-step",
     )
     out = copy_artifact(plain, tmp_path_factory.mktemp("item-step"))
@@ -60,7 +82,9 @@ def item_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_train_writes_a_step_graph_that_reads_the_window_for_the_history_bias(behavior_artifact: Path) -> None:
+def test_train_writes_a_step_graph_that_reads_the_window_for_the_history_bias(
+    behavior_artifact: Path,
+) -> None:
     """The default model has a history bias: `train` exports its step graph with the window as an input."""
     model, _ = load_checkpoint(behavior_artifact)
     assert model.history_bias is not None
@@ -82,7 +106,9 @@ def test_gate_refuses_a_step_graph_that_forgets_the_window(behavior_artifact: Pa
 # --- training side: export and gate -------------------------------------------------------------------------
 
 
-def test_export_records_the_step_graph_and_keeps_the_version(plain_behavior: Path, behavior_step: Path) -> None:
+def test_export_records_the_step_graph_and_keeps_the_version(
+    plain_behavior: Path, behavior_step: Path
+) -> None:
     before, after = read_manifest(plain_behavior), read_manifest(behavior_step)
     assert before.step is None  # old manifests stay valid without the field
     assert after.step is not None and (behavior_step / STEP_FILE).is_file()
@@ -102,7 +128,9 @@ def test_gate_refuses_a_step_graph_with_the_wrong_weights(behavior_step: Path, t
         check_step_parity(behavior_step, broken)
 
 
-def test_service_refuses_a_step_graph_that_does_not_match_the_manifest(behavior_step: Path, tmp_path: Path) -> None:
+def test_service_refuses_a_step_graph_that_does_not_match_the_manifest(
+    behavior_step: Path, tmp_path: Path
+) -> None:
     live = copy_artifact(behavior_step, tmp_path / "live")
     data = bytearray((live / STEP_FILE).read_bytes())
     data[-1] ^= 1
@@ -131,15 +159,21 @@ async def test_stored_state_is_offered_only_when_it_covers_the_window(redis_url:
         assert got.state == b"S2" and got.result.accepted == 1  # in order, state covers the window before
         assert not await store.save_state("u", got.seq - 1, "v1", b"stale")  # compare-and-set on the counter
         assert await store.save_state("u", got.seq, "v1", b"S3")
-        assert (await store.append_with_state("u", _events(["d"], 13), 5, "v2")).state is None  # other version
-        assert (await store.append_with_state("u", _events(["e"], 14), 5, "v1")).state is None  # state is behind
+        assert (
+            await store.append_with_state("u", _events(["d"], 13), 5, "v2")
+        ).state is None  # other version
+        assert (
+            await store.append_with_state("u", _events(["e"], 14), 5, "v1")
+        ).state is None  # state is behind
         assert await store.save_state("u", 5, "v1", b"S5")
         late = await store.append_with_state("u", _events(["z"], 11.5, "late"), 5, "v1")
         assert late.state is None and late.result.actions == ["b", "z", "c", "d", "e"]  # late: rebuild
         assert await store.save_state("u", late.seq, "v1", b"S6")
         dup = await store.append_with_state("u", _events(["e"], 14), 5, "v1")
         assert dup.state is None and dup.result.accepted == 0  # nothing new to step over
-        assert (await store.append_with_state("u", _events(["f"], 14, "f"), 5, "v1")).state == b"S6"  # tie: in order
+        assert (
+            await store.append_with_state("u", _events(["f"], 14, "f"), 5, "v1")
+        ).state == b"S6"  # tie: in order
         ttl = conn.client
         assert 0 < await ttl.ttl(store.state_key("u")) <= 3600
         await store.delete("u")
@@ -173,14 +207,20 @@ def _assert_same(on: dict[str, Any], off: dict[str, Any], tol: float = TOL) -> N
 def _stream(vocab: list[str], n: int, seed: int, start: float = T0) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     actions = rng.choice(vocab[2:], size=n)
-    return [{"action": str(a), "timestamp": start + i, "event_id": f"s{seed}-{i}"} for i, a in enumerate(actions)]
+    return [
+        {"action": str(a), "timestamp": start + i, "event_id": f"s{seed}-{i}"} for i, a in enumerate(actions)
+    ]
 
 
-async def _twins(artifact: Path, redis_url: str, events: list[list[dict[str, Any]]], k: int = 20) -> list[tuple[Any, Any]]:
+async def _twins(
+    artifact: Path, redis_url: str, events: list[list[dict[str, Any]]], k: int = 20
+) -> list[tuple[Any, Any]]:
     """Post the same requests to a service with incremental state and one without (separate key prefixes)."""
     out = []
-    async with running_app(artifact, redis_url, incremental_state=True, key_prefix="on") as (_, on), \
-            running_app(artifact, redis_url, key_prefix="off") as (_, off):
+    async with (
+        running_app(artifact, redis_url, incremental_state=True, key_prefix="on") as (_, on),
+        running_app(artifact, redis_url, key_prefix="off") as (_, off),
+    ):
         for batch in events:
             out.append((await _post(on, "u1", batch, k), await _post(off, "u1", batch, k)))
     return out
@@ -205,7 +245,9 @@ async def test_in_order_stream_matches_the_full_window(behavior_step: Path, redi
     assert len(state[b"x"]) == 2 * m.num_layers * m.hidden_dim * 4  # h and c, float32
 
 
-async def test_the_stored_state_is_what_the_next_event_steps_from(behavior_step: Path, redis_url: str) -> None:
+async def test_the_stored_state_is_what_the_next_event_steps_from(
+    behavior_step: Path, redis_url: str
+) -> None:
     """Overwrite a user's state with the zero state: the next prediction is then the model's after that one event
     alone, which shows the service steps from the stored state instead of re-reading the window."""
     m = read_manifest(behavior_step)
@@ -217,7 +259,8 @@ async def test_the_stored_state_is_what_the_next_event_steps_from(behavior_step:
         client.hset("on:{u}:s", "x", bytes(2 * m.num_layers * m.hidden_dim * 4))
         body = await _post(on, "u", [stream[-1]], len(m.vocabulary) - 2)
     one = load_model(behavior_step, device="cpu").probabilities(
-        [np.array([m.vocabulary.index(stream[-1]["action"])], dtype=np.int64)])[0]
+        [np.array([m.vocabulary.index(stream[-1]["action"])], dtype=np.int64)]
+    )[0]
     assert body["window_size"] == len(stream)
     for action, p in _probs(body).items():
         assert abs(p - one[m.vocabulary.index(action)]) <= TOL
@@ -229,8 +272,10 @@ async def test_item_model_stream_and_bulk_ingestion(item_step: Path, redis_url: 
     for on, off in await _twins(item_step, redis_url, [[e] for e in stream], k=50):
         _assert_same(on, off)
     bulk = {"events": [{"user_id": u, **e} for u in ("b1", "b2") for e in _stream(m.vocabulary, 3, seed=3)]}
-    async with running_app(item_step, redis_url, incremental_state=True, key_prefix="on2") as (_, on), \
-            running_app(item_step, redis_url, key_prefix="off2") as (_, off):
+    async with (
+        running_app(item_step, redis_url, incremental_state=True, key_prefix="on2") as (_, on),
+        running_app(item_step, redis_url, key_prefix="off2") as (_, off),
+    ):
         for _ in range(2):  # the second time: duplicates only
             a = (await on.post("/v1/events", params={"predict": "true"}, json=bulk)).json()
             b = (await off.post("/v1/events", params={"predict": "true"}, json=bulk)).json()
@@ -243,12 +288,16 @@ async def test_late_events_rebuild_the_state(behavior_step: Path, redis_url: str
     m = read_manifest(behavior_step)
     stream = _stream(m.vocabulary, 8, seed=4)
     late = {"action": m.vocabulary[3], "timestamp": T0 + 2.5, "event_id": "late"}
-    batches = [[e] for e in stream] + [[late]] + [[e] for e in _stream(m.vocabulary, 3, seed=5, start=T0 + 100)]
+    batches = (
+        [[e] for e in stream] + [[late]] + [[e] for e in _stream(m.vocabulary, 3, seed=5, start=T0 + 100)]
+    )
     for on, off in await _twins(behavior_step, redis_url, batches):
         _assert_same(on, off)
 
 
-async def test_after_trimming_the_state_carries_the_whole_history(behavior_step: Path, redis_url: str) -> None:
+async def test_after_trimming_the_state_carries_the_whole_history(
+    behavior_step: Path, redis_url: str
+) -> None:
     """Documented semantics: once the window trims, the carried state has seen every event since it was
     (re)built, so its prediction is the model's over that whole history, not over the window alone."""
     m = read_manifest(behavior_step)
@@ -270,11 +319,16 @@ async def test_reload_to_another_model_rebuilds_the_state(
 ) -> None:
     live = copy_artifact(behavior_step, tmp_path / "live")
     b, i = read_manifest(behavior_step), read_manifest(item_step)
-    assert (b.num_layers, b.hidden_dim) == (i.num_layers, i.hidden_dim)  # an old state would fit: must not be used
+    assert (b.num_layers, b.hidden_dim) == (
+        i.num_layers,
+        i.hidden_dim,
+    )  # an old state would fit: must not be used
     first = _stream(b.vocabulary, 6, seed=7)
     then = _stream(i.vocabulary, 4, seed=8, start=T0 + 100)
-    async with running_app(live, redis_url, incremental_state=True, key_prefix="on") as (_, on), \
-            running_app(item_step, redis_url, key_prefix="off") as (_, off):
+    async with (
+        running_app(live, redis_url, incremental_state=True, key_prefix="on") as (_, on),
+        running_app(item_step, redis_url, key_prefix="off") as (_, off),
+    ):
         for e in first:
             await _post(on, "u", [e], 10)
             await _post(off, "u", [e], 10)
@@ -290,8 +344,10 @@ async def test_delete_erases_the_state(behavior_step: Path, redis_url: str) -> N
     m = read_manifest(behavior_step)
     before, after = _stream(m.vocabulary, 5, seed=9), _stream(m.vocabulary, 3, seed=10, start=T0 + 50)
     client = redis.Redis.from_url(redis_url)
-    async with running_app(behavior_step, redis_url, incremental_state=True, key_prefix="on") as (_, on), \
-            running_app(behavior_step, redis_url, key_prefix="off") as (_, off):
+    async with (
+        running_app(behavior_step, redis_url, incremental_state=True, key_prefix="on") as (_, on),
+        running_app(behavior_step, redis_url, key_prefix="off") as (_, off),
+    ):
         for e in before:
             await _post(on, "u", [e], 10)
             await _post(off, "u", [e], 10)
@@ -303,7 +359,9 @@ async def test_delete_erases_the_state(behavior_step: Path, redis_url: str) -> N
             _assert_same(await _post(on, "u", [e], 10), await _post(off, "u", [e], 10))
 
 
-async def test_history_bias_model_stream_matches_the_full_window(behavior_artifact: Path, redis_url: str) -> None:
+async def test_history_bias_model_stream_matches_the_full_window(
+    behavior_artifact: Path, redis_url: str
+) -> None:
     """The default (history-bias) model: stepping with the window as the history input == recomputing it."""
     m = read_manifest(behavior_artifact)
     stream = _stream(m.vocabulary, m.window - 4, seed=21)
@@ -314,12 +372,16 @@ async def test_history_bias_model_stream_matches_the_full_window(behavior_artifa
     assert state is not None and int(state) == len(stream)
 
 
-async def test_option_on_without_a_step_graph_serves_the_full_window(plain_behavior: Path, redis_url: str) -> None:
+async def test_option_on_without_a_step_graph_serves_the_full_window(
+    plain_behavior: Path, redis_url: str
+) -> None:
     assert read_manifest(plain_behavior).step is None
     events = _stream(read_manifest(plain_behavior).vocabulary, 4, seed=11)
     for on, off in await _twins(plain_behavior, redis_url, [[e] for e in events]):
         _assert_same(on, off)
-    assert not redis.Redis.from_url(redis_url).hexists("on:{u1}:s", "x")  # only live quality's fields, no state
+    assert not redis.Redis.from_url(redis_url).hexists(
+        "on:{u1}:s", "x"
+    )  # only live quality's fields, no state
 
 
 def test_manifest_json_without_step_still_loads(behavior_step: Path, tmp_path: Path) -> None:

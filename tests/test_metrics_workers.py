@@ -48,7 +48,9 @@ def two_workers(
 def _total(text: str, metric: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith((metric + "{", metric + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if line.startswith((metric + "{", metric + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

@@ -56,7 +56,10 @@ async def test_request_metrics_use_the_route_template_and_status() -> None:
     ok = (("method", "GET"), ("route", "/v1/users/{user_id}/things"), ("status", "200"))
     assert s[("nextact_http_requests_total", ok)] == 3
     assert s[("nextact_http_request_duration_seconds_count", ok)] == 3
-    assert s[("nextact_http_requests_total", (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
+    assert (
+        s[("nextact_http_requests_total", (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))]
+        == 1
+    )
     assert not any("alice" in str(labels) for _, labels in s)  # raw paths (user ids) never become labels
     assert s[("nextact_http_requests_in_flight", ())] == 0
 
@@ -84,9 +87,12 @@ async def test_unhandled_error_gives_json_500_with_request_id(caplog: pytest.Log
     assert body["error"] == "internal_error" and body["request_id"] == "req-500"
     assert "req-500" in body["message"]
     assert "kaput" not in response.text  # no traceback or message leaks to the client
-    assert _samples(metrics)[
-        ("nextact_http_requests_total", (("method", "GET"), ("route", "/boom"), ("status", "500")))
-    ] == 1
+    assert (
+        _samples(metrics)[
+            ("nextact_http_requests_total", (("method", "GET"), ("route", "/boom"), ("status", "500")))
+        ]
+        == 1
+    )
     lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
     assert any("RuntimeError: kaput" in line.get("exception", "") for line in lines)
     assert any(line.get("status") == 500 and line.get("route") == "/boom" for line in lines)
@@ -126,7 +132,9 @@ def test_json_formatter_carries_request_id_extras_and_exceptions() -> None:
         try:
             raise ValueError("bad value")
         except ValueError:
-            record = logging.LogRecord("nextact", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info())
+            record = logging.LogRecord(
+                "nextact", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info()
+            )
         record.user_count = 3
         entry = json.loads(formatter.format(record))
     finally:
@@ -141,11 +149,19 @@ def test_json_formatter_carries_request_id_extras_and_exceptions() -> None:
 
 # --- the real app ---------------------------------------------------------------------------------------------
 
-async def test_app_metrics_cover_requests_inference_redis_and_events(behavior_artifact: Path, redis_url: str) -> None:
+
+async def test_app_metrics_cover_requests_inference_redis_and_events(
+    behavior_artifact: Path, redis_url: str
+) -> None:
     version = read_manifest(behavior_artifact).model_version
     async with running_app(behavior_artifact, redis_url) as (app, client):
-        events = {"events": [{"action": "pv", "event_id": "e1"}, {"action": "cart", "event_id": "e2"},
-                             {"action": "no-such-action", "event_id": "e3"}]}
+        events = {
+            "events": [
+                {"action": "pv", "event_id": "e1"},
+                {"action": "cart", "event_id": "e2"},
+                {"action": "no-such-action", "event_id": "e3"},
+            ]
+        }
         first = await client.post("/v1/users/m1/events", json=events)
         again = await client.post("/v1/users/m1/events", json=events)  # all three are duplicates now
         read = await client.get("/v1/users/m1/events")
@@ -170,6 +186,11 @@ async def test_app_metrics_cover_requests_inference_redis_and_events(behavior_ar
     info = [dict(labels) for (name, labels), v in s.items() if name == "nextact_model_info" and v == 1]
     assert [i["model_version"] for i in info] == [version]
     names = {name for name, _ in s}
-    for family in ("nextact_redis_errors_total", "nextact_model_reloads_total", "nextact_rate_limited_total",
-                   "nextact_auth_failures_total", "nextact_http_requests_in_flight"):
+    for family in (
+        "nextact_redis_errors_total",
+        "nextact_model_reloads_total",
+        "nextact_rate_limited_total",
+        "nextact_auth_failures_total",
+        "nextact_http_requests_in_flight",
+    ):
         assert any(n.startswith(family) for n in names), family

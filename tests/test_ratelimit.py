@@ -130,7 +130,10 @@ async def test_budget_is_per_api_key(client: aioredis.Redis) -> None:
 
 async def test_limiter_fails_open_when_redis_is_unreachable() -> None:
     dead = aioredis.Redis(
-        host="127.0.0.1", port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5,
+        host="127.0.0.1",
+        port=free_port(),
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
         retry=Retry(NoBackoff(), 0),
     )
     try:
@@ -143,12 +146,20 @@ async def test_limiter_fails_open_when_redis_is_unreachable() -> None:
 
 # --- the real app ---------------------------------------------------------------------------------------------
 
-async def test_app_rate_limit_is_off_by_default_and_429s_when_set(behavior_artifact: Path, redis_url: str) -> None:
+
+async def test_app_rate_limit_is_off_by_default_and_429s_when_set(
+    behavior_artifact: Path, redis_url: str
+) -> None:
     async with running_app(behavior_artifact, redis_url) as (app, client):
         assert app.state.rate_limiter is None
         assert [(await client.get("/v1/model")).status_code for _ in range(20)] == [200] * 20
-    async with running_app(behavior_artifact, redis_url, rate_limit_requests=3, rate_limit_window_seconds=60,
-                           api_keys="rl-key-1,rl-key-2") as (app, client):
+    async with running_app(
+        behavior_artifact,
+        redis_url,
+        rate_limit_requests=3,
+        rate_limit_window_seconds=60,
+        api_keys="rl-key-1,rl-key-2",
+    ) as (app, client):
         one, two = {"X-API-Key": "rl-key-1"}, {"X-API-Key": "rl-key-2"}
         statuses = [(await client.get("/v1/users/u/predictions", headers=one)).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]

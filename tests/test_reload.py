@@ -56,8 +56,9 @@ def test_missing_model_is_refused(artifact: Path) -> None:
 
 
 @pytest.mark.parametrize(("factor", "message"), [(float("nan"), "NaN"), (0.5, "sum to"), (-1.0, "outside")])
-def test_model_with_bad_outputs_is_refused(behavior_artifact: Path, tmp_path: Path, factor: float,
-                                           message: str) -> None:
+def test_model_with_bad_outputs_is_refused(
+    behavior_artifact: Path, tmp_path: Path, factor: float, message: str
+) -> None:
     broken = tmp_path / "broken"
     edit_model(behavior_artifact, broken, scale_output(factor))  # hash fixed up: only the self-check can tell
     with pytest.raises(ReloadError, match=message):
@@ -77,8 +78,12 @@ class Holder:
         self.max_loads_running = 0
         self.lock = threading.Lock()
         self.reloader = Reloader(
-            artifact, load=self.load, install=self.install, version=lambda m: m.model_version,
-            current=lambda: self.current, metrics=metrics,
+            artifact,
+            load=self.load,
+            install=self.install,
+            version=lambda m: m.model_version,
+            current=lambda: self.current,
+            metrics=metrics,
         )
 
     def load(self, path: Path):  # type: ignore[no-untyped-def]
@@ -148,7 +153,9 @@ async def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[n
     return False
 
 
-async def test_file_watch_reloads_changes_and_does_not_retry_a_broken_one(artifact: Path, tmp_path: Path) -> None:
+async def test_file_watch_reloads_changes_and_does_not_retry_a_broken_one(
+    artifact: Path, tmp_path: Path
+) -> None:
     metrics = Metrics()
     holder = Holder(artifact, metrics)
     holder.reloader.start_watch(0.05)
@@ -181,8 +188,9 @@ def test_stamp_changes_with_content(artifact: Path) -> None:
 KEY = {"Authorization": "Bearer reload-key"}
 
 
-async def test_reload_endpoint_swaps_models_without_failing_requests(artifact: Path, tmp_path: Path,
-                                                                     redis_url: str) -> None:
+async def test_reload_endpoint_swaps_models_without_failing_requests(
+    artifact: Path, tmp_path: Path, redis_url: str
+) -> None:
     old = read_manifest(artifact).model_version
     async with running_app(artifact, redis_url, api_keys="reload-key") as (app, client):
         assert (await client.post("/v1/model/reload")).status_code == 401
@@ -206,14 +214,19 @@ async def test_reload_endpoint_swaps_models_without_failing_requests(artifact: P
         assert after.json()["model_version"] == new == after.headers["x-model-version"]
         assert (await client.get("/v1/model", headers=KEY)).json()["model_version"] == new
         assert _reloads(app.state.metrics, "ok") == 1
-        info = [s.labels["model_version"] for family in app.state.metrics.registry.collect()
-                if family.name == "nextact_model_info" for s in family.samples]
+        info = [
+            s.labels["model_version"]
+            for family in app.state.metrics.registry.collect()
+            if family.name == "nextact_model_info"
+            for s in family.samples
+        ]
         assert info == [new]
 
 
 @pytest.mark.parametrize("breakage", ["nan", "truncated", "manifest"])
-async def test_reload_endpoint_refuses_broken_artifacts(artifact: Path, tmp_path: Path, redis_url: str,
-                                                        breakage: str) -> None:
+async def test_reload_endpoint_refuses_broken_artifacts(
+    artifact: Path, tmp_path: Path, redis_url: str, breakage: str
+) -> None:
     old = read_manifest(artifact).model_version
     async with running_app(artifact, redis_url, api_keys="reload-key") as (app, client):
         if breakage == "nan":

@@ -125,7 +125,11 @@ def test_openapi_declares_both_key_headers_on_v1_routes_only() -> None:
     app.include_router(routes.router)
     doc = app.openapi()
     schemes = doc["components"]["securitySchemes"]
-    assert schemes["bearerKey"] == {"type": "http", "scheme": "bearer", "description": schemes["bearerKey"]["description"]}
+    assert schemes["bearerKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["bearerKey"]["description"],
+    }
     assert schemes["apiKeyHeader"]["in"] == "header" and schemes["apiKeyHeader"]["name"] == "X-API-Key"
     for path, operations in doc["paths"].items():
         for operation in operations.values():
@@ -155,6 +159,7 @@ async def test_keys_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> No
 
 # --- the real app ---------------------------------------------------------------------------------------------
 
+
 def _concrete(path: str) -> str:
     return path.replace("{user_id}", "someone")
 
@@ -163,23 +168,43 @@ async def test_every_v1_route_needs_a_key_and_the_rest_stay_open(
     behavior_artifact: Path, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # many wrong keys from one address on purpose: failed-auth limiting off here (tested in test_surface.py)
-    async with running_app(behavior_artifact, redis_url, api_keys=f"{KEY_A},{KEY_B}", auth_failure_limit=0) as (
-        app, client,
+    async with running_app(
+        behavior_artifact, redis_url, api_keys=f"{KEY_A},{KEY_B}", auth_failure_limit=0
+    ) as (
+        app,
+        client,
     ):
-        v1 = [(method.upper(), path) for path, item in app.openapi()["paths"].items() if path.startswith("/v1")
-              for method in item]
-        assert {p for _, p in v1} >= {"/v1/users/{user_id}/events", "/v1/events", "/v1/model", "/v1/model/reload",
-                                     "/v1/users/{user_id}/predictions", "/v1/users/{user_id}"}
+        v1 = [
+            (method.upper(), path)
+            for path, item in app.openapi()["paths"].items()
+            if path.startswith("/v1")
+            for method in item
+        ]
+        assert {p for _, p in v1} >= {
+            "/v1/users/{user_id}/events",
+            "/v1/events",
+            "/v1/model",
+            "/v1/model/reload",
+            "/v1/users/{user_id}/predictions",
+            "/v1/users/{user_id}",
+        }
         with caplog.at_level(logging.DEBUG):
             for method, path in v1:
                 for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Bearer {KEY_A}x"}):
                     r = await client.request(method, _concrete(path), headers=headers, json={"action": "pv"})
                     assert r.status_code == 401, (method, path, r.status_code)
                     assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
-                ok = await client.request(method, _concrete(path), headers={"X-API-Key": KEY_B},
-                                          json={"events": [{"user_id": "someone", "action": "pv"}]}
-                                          if path == "/v1/events" else {"action": "pv"})
-                no_candidate = path == "/v1/model/promote" and ok.status_code == 409  # authorised, nothing to promote
+                ok = await client.request(
+                    method,
+                    _concrete(path),
+                    headers={"X-API-Key": KEY_B},
+                    json={"events": [{"user_id": "someone", "action": "pv"}]}
+                    if path == "/v1/events"
+                    else {"action": "pv"},
+                )
+                no_candidate = (
+                    path == "/v1/model/promote" and ok.status_code == 409
+                )  # authorised, nothing to promote
                 assert ok.status_code in (200, 204) or no_candidate, (method, path, ok.text)
             for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/ui"):
                 assert (await client.get(path)).status_code == 200, path

@@ -21,15 +21,20 @@ from tests.service_proc import ServiceProcess
 pytestmark = pytest.mark.anyio
 
 
-async def test_sigterm_finishes_in_flight_requests_and_loses_nothing(behavior_artifact: Path, tmp_path: Path) -> None:
+async def test_sigterm_finishes_in_flight_requests_and_loses_nothing(
+    behavior_artifact: Path, tmp_path: Path
+) -> None:
     data_dir, redis_port = tmp_path / "data", free_port()
-    svc = ServiceProcess(tmp_path / "service.log", {
-        "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
-        "NEXTACT_DATA_DIR": str(data_dir),  # no NEXTACT_REDIS_URL: the service owns an embedded Redis
-        "NEXTACT_EMBEDDED_REDIS_PORT": str(redis_port),
-        "NEXTACT_SHUTDOWN_TIMEOUT_SECONDS": "10",
-        "NEXTACT_WINDOW_SIZE": "10000",  # big bulk batches per user: nothing is trimmed
-    }).start()
+    svc = ServiceProcess(
+        tmp_path / "service.log",
+        {
+            "NEXTACT_ARTIFACT_DIR": str(behavior_artifact),
+            "NEXTACT_DATA_DIR": str(data_dir),  # no NEXTACT_REDIS_URL: the service owns an embedded Redis
+            "NEXTACT_EMBEDDED_REDIS_PORT": str(redis_port),
+            "NEXTACT_SHUTDOWN_TIMEOUT_SECONDS": "10",
+            "NEXTACT_WINDOW_SIZE": "10000",  # big bulk batches per user: nothing is trimmed
+        },
+    ).start()
     acked: dict[str, set[str]] = {}
     spans: list[tuple[float, float, int]] = []  # (sent, answered, status) of every answered request
     running = True

@@ -47,7 +47,9 @@ async def test_unauthenticated_answers_say_nothing_about_the_deployment(
             "redis": host_port,
             "embedded_redis": False,
         }
-        assert (await client.get("/v1/model", headers={"X-API-Key": KEY})).headers["x-model-version"] == version
+        assert (await client.get("/v1/model", headers={"X-API-Key": KEY})).headers[
+            "x-model-version"
+        ] == version
 
 
 async def test_unauthenticated_not_ready_hides_the_redis_address_and_error(behavior_artifact: Path) -> None:

@@ -107,7 +107,10 @@ def test_evaluate_reproduces_the_manifest_metrics(
     excluded = out["exclude_history"]
     assert isinstance(excluded, dict)
     for scorer in ("model", "popularity", "markov", "item-knn"):
-        for got, stored in ((out[scorer], metrics["full"]), (excluded[scorer], metrics["full-exclude-history"])):
+        for got, stored in (
+            (out[scorer], metrics["full"]),
+            (excluded[scorer], metrics["full-exclude-history"]),
+        ):
             assert isinstance(got, dict) and set(got) == METRICS
             for name, value in got.items():
                 assert value == pytest.approx(stored[scorer][name], abs=1e-9), (scorer, name)

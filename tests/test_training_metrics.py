@@ -136,7 +136,12 @@ def test_item_knn_hand_computed() -> None:
     train = [np.array([2, 3, 4]), np.array([3, 5])]
     knn = ItemKNN(train, vocab_size=7, window=2, recent=2, decay=0.5, gap_decay=0.5, backward=0.25)
     count = np.array([0, 0, 1, 2, 1, 1, 0], dtype=np.float64)  # occurrences
-    forward = {(2, 3): 1.0, (3, 4): 1.0, (3, 5): 1.0, (2, 4): 0.5}  # (earlier, later): weighted co-occurrences
+    forward = {
+        (2, 3): 1.0,
+        (3, 4): 1.0,
+        (3, 5): 1.0,
+        (2, 4): 0.5,
+    }  # (earlier, later): weighted co-occurrences
     sim = np.zeros((7, 7))
     for (i, j), w in forward.items():
         sim[i, j] += w / math.sqrt(count[i] * count[j])

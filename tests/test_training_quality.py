@@ -49,7 +49,9 @@ class FixedNegatives(Loss):
 
 def _tiny(**kw: object) -> NextActionModel:
     torch.manual_seed(0)
-    model = NextActionModel(ModelConfig(vocab_size=9, embedding_dim=4, hidden_dim=6, dropout=0.0, window=5, **kw))
+    model = NextActionModel(
+        ModelConfig(vocab_size=9, embedding_dim=4, hidden_dim=6, dropout=0.0, window=5, **kw)
+    )
     return model.eval()  # no dropout: the same states in the loss and in the hand computation
 
 
@@ -67,7 +69,9 @@ def test_sampled_and_bce_losses_against_the_full_logits() -> None:
     cols = torch.tensor([4, 7, 8])
     logits = torch.cat([full.gather(1, kept.unsqueeze(1)), full[:, cols]], dim=1)  # (5, 4)
     logits[1, 1] = -math.inf  # negative 4 is the second position's target: masked
-    assert n == 5 and float(loss) == pytest.approx(float(F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))))
+    assert n == 5 and float(loss) == pytest.approx(
+        float(F.cross_entropy(logits, torch.zeros(5, dtype=torch.long)))
+    )
 
     bce = FixedNegatives(TrainConfig(loss="bce"), 9, [8, 7, 2, 2, 5])
     loss, n = bce(model, inputs, targets)
@@ -90,7 +94,9 @@ def test_popularity_sampler_with_logq_never_draws_pad_or_unk() -> None:
 @pytest.mark.parametrize("loss", ["sampled", "bce"])
 def test_every_loss_learns_the_cycle(loss: LossName) -> None:
     split = _cyclic_split()
-    model_config = ModelConfig(vocab_size=10, embedding_dim=8, hidden_dim=16, dropout=0.0, window=10, tied=True)
+    model_config = ModelConfig(
+        vocab_size=10, embedding_dim=8, hidden_dim=16, dropout=0.0, window=10, tied=True
+    )
     config = TrainConfig(epochs=8, lr=0.03, patience=8, quiet=True, seed=3, loss=loss, loss_negatives=4)
     result = fit(split, model_config, config)
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
@@ -107,7 +113,19 @@ def test_input_dropout_is_separate_and_feed_forward_block_changes_the_states() -
 @pytest.mark.parametrize(
     ("cell", "options"),
     [
-        ("lstm", ["--feed-forward", "--tied", "--loss", "sampled", "--loss-negatives", "50", "--input-dropout", "0.3"]),
+        (
+            "lstm",
+            [
+                "--feed-forward",
+                "--tied",
+                "--loss",
+                "sampled",
+                "--loss-negatives",
+                "50",
+                "--input-dropout",
+                "0.3",
+            ],
+        ),
         ("gru", ["--feed-forward", "--residual", "--loss", "bce", "--loss-sampler", "popularity"]),
     ],
 )

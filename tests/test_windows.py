@@ -49,11 +49,17 @@ async def test_keys_share_the_users_hash_slot(store: WindowStore) -> None:
 async def test_events_are_ordered_by_timestamp_and_ties_keep_arrival_order(store: WindowStore) -> None:
     got = await store.append("u", [ev("a", "x1", 30), ev("b", "x2", 10)], capacity=10)
     assert got.actions == ["x2", "x1"]
-    got = await store.append("u", [ev("c", "late", 20), ev("d", "tie1", 10), ev("e", "tie2", 10)], capacity=10)
+    got = await store.append(
+        "u", [ev("c", "late", 20), ev("d", "tie1", 10), ev("e", "tie2", 10)], capacity=10
+    )
     assert got.actions == ["x2", "tie1", "tie2", "late", "x1"]
     events = await store.events("u")
     assert [(e.event_id, e.action, e.timestamp) for e in events] == [
-        ("b", "x2", 10.0), ("d", "tie1", 10.0), ("e", "tie2", 10.0), ("c", "late", 20.0), ("a", "x1", 30.0),
+        ("b", "x2", 10.0),
+        ("d", "tie1", 10.0),
+        ("e", "tie2", 10.0),
+        ("c", "late", 20.0),
+        ("a", "x1", 30.0),
     ]
 
 
@@ -78,7 +84,9 @@ async def test_the_window_is_trimmed_to_capacity_with_its_index(store: WindowSto
         assert sorted(sync.hkeys(i)) == sorted([b""] + [f"e{n}".encode() for n in range(30, 35)])
     finally:
         sync.close()
-    old = await store.append("u", [ev("e0", "again", 0)], capacity=5)  # trimmed away: stored, then trimmed again
+    old = await store.append(
+        "u", [ev("e0", "again", 0)], capacity=5
+    )  # trimmed away: stored, then trimmed again
     assert old.actions == [f"a{i}" for i in range(30, 35)]
     assert await store.actions("u", capacity=3) == ["a32", "a33", "a34"]
 
@@ -128,8 +136,9 @@ async def test_the_script_is_reloaded_after_redis_forgets_it(store: WindowStore,
 
 
 async def test_concurrent_appends_for_one_user_lose_nothing(store: WindowStore) -> None:
-    results = await asyncio.gather(*(store.append("u", [ev(f"e{i}", f"a{i}", i % 7)], capacity=500)
-                                     for i in range(200)))
+    results = await asyncio.gather(
+        *(store.append("u", [ev(f"e{i}", f"a{i}", i % 7)], capacity=500) for i in range(200))
+    )
     assert sum(r.accepted for r in results) == 200
     events = await store.events("u")
     assert sorted(e.event_id for e in events) == sorted(f"e{i}" for i in range(200))
@@ -141,8 +150,13 @@ async def test_an_unreachable_redis_is_store_unavailable() -> None:
     conn = connect(f"redis://127.0.0.1:{port}/0", max_connections=4, timeout_seconds=0.5, retries=1)
     store = WindowStore(conn.client, "t", TTL, conn.address, max_concurrency=4, direct=conn.direct)
     try:
-        for call in (store.append("u", [ev("a", "x", 1)], 5), store.actions("u", 5), store.events("u"),
-                     store.delete("u"), store.ping()):
+        for call in (
+            store.append("u", [ev("a", "x", 1)], 5),
+            store.actions("u", 5),
+            store.events("u"),
+            store.delete("u"),
+            store.ping(),
+        ):
             with pytest.raises(StoreUnavailable, match=f"Redis at 127.0.0.1:{port} is unavailable"):
                 await call
     finally:
@@ -157,8 +171,9 @@ events_strategy = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(events_strategy, min_size=1, max_size=4), capacity=st.integers(1, 8))
-def test_the_window_matches_a_simple_model(redis_url: str, batches: list[list[tuple[str, int, str]]],
-                                           capacity: int) -> None:
+def test_the_window_matches_a_simple_model(
+    redis_url: str, batches: list[list[tuple[str, int, str]]], capacity: int
+) -> None:
     """After each append the window is the newest `capacity` events by (timestamp, arrival), ids distinct."""
 
     async def check() -> None:
@@ -193,8 +208,9 @@ async def test_a_cluster_keeps_each_users_window_on_one_node(tmp_path: Path) -> 
         store = WindowStore(conn.client, "c", TTL, conn.address, max_concurrency=4)
         await store.load_script()
         users = [f"user-{n}" for n in range(12)]  # spread over the three masters
-        results = await asyncio.gather(*(store.append(u, [ev(f"{u}-{i}", f"a{i}", 5 - i) for i in range(5)], 3)
-                                         for u in users))
+        results = await asyncio.gather(
+            *(store.append(u, [ev(f"{u}-{i}", f"a{i}", 5 - i) for i in range(5)], 3) for u in users)
+        )
         assert all(r.actions == ["a2", "a1", "a0"] for r in results)  # newest three by timestamp
         assert [e.event_id for e in await store.events("user-3")] == ["user-3-2", "user-3-1", "user-3-0"]
         await store.delete("user-3")
@@ -213,7 +229,9 @@ async def test_the_store_recovers_its_connections_after_a_redis_restart(tmp_path
     conn = connect(server.url, max_connections=8, timeout_seconds=1, retries=1)
     store = WindowStore(conn.client, "t", TTL, conn.address, max_concurrency=8, direct=conn.direct)
     try:
-        await asyncio.gather(*(store.append("u", [ev(f"a{i}", "x", i)], 50) for i in range(16)))  # 8 idle conns
+        await asyncio.gather(
+            *(store.append("u", [ev(f"a{i}", "x", i)], 50) for i in range(16))
+        )  # 8 idle conns
         server.stop()
         server.start()  # replays its append-only file; every pooled connection is dead
         got = await store.append("u", [ev("b", "y", 100)], 50)

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-history",
         action="store_true",
         help="full protocol: also report the variant where the actions in the user's window are no candidates "
-        "(under \"exclude_history\", beside the plain figures)",
+        '(under "exclude_history", beside the plain figures)',
     )
     _add_data_options(e, action_default=None)
     return parser
@@ -277,7 +277,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.window < 1 or args.epochs < 1 or (args.batch_size or 1) < 1 or not 0 <= args.dropout < 1:
             raise TrainingError("--window, --epochs and --batch-size must be >= 1 and --dropout in [0, 1)")
         if args.loss_negatives < 1 or args.lr_patience < 1 or not 0 <= (args.input_dropout or 0) < 1:
-            raise TrainingError("--loss-negatives and --lr-patience must be >= 1 and --input-dropout in [0, 1)")
+            raise TrainingError(
+                "--loss-negatives and --lr-patience must be >= 1 and --input-dropout in [0, 1)"
+            )
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
         model_args = {
             "cell": args.model,

@@ -97,7 +97,9 @@ class ItemKNN:
             weights += [np.full(len(a), w), np.full(len(a), w * backward)]
         key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
         pairs, inverse = np.unique(key, return_inverse=True)  # sorted by (i, j): CSR order
-        counts = np.bincount(inverse, weights=np.concatenate(weights) if weights else None, minlength=len(pairs))
+        counts = np.bincount(
+            inverse, weights=np.concatenate(weights) if weights else None, minlength=len(pairs)
+        )
         freq = np.bincount(ids, minlength=vocab_size).astype(np.float64)  # (V,)
         rows, self.neighbours = pairs // vocab_size, pairs % vocab_size
         keep = counts > 0
@@ -112,7 +114,9 @@ class ItemKNN:
         scores = np.broadcast_to(self.backoff, (len(histories), self.vocab_size)).copy()  # (B, V)
         for i, history in enumerate(histories):
             last = history[-self.recent :]
-            for item, weight in zip(last.tolist(), recency_weights(len(last), self.decay).tolist(), strict=True):
+            for item, weight in zip(
+                last.tolist(), recency_weights(len(last), self.decay).tolist(), strict=True
+            ):
                 lo, hi = self.row_start[item], self.row_start[item + 1]
                 scores[i, self.neighbours[lo:hi]] += weight * self.similarity[lo:hi]
         return scores

@@ -68,10 +68,16 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     step: bool = True  # also export step.onnx (incremental state in the service), gated against model.onnx
     device: str = "auto"  # auto (cuda when available), cuda or cpu
-    amp: str = "auto"  # mixed precision on a GPU: auto (bf16, else fp16), bf16, fp16 or off; always off on CPU
+    amp: str = (
+        "auto"  # mixed precision on a GPU: auto (bf16, else fp16), bf16, fp16 or off; always off on CPU
+    )
     loader_workers: int = 0  # DataLoader processes building batches (0: in the training process)
-    loss: Loss = "ce"  # ce: full softmax; sampled: softmax over the target and shared negatives; bce: 1 negative
+    loss: Loss = (
+        "ce"  # ce: full softmax; sampled: softmax over the target and shared negatives; bce: 1 negative
+    )
     loss_negatives: int = 1000  # sampled: negatives shared by every position of a batch
     loss_sampler: Sampler = "uniform"  # sampled: how the negatives are drawn
-    logq: bool = True  # sampled: subtract log(expected count) from every candidate's score (popularity sampler)
+    logq: bool = (
+        True  # sampled: subtract log(expected count) from every candidate's score (popularity sampler)
+    )
     lr_patience: int = 1  # multiply the learning rate by lr_decay after this many epochs without improvement

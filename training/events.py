@@ -219,6 +219,7 @@ def _parse_times(table: Table, time_col: str, kept: np.ndarray) -> np.ndarray:
         if first_absent is not None:
             raise DataError(f"{table.where(first_absent)}: column {time_col!r}: missing time value")
         return times
+
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         return check(column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False))
@@ -277,9 +278,7 @@ def load_events(options: DataOptions) -> EventLog:
     action_codes, tokens = _action_codes(data, options.action_cols)
     kept = (user_codes >= 0) & (action_codes >= 0)
     dropped_missing = n - int(kept.sum())
-    times = (
-        _parse_times(table, time_col, kept) if has_time and time_col else np.arange(n, dtype=np.float64)
-    )
+    times = _parse_times(table, time_col, kept) if has_time and time_col else np.arange(n, dtype=np.float64)
     rows = np.flatnonzero(kept)  # ascending: file order
     if not len(rows):
         raise DataError(
@@ -346,4 +345,3 @@ def load_events(options: DataOptions) -> EventLog:
         dropped_missing=dropped_missing,
         dropped_duplicates=dropped_duplicates,
     )
-

@@ -21,7 +21,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float) -> None:
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.ff = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+        )
         self.norm_out = nn.LayerNorm(dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -125,7 +127,9 @@ class NextActionModel(nn.Module):
         is never scored), and, with a history bias, which actions each of those positions has seen."""
         states = self.states(action_ids)  # (B, T, H)
         keep = targets > UNK_ID  # (B, T): not padding, not unknown
-        history = PrefixHistory(action_ids, keep, self.config.vocab_size) if self.history_bias is not None else None
+        history = (
+            PrefixHistory(action_ids, keep, self.config.vocab_size) if self.history_bias is not None else None
+        )
         return states[keep], targets[keep], history  # (N, H), (N,)
 
     def position_logits(

@@ -76,7 +76,9 @@ def validation_baselines(split: Split, vocab_size: int, window: int = 50) -> dic
     cases = split.cases("validation")
     if not len(cases):
         return {}
-    evaluation = evaluate_cases(split, cases, baseline_scorers(split, vocab_size, window), vocab_size, ("full",))
+    evaluation = evaluate_cases(
+        split, cases, baseline_scorers(split, vocab_size, window), vocab_size, ("full",)
+    )
     return evaluation.metrics["full"]
 
 

@@ -232,7 +232,9 @@ def _read_parquet(path: Path, wanted: list[str], optional: frozenset[str]) -> Ta
 
     try:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".parquet", ".pq"))
+            files = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".parquet", ".pq")
+            )
             if not files:
                 raise DataError(f"{path}: a directory without .parquet files")
             parts = [pq.read_table(p) for p in files]
