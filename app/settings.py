@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         "event-loop lag, served as JSON on GET /debug/timings (no authentication: diagnosis only).",
     )
 
-    # HTTP hardening (issue 13): limits applied before any request reaches the application
+    # HTTP hardening: limits applied before any request reaches the application
     http_max_header_bytes: int = Field(
         16_384,
         ge=1024,
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         1, ge=1, description="Retry-After sent with 503 while Redis is unreachable."
     )
 
-    # live quality, candidate model, status page (issue 15)
+    # live quality, candidate model, status page
     live_quality: bool = Field(
         True,
         description="Score each posted event against the prediction served before it (hr@k, MRR, per "
