@@ -79,8 +79,8 @@ log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
-# The packed window, shared by every script. The scripts answer the window's actions, oldest first, as ONE
-# string of <len: 4 hex><action> records: one bulk reply parses much faster in Python than an array.
+# The packed window, shared by every script. The scripts answer with the packed window itself (one bulk
+# reply): Python reads the actions out of it faster than out of an array or a list of <length><action>.
 _PACKED_LUA = """
 local FORMAT, HEADER = 1, 7
 local WRONG = 'WRONGTYPE the window key holds a value that is not a packed nextact window'
@@ -99,58 +99,40 @@ local function arrivals(key)
 end
 
 -- The record of s starting at p: first and last byte of its id, whether the id is a server-assigned one
--- (16 bytes), first and last byte of its action.
+-- (16 bytes), and its last byte.
 local function span(s, p)
   local t = string.byte(s, p + 8)
   if t >= 128 then
-    if t < 255 then return p + 9, p + 24, true, p + 25, p + 24 + t - 128 end
-    return p + 9, p + 24, true, p + 29, p + 28 + struct.unpack('>I4', s, p + 25)
+    if t < 255 then return p + 9, p + 24, true, p + t - 104 end
+    return p + 9, p + 24, true, p + 28 + struct.unpack('>I4', s, p + 25)
   end
   local b, e = p + 9, p + 8 + t
   if t == 127 then b, e = p + 13, p + 12 + struct.unpack('>I4', s, p + 9) end
   local n = string.byte(s, e + 1)
-  if n < 255 then return b, e, false, e + 2, e + 1 + n end
-  return b, e, false, e + 6, e + 5 + struct.unpack('>I4', s, e + 2)
+  if n < 255 then return b, e, false, e + 1 + n end
+  return b, e, false, e + 5 + struct.unpack('>I4', s, e + 2)
 end
 
--- The records of the packed window v: their starts (P, with P[n + 1] one past the last) and the first and
--- last byte of their actions (A, Z).
+-- The starts of the records of the packed window v (P, with P[n + 1] one past the last) and their number.
 local function walk(v)
-  local P, A, Z, n, p, size = {}, {}, {}, 0, HEADER + 1, #v
+  local P, n, p, size = {}, 0, HEADER + 1, #v
   while p <= size do
     n = n + 1
-    local _, _, _, a, z = span(v, p)
-    P[n], A[n], Z[n] = p, a, z
-    p = z + 1
+    P[n] = p
+    local t = string.byte(v, p + 8)
+    if t >= 128 and t < 255 then  -- the usual record: a server-assigned id, a short action
+      p = p + t - 103
+    else
+      local _, _, _, z = span(v, p)
+      p = z + 1
+    end
   end
   P[n + 1] = p
-  return P, A, Z, n
+  return P, n
 end
 
-local function action(s, a, z)
-  return string.format('%04x', z - a + 1) .. string.sub(s, a, z)
-end
-
--- The actions of members of the old layout's sorted set.
-local function old_actions(members)
-  local out = {}
-  for i, m in ipairs(members) do
-    local a = string.sub(m, 17 + tonumber(string.sub(m, 13, 16), 16))
-    out[i] = string.format('%04x', #a) .. a
-  end
-  return table.concat(out)
-end
-"""
-
-# The append shared by both append scripts. KEYS[1] the packed window, KEYS[2] the state hash, KEYS[3] and
-# KEYS[4] the old layout's sorted set and index; ARGV[1] capacity, ARGV[2] ttl seconds, then one packed
-# record per event from ARGV[first]. Folds the old layout in (if any), skips ids already in the window,
-# inserts the rest in timestamp order, trims the oldest beyond the capacity, stores the window with the
-# arrival counter and refreshes the two TTLs. Returns accepted, duplicates, the arrival counter before and
-# after, whether no accepted event is older than the window's newest before, the index (0-based, among the
-# events) of the earliest accepted event (-1 if none), and the window's actions.
-_APPEND_FN_LUA = """
--- An old layout member (<seq: 12 hex><id length: 4 hex><id><action>, scored by timestamp) as a record.
+-- A member of the old layout's sorted set (<seq: 12 hex><id length: 4 hex><id><action>, scored by the
+-- timestamp) as a record: the same bytes as the service's own encoding of the event.
 local function from_old(m, score)
   local n = tonumber(string.sub(m, 13, 16), 16)
   local id, act, ts = string.sub(m, 17, 16 + n), string.sub(m, 17 + n), tonumber(score)
@@ -164,13 +146,37 @@ local function from_old(m, score)
   return head .. id .. tail .. act
 end
 
+-- The packed window at KEYS[1], or the old layout's sorted set at KEYS[2] packed (read only: its header's
+-- counter is 0), or false when the user has neither.
+local function read()
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    counter(v)
+    return v
+  end
+  local old = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  if #old == 0 then return false end
+  local out = {struct.pack('>BI6', FORMAT, 0)}
+  for i = 1, #old, 2 do out[#out + 1] = from_old(old[i], old[i + 1]) end
+  return table.concat(out)
+end
+"""
+
+# The append shared by both append scripts. KEYS[1] the packed window, KEYS[2] the state hash, KEYS[3] and
+# KEYS[4] the old layout's sorted set and index; ARGV[1] capacity, ARGV[2] ttl seconds, then one packed
+# record per event from ARGV[first]. Folds the old layout in (if any), skips ids already in the window,
+# inserts the rest in timestamp order, trims the oldest beyond the capacity, stores the window with the
+# arrival counter and refreshes the two TTLs. Returns accepted, duplicates, the arrival counter before and
+# after, whether no accepted event is older than the window's newest before, the index (0-based, among the
+# events) of the earliest accepted event (-1 if none), and the packed window after.
+_APPEND_FN_LUA = """
 local function append(first)
   local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
   local v = redis.call('GET', KEYS[1])
-  local existed, seq, P, A, Z, n = v ~= false, 0, {}, {}, {}, 0
+  local existed, seq, P, n = v ~= false, 0, {}, 0
   if existed then
     seq = counter(v)
-    P, A, Z, n = walk(v)
+    P, n = walk(v)
   else
     v = ''
   end
@@ -256,23 +262,13 @@ local function append(first)
       end
       k = k + 1
     end
-    redis.call('SET', KEYS[1], table.concat(parts), 'EX', ttl)
+    v = table.concat(parts)
+    redis.call('SET', KEYS[1], v, 'EX', ttl)
   else
     redis.call('EXPIRE', KEYS[1], ttl)
   end
   redis.call('EXPIRE', KEYS[2], ttl)
-
-  local out = {}
-  for k = drop + 1, #order do
-    local x = order[k]
-    if type(x) == 'number' then
-      out[#out + 1] = action(v, A[x], Z[x])
-    else
-      local _, _, _, a, z = span(x, 1)
-      out[#out + 1] = action(x, a, z)
-    end
-  end
-  return accepted, duplicates, before, seq, in_order, earliest, table.concat(out)
+  return accepted, duplicates, before, seq, in_order, earliest, v
 end
 
 -- Live quality: the predictions stored after the window as it was before this append (KEYS[2] fields pn =
@@ -288,30 +284,30 @@ local function last_prediction(accepted, before, in_order, earliest)
 end
 """
 
-# Events from ARGV[3]. Returns {accepted, duplicates, actions, arrival counter after, last prediction}.
+# Events from ARGV[3]. Returns {accepted, duplicates, packed window, arrival counter after, last prediction}.
 APPEND_LUA = (
     _PACKED_LUA
     + _APPEND_FN_LUA
     + """
-local accepted, duplicates, before, seq, in_order, earliest, actions = append(3)
-return {accepted, duplicates, actions, seq, last_prediction(accepted, before, in_order, earliest)}
+local accepted, duplicates, before, seq, in_order, earliest, window = append(3)
+return {accepted, duplicates, window, seq, last_prediction(accepted, before, in_order, earliest)}
 """
 )
 
-# The same plus ARGV[3] model version; events from ARGV[4]. Returns {accepted, duplicates, actions, arrival
-# counter after the append, last prediction, state bytes or "" when the state is not usable}.
+# The same plus ARGV[3] model version; events from ARGV[4]. Returns {accepted, duplicates, packed window,
+# arrival counter after the append, last prediction, state bytes or "" when the state is not usable}.
 APPEND_STATE_LUA = (
     _PACKED_LUA
     + _APPEND_FN_LUA
     + """
-local accepted, duplicates, before, seq, in_order, earliest, actions = append(4)
+local accepted, duplicates, before, seq, in_order, earliest, window = append(4)
 local state = ''
 local st = redis.call('HMGET', KEYS[2], 'v', 'n', 'x')
 if in_order and accepted > 0 and accepted < tonumber(ARGV[1]) and st[1] == ARGV[3]
     and tonumber(st[2]) == before then
   state = st[3]
 end
-return {accepted, duplicates, actions, seq, last_prediction(accepted, before, in_order, earliest), state}
+return {accepted, duplicates, window, seq, last_prediction(accepted, before, in_order, earliest), state}
 """
 )
 
@@ -340,27 +336,11 @@ return 1
 )
 
 # KEYS[1] packed window, KEYS[2] the old layout's sorted set (read when there is no packed window yet).
-# ARGV[1] how many of the newest. Returns the actions string.
+# Returns the packed window, or "" when there is none. Read only: no TTL is refreshed, nothing converted.
 READ_LUA = (
     _PACKED_LUA
     + """
-local v, k = redis.call('GET', KEYS[1]), tonumber(ARGV[1])
-if not v then return old_actions(redis.call('ZRANGE', KEYS[2], -k, -1)) end
-counter(v)
-local P, A, Z, n = walk(v)
-local out = {}
-for i = math.max(n - k + 1, 1), n do out[#out + 1] = action(v, A[i], Z[i]) end
-return table.concat(out)
-"""
-)
-
-# KEYS as READ_LUA. Returns {1, the packed window} or {0, the old sorted set's members and scores}.
-EVENTS_LUA = (
-    _PACKED_LUA
-    + """
-local v = redis.call('GET', KEYS[1])
-if v then counter(v) return {1, v} end
-return {0, redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+return read() or ''
 """
 )
 
@@ -371,14 +351,12 @@ def _sha(source: str) -> str:
 
 APPEND_SHA = _sha(APPEND_LUA)
 READ_SHA = _sha(READ_LUA)
-EVENTS_SHA = _sha(EVENTS_LUA)
 APPEND_STATE_SHA = _sha(APPEND_STATE_LUA)
 SAVE_STATE_SHA = _sha(SAVE_STATE_LUA)
 SAVE_PREDICTION_SHA = _sha(SAVE_PREDICTION_LUA)
 SCRIPTS = {
     APPEND_SHA: APPEND_LUA,
     READ_SHA: READ_LUA,
-    EVENTS_SHA: EVENTS_LUA,
     APPEND_STATE_SHA: APPEND_STATE_LUA,
     SAVE_STATE_SHA: SAVE_STATE_LUA,
     SAVE_PREDICTION_SHA: SAVE_PREDICTION_LUA,
@@ -388,7 +366,6 @@ HEADER = 7  # bytes before the first record: format, arrival counter
 FORMAT = 1
 _TS = struct.Struct(">d")
 _HEX_ID = re.compile(r"[0-9a-f]{32}")  # what the service assigns (uuid4().hex): stored as its 16 bytes
-_SEQ, _LEN = 12, 4  # the old layout's member: hex digits of its arrival counter and of its event-id length
 
 
 def user_tag(prefix: str, user_id: str) -> str:
@@ -514,13 +491,6 @@ def _unpack(value: bytes) -> list[StoredEvent]:
     return out
 
 
-def _split(member: bytes) -> tuple[str, str]:
-    """(event_id, action) of a member of the old layout's sorted set."""
-    n = int(member[_SEQ : _SEQ + _LEN], 16)
-    start = _SEQ + _LEN
-    return member[start : start + n].decode(), member[start + n :].decode()
-
-
 def _append_result(reply: Any) -> AppendResult:
     outcome, event, records = reply[4]
     last = (
@@ -529,14 +499,28 @@ def _append_result(reply: Any) -> AppendResult:
     return AppendResult(int(reply[0]), int(reply[1]), _actions(reply[2]), int(reply[3]), last)
 
 
-def _actions(blob: bytes) -> list[str]:
-    """The scripts' <len: 4 hex><action>... string as a list."""
-    out, i, end = [], 0, len(blob)
-    while i < end:
-        n = int(blob[i : i + _LEN], 16)
-        i += _LEN
-        out.append(blob[i : i + n].decode())
-        i += n
+def _actions(value: bytes) -> list[str]:
+    """The actions of a packed window, oldest first (_unpack without ids and timestamps: the hot path)."""
+    out, p, end = [], HEADER, len(value)
+    while p < end:
+        t = value[p + 8]
+        if t >= 128:
+            a = p + 25
+            p = a + t - 128
+            if t == 255:
+                a += 4
+                p = a + int.from_bytes(value[a - 4 : a], "big")
+        else:
+            a = p + 9 + t  # the action's length byte, after the id
+            if t == 127:
+                a = p + 13 + int.from_bytes(value[p + 9 : p + 13], "big")
+            n = value[a]
+            a += 1
+            if n == 255:
+                a += 4
+                n = int.from_bytes(value[a - 4 : a], "big")
+            p = a + n
+        out.append(value[a:p].decode())
     return out
 
 
@@ -599,24 +583,29 @@ class WindowStore:
             return self._direct.execute("EVALSHA", sha, len(keys), *keys, *args)
         return self.client.evalsha(sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
 
-    def _append_keys(self, user_id: str) -> tuple[str, ...]:
-        """The append scripts' KEYS: packed window, state hash, the old layout's two keys."""
-        return (self.keys(user_id)[0], self.state_key(user_id), *self.old_keys(user_id))
+    def append_call(
+        self, user_id: str, events: Sequence[NewEvent], capacity: int, model_version: str | None = None
+    ) -> tuple[str, tuple[str, ...], list[Any]]:
+        """(script sha, KEYS, ARGV) of one append: APPEND_LUA, or APPEND_STATE_LUA with a model version.
+
+        KEYS: packed window, state hash, the old layout's two keys (all in the user's slot)."""
+        keys = (self.keys(user_id)[0], self.state_key(user_id), *self.old_keys(user_id))
+        if model_version is None:
+            return APPEND_SHA, keys, [capacity, self.ttl_seconds, *map(_record, events)]
+        return APPEND_STATE_SHA, keys, [capacity, self.ttl_seconds, model_version, *map(_record, events)]
 
     async def append(self, user_id: str, events: Sequence[NewEvent], capacity: int) -> AppendResult:
         """Store new events (skipping known ids), trim to capacity, refresh the TTL; one round trip."""
-        args: list[Any] = [capacity, self.ttl_seconds, *map(_record, events)]
-        keys = self._append_keys(user_id)
-        reply = await self._guard("append", lambda: self._evalsha(APPEND_SHA, keys, args), user_id)
+        sha, keys, args = self.append_call(user_id, events, capacity)
+        reply = await self._guard("append", lambda: self._evalsha(sha, keys, args), user_id)
         return _append_result(reply)
 
     async def append_with_state(
         self, user_id: str, events: Sequence[NewEvent], capacity: int, model_version: str
     ) -> StatefulAppend:
         """append(), plus the stored state when it covers the window before these events; one round trip."""
-        args: list[Any] = [capacity, self.ttl_seconds, model_version, *map(_record, events)]
-        keys = self._append_keys(user_id)
-        reply = await self._guard("append", lambda: self._evalsha(APPEND_STATE_SHA, keys, args), user_id)
+        sha, keys, args = self.append_call(user_id, events, capacity, model_version)
+        reply = await self._guard("append", lambda: self._evalsha(sha, keys, args), user_id)
         return StatefulAppend(_append_result(reply), int(reply[3]), bytes(reply[5]) or None)
 
     async def save_prediction(self, user_id: str, seq: int, records: bytes) -> bool:
@@ -666,18 +655,15 @@ class WindowStore:
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""
         keys = (self.keys(user_id)[0], self.old_keys(user_id)[0])
-        blob = await self._guard("read", lambda: self._evalsha(READ_SHA, keys, [capacity]), user_id)
-        return _actions(blob)
+        value = await self._guard("read", lambda: self._evalsha(READ_SHA, keys, []), user_id)
+        found = _actions(value)
+        return found[max(len(found) - capacity, 0) :]
 
     async def events(self, user_id: str) -> list[StoredEvent]:
         """The stored window with ids and timestamps, oldest first."""
         keys = (self.keys(user_id)[0], self.old_keys(user_id)[0])
-        packed, value = await self._guard("read", lambda: self._evalsha(EVENTS_SHA, keys, []), user_id)
-        if int(packed):
-            return _unpack(value)
-        return [
-            StoredEvent(*_split(m), float(score)) for m, score in zip(value[::2], value[1::2], strict=True)
-        ]
+        value = await self._guard("read", lambda: self._evalsha(READ_SHA, keys, []), user_id)
+        return _unpack(value)
 
     async def delete(self, user_id: str) -> None:
         """Erase everything stored for the user (window and state, in either layout: one command, one slot)."""

@@ -118,6 +118,7 @@ async def test_the_next_append_converts_the_window_with_order_ids_and_counter(
             )
             assert got.last.outcome == expected.last.outcome
         assert await window(store, sub) == await window(store, ref) == old_window(sync, old)
+        assert got.actions == [a for _, a, _ in old_window(sync, old)]
         assert sync.exists(*store.old_keys(sub)) == 0  # converted: the old keys are gone
         # the same bytes as a window the new script wrote, counter included
         assert sync.get(store.keys(sub)[0]) == sync.get(store.keys(ref)[0])
