@@ -129,7 +129,9 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="Rounds per layout, alternating.")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--redis-url", help="Measure this (empty; it is flushed) Redis instead of the embedded one.")
+    parser.add_argument(
+        "--redis-url", help="Measure this (empty; it is flushed) Redis instead of the embedded one."
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "window_append_speed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nextact-append-speed-") as tmp:
@@ -142,7 +144,8 @@ def main() -> int:
             if server is not None:
                 server.stop()
     report = {
-        "command": "python bench/window_append_speed.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "command": "python bench/window_append_speed.py"
+        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
         "machine": machine(),
         "redis": f"embedded ({Path(redis_server_binary()).name})" if server else "external (--redis-url)",
         "config": {"users": args.users, "window": args.window, "rounds": args.rounds, "seed": args.seed},
