@@ -8,8 +8,10 @@ and no two ids share a key (the two forms differ right after the prefix). See us
     {prefix}:<tag>:e         STRING the window, packed: a 7-byte header, then one record per event, oldest first.
                                    header = <format: 1 byte, 1><arrival counter: 6 bytes, big-endian>
                                    record = <timestamp: 8-byte big-endian double><t: 1 byte><id><action>
-                                   t >= 128: a server-assigned id (32 lowercase hex digits) as its 16 bytes,
-                                             then the action: t - 128 bytes (t = 255: <length: 4 bytes> first)
+                                   t >= 128: an id of 16 bytes: t < 192 a server-assigned id (32 lowercase
+                                             hex digits), t >= 192 a UUID (36 characters, lowercase); then
+                                             the action: t - 128 (t - 192) bytes, but 63 means
+                                             <length: 4 bytes> first (t = 191 or 255)
                                    t < 128:  the id as sent: t bytes (t = 127: <length: 4 bytes> first), then
                                              the action: <n: 1 byte> and n bytes (n = 255: <length: 4 bytes>)
                                    Ids and actions are UTF-8, lengths big-endian. Records are in timestamp
@@ -98,19 +100,21 @@ local function arrivals(key)
   return counter(h)
 end
 
--- The record of s starting at p: first and last byte of its id, whether the id is a server-assigned one
--- (16 bytes), and its last byte.
+-- The record of s starting at p: first and last byte of its id, the id's kind (0 as sent, 1 32 hex digits,
+-- 2 a UUID: both 16 bytes), and the record's last byte.
 local function span(s, p)
   local t = string.byte(s, p + 8)
   if t >= 128 then
-    if t < 255 then return p + 9, p + 24, true, p + t - 104 end
-    return p + 9, p + 24, true, p + 28 + struct.unpack('>I4', s, p + 25)
+    local kind, n = 1, t - 128
+    if t >= 192 then kind, n = 2, t - 192 end
+    if n < 63 then return p + 9, p + 24, kind, p + 24 + n end
+    return p + 9, p + 24, kind, p + 28 + struct.unpack('>I4', s, p + 25)
   end
   local b, e = p + 9, p + 8 + t
   if t == 127 then b, e = p + 13, p + 12 + struct.unpack('>I4', s, p + 9) end
   local n = string.byte(s, e + 1)
-  if n < 255 then return b, e, false, e + 1 + n end
-  return b, e, false, e + 5 + struct.unpack('>I4', s, e + 2)
+  if n < 255 then return b, e, 0, e + 1 + n end
+  return b, e, 0, e + 5 + struct.unpack('>I4', s, e + 2)
 end
 
 -- The starts of the records of the packed window v (P, with P[n + 1] one past the last) and their number.
@@ -120,7 +124,9 @@ local function walk(v)
     n = n + 1
     P[n] = p
     local t = string.byte(v, p + 8)
-    if t >= 128 and t < 255 then  -- the usual record: a server-assigned id, a short action
+    if t >= 192 and t < 255 then  -- the usual records: an id of 16 bytes, a short action
+      p = p + t - 167
+    elseif t >= 128 and t < 191 then
       p = p + t - 103
     else
       local _, _, _, z = span(v, p)
@@ -133,13 +139,22 @@ end
 
 -- A member of the old layout's sorted set (<seq: 12 hex><id length: 4 hex><id><action>, scored by the
 -- timestamp) as a record: the same bytes as the service's own encoding of the event.
+local H = '[0-9a-f]'
+local UUID = '^' .. H:rep(8) .. '%-' .. H:rep(4) .. '%-' .. H:rep(4) .. '%-' .. H:rep(4) .. '%-' .. H:rep(12) .. '$'
 local function from_old(m, score)
   local n = tonumber(string.sub(m, 13, 16), 16)
   local id, act, ts = string.sub(m, 17, 16 + n), string.sub(m, 17 + n), tonumber(score)
+  local base
   if #id == 32 and not string.find(id, '[^0-9a-f]') then
-    local raw = string.gsub(id, '%x%x', function(h) return string.char(tonumber(h, 16)) end)
-    if #act < 127 then return struct.pack('>dB', ts, 128 + #act) .. raw .. act end
-    return struct.pack('>dB', ts, 255) .. raw .. struct.pack('>I4', #act) .. act
+    base = 128
+  elseif #id == 36 and string.find(id, UUID) then
+    base = 192
+  end
+  if base then
+    local hex = string.gsub(id, '%-', '')
+    local raw = string.gsub(hex, '%x%x', function(h) return string.char(tonumber(h, 16)) end)
+    if #act < 63 then return struct.pack('>dB', ts, base + #act) .. raw .. act end
+    return struct.pack('>dB', ts, base + 63) .. raw .. struct.pack('>I4', #act) .. act
   end
   local head = #id < 127 and struct.pack('>dB', ts, #id) or struct.pack('>dBI4', ts, 127, #id)
   local tail = #act < 255 and string.char(#act) or struct.pack('>BI4', 255, #act)
@@ -189,22 +204,22 @@ local function append(first)
   end
 
   -- Dedupe: ids added now, and those of v's records (collected only when an id occurs in v at all).
-  local added, stored = {[true] = {}, [false] = {}}, nil
+  local added, stored = {[0] = {}, {}, {}}, nil  -- by kind of id
   local function is_new(rec)
-    local b, e, hex = span(rec, 1)
+    local b, e, kind = span(rec, 1)
     local id = string.sub(rec, b, e)
-    if added[hex][id] then return false end
+    if added[kind][id] then return false end
     if n > 0 and string.find(v, id, HEADER + 1, true) then
       if not stored then
-        stored = {[true] = {}, [false] = {}}
+        stored = {[0] = {}, {}, {}}
         for i = 1, n do
-          local sb, se, shex = span(v, P[i])
-          stored[shex][string.sub(v, sb, se)] = true
+          local sb, se, skind = span(v, P[i])
+          stored[skind][string.sub(v, sb, se)] = true
         end
       end
-      if stored[hex][id] then return false end
+      if stored[kind][id] then return false end
     end
-    added[hex][id] = true
+    added[kind][id] = true
     return true
   end
   -- After every record with a timestamp <= its own: equal timestamps keep arrival order.
@@ -365,7 +380,9 @@ SCRIPTS = {
 HEADER = 7  # bytes before the first record: format, arrival counter
 FORMAT = 1
 _TS = struct.Struct(">d")
-_HEX_ID = re.compile(r"[0-9a-f]{32}")  # what the service assigns (uuid4().hex): stored as its 16 bytes
+# Ids stored as their 16 bytes: what the service assigns (uuid4().hex), and a UUID in its usual form.
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_UUID_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def user_tag(prefix: str, user_id: str) -> str:
@@ -459,11 +476,16 @@ def _length(n: int, limit: int, escape: int) -> bytes:
 
 def _record(e: NewEvent) -> bytes:
     """The event as the packed window stores it (the record format in the module docstring)."""
-    ts, action = _TS.pack(e.timestamp), e.action.encode()
-    if len(e.event_id) == 32 and _HEX_ID.fullmatch(e.event_id):
-        if len(action) < 127:
-            return ts + bytes((128 + len(action),)) + bytes.fromhex(e.event_id) + action
-        return ts + b"\xff" + bytes.fromhex(e.event_id) + len(action).to_bytes(4, "big") + action
+    ts, action, eid = _TS.pack(e.timestamp), e.action.encode(), e.event_id
+    base = 0
+    if len(eid) == 32 and _HEX_ID.fullmatch(eid):
+        base, raw = 128, bytes.fromhex(eid)
+    elif len(eid) == 36 and _UUID_ID.fullmatch(eid):
+        base, raw = 192, bytes.fromhex(eid.replace("-", ""))
+    if base:
+        if len(action) < 63:
+            return ts + bytes((base + len(action),)) + raw + action
+        return ts + bytes((base + 63,)) + raw + len(action).to_bytes(4, "big") + action
     event_id = e.event_id.encode()
     return ts + _length(len(event_id), 127, 127) + event_id + _length(len(action), 255, 255) + action
 
@@ -475,8 +497,11 @@ def _unpack(value: bytes) -> list[StoredEvent]:
         (ts,) = _TS.unpack_from(value, p)
         t = value[p + 8]
         if t >= 128:
-            event_id, a, n = value[p + 9 : p + 25].hex(), p + 25, t - 128
-            long = t == 255
+            h, a, n = value[p + 9 : p + 25].hex(), p + 25, t - 128
+            event_id = h
+            if t >= 192:
+                event_id, n = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", t - 192
+            long = n == 63
         else:
             b, n = p + 9, t
             if t == 127:
@@ -506,8 +531,8 @@ def _actions(value: bytes) -> list[str]:
         t = value[p + 8]
         if t >= 128:
             a = p + 25
-            p = a + t - 128
-            if t == 255:
+            p = a + (t - 128 if t < 192 else t - 192)
+            if t == 191 or t == 255:
                 a += 4
                 p = a + int.from_bytes(value[a - 4 : a], "big")
         else:

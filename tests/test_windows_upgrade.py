@@ -52,12 +52,15 @@ def random_events(rng: random.Random, n: int, start: float) -> list[NewEvent]:
                 uuid.uuid4().hex,  # server-assigned: stored as 16 bytes
                 uuid.uuid4().hex.upper(),  # 32 hex digits, not lowercase: stored as sent
                 uuid.uuid4().hex[:31],
-                str(uuid.uuid4()),
+                str(uuid.uuid4()),  # a UUID: 16 bytes too
+                str(uuid.uuid4()).upper(),  # stored as sent
                 f"e-{rng.randrange(40)}",  # often repeated: duplicates
                 "ï" * rng.choice([63, 64, 200]),  # 126, 128, 400 bytes
             ]
         )
-        action = rng.choice(["pv", "", "ü" * 63, "a" * 127, "b" * 254, "c" * 255, "d" * 300, str(i)])
+        action = rng.choice(
+            ["pv", "", "e" * 62, "f" * 63, "ü" * 63, "a" * 127, "b" * 254, "c" * 255, "d" * 300, str(i)]
+        )
         ts = start + rng.choice([0, 0, 1.5, -3, 10]) + i  # ties and late events
         out.append(NewEvent(event_id, action, ts))
     return out
@@ -99,7 +102,7 @@ async def test_the_next_append_converts_the_window_with_order_ids_and_counter(
     the same history written by the new script alone ends: the same events, actions, counts and counter;
     and that is where the old script alone ends too."""
     rng = random.Random(7)
-    for trial in range(12):
+    for trial in range(16):
         batches = [random_events(rng, rng.randint(1, 6), 50.0 * b) for b in range(rng.randint(2, 7))]
         switch = rng.randint(1, len(batches) - 1)
         sub, ref, old = f"sub{trial}", f"ref{trial}", f"old{trial}"
