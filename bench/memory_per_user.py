@@ -286,7 +286,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# Redis memory per user window" + (" (old layout)" if old else ""),
         "",
         (
-            f"`{report['command']}` on {m['date']}: redis-server {report['redis_version']}, {report['redis']}, "
+            f"`{report['command']}` on {m['date']}: {report['server']}, {report['redis']}, "
             f"allocator {report['redis_allocator']}; {cfg['users']:,} users per scenario, window {cfg['window']}, "
             f"{cfg['events']} events per user sent in batches of {cfg['batch']} (every window full and trimmed)."
         ),
@@ -384,6 +384,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python bench/memory_per_user.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
         "machine": machine(),
         "redis_version": info["redis_version"],
+        "server": (
+            f"valkey-server {info['valkey_version']}"
+            if "valkey_version" in info
+            else f"redis-server {info['redis_version']}"
+        ),
         "redis_allocator": allocator,
         "redis": f"embedded ({Path(redis_server_binary()).name})" if server else "external (--redis-url)",
         "redis_encoding_limits": limits,

@@ -81,6 +81,11 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     client.close()
     return {
         "redis_version": info["redis_version"],
+        "server": (
+            f"valkey-server {info['valkey_version']}"
+            if "valkey_version" in info
+            else f"redis-server {info['redis_version']}"
+        ),
         "seconds": round(seconds, 1),
         "usec_per_call": {
             layout: {
@@ -102,7 +107,7 @@ def markdown(report: dict[str, Any]) -> str:
             "# Redis time per append: packed window vs sorted set + hash",
             "",
             (
-                f"`{report['command']}` on {report['machine']['date']}: redis-server {report['redis_version']}, "
+                f"`{report['command']}` on {report['machine']['date']}: {report['server']}, "
                 f"{report['redis']}; {cfg['users']:,} users per layout with full windows of {cfg['window']} "
                 f"(Beauty item ids, server-assigned event ids), {cfg['rounds']} rounds of one 1-event append "
                 "per user, old and new alternating."
