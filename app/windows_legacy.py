@@ -150,3 +150,14 @@ def append_command(
     for e in events:
         args += (e.event_id, e.action, repr(e.timestamp))
     return ["EVALSHA", APPEND_SHA, 3, *keys(prefix, user_id), *args]
+
+
+def actions(blob: bytes) -> list[str]:
+    """The old scripts' reply, <len: 4 hex><action>..., as a list (how earlier versions parsed it)."""
+    out, i, end = [], 0, len(blob)
+    while i < end:
+        n = int(blob[i : i + 4], 16)
+        i += 4
+        out.append(blob[i : i + n].decode())
+        i += n
+    return out

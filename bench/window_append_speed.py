@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import redis
 
 from app import windows_legacy as legacy
 from app.redis_server import EmbeddedRedis, redis_server_binary
-from app.windows import APPEND_LUA, NewEvent, WindowStore
+from app.windows import APPEND_LUA, NewEvent, WindowStore, _actions
 from bench.harness import RESULTS, SAMPLE_DATA, machine, read_sequences, user_id, write_json
 
 TTL_SECONDS = 30 * 24 * 3600
@@ -77,6 +78,14 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             send(layout, 1)
             rounds[layout].append(usec_per_call(client))
     seconds = time.perf_counter() - started
+    parse_us = {}
+    for layout, parse in (("old", legacy.actions), ("new", _actions)):  # the service's parse of the reply
+        reply = client.execute_command(
+            *commands(layout, layout, user_id(0), [NewEvent("x", "1", 0)], args.window)
+        )
+        assert len(parse(reply[2])) == args.window
+        best = min(timeit.repeat(lambda p=parse, b=reply[2]: p(b), number=2000, repeat=5)) / 2000  # type: ignore[misc]
+        parse_us[layout] = round(best * 1e6, 2)
     info = client.info("server")
     client.close()
     return {
@@ -87,6 +96,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             else f"redis-server {info['redis_version']}"
         ),
         "seconds": round(seconds, 1),
+        "python_parse_us": parse_us,
         "usec_per_call": {
             layout: {
                 "median": round(statistics.median(v), 2),
@@ -121,6 +131,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| new: packed string | {new:.2f} µs | {r['new']['min']:.2f} | {r['new']['max']:.2f} |",
             "",
             f"New / old: {new / old:.2f}.",
+            "",
+            (
+                "The service's parse of the reply into the window's actions (Python, best of 5 x 2,000): "
+                f"old format {report['python_parse_us']['old']:.2f} µs, packed window "
+                f"{report['python_parse_us']['new']:.2f} µs."
+            ),
             "",
         ]
     )
