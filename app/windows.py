@@ -31,11 +31,11 @@ The layout before (read and converted, never written; app/windows_legacy.py keep
     {prefix}:<tag>:i         HASH  event_id -> "" for every event in the window; field "" = the arrival counter
 
 One value per user instead of a sorted set and a hash: a full window of 50 Beauty events with server-assigned
-ids takes about 1.5 KB instead of 6.3 KB (bench/memory_per_user.py, docs/capacity.md).
+ids takes 1,608 bytes instead of 6,288 on Redis 7 (MEMORY USAGE; bench/memory_per_user.py, docs/capacity.md).
 
 The window is written by one Lua script (APPEND_LUA) that, atomically: skips event ids already in the window,
 inserts the rest in timestamp order, trims the oldest beyond the window's capacity, refreshes the TTLs and
-returns the counts and the window. Dedupe is a scan of the window's records (a plain substring search first:
+returns the counts and the packed window (the service reads the actions out of it: _actions). Dedupe is a scan of the window's records (a plain substring search first:
 an id found nowhere in the value is new). Windows hold action strings, not model ids, so a model with another
 vocabulary can be served on the same data. The service packs each event's record (_record); the scripts only
 read ids and timestamps from them.
@@ -43,8 +43,8 @@ read ids and timestamps from them.
 Upgrade: when the append finds the old sorted set, it folds its events into the packed window in the same
 script (and deletes the old keys), so each window is converted by its user's next write. A window converted
 from nothing keeps the old arrival counter, so stored state and predictions stay valid; events an older
-replica wrote after the conversion (a rolling upgrade) are merged in as new arrivals. Reads (READ_LUA,
-EVENTS_LUA) fall back to the old sorted set until then; DELETE erases both layouts.
+replica wrote after the conversion (a rolling upgrade) are merged in as new arrivals. Reads (READ_LUA) fall
+back to the old sorted set until then, packing it on the fly; DELETE erases both layouts.
 
 Live quality rides on the same script: it also returns the predictions stored for the window as it was
 before this append, when the append's earliest new event is the next one after that window (not late, not
