@@ -159,8 +159,8 @@ def tune_search(
     deadline = started + options.budget
     bar = tqdm(total=options.trials, desc="tune", unit="trial", disable=config.quiet)
     for number in range(options.trials):
-        if time.monotonic() >= deadline:
-            result.stopped = "budget"
+        if number and time.monotonic() >= deadline:  # the first trial always runs (at least one epoch)
+            result.stopped = BUDGET
             break
         trial = study.ask()
         params = suggest(trial, options.space)
@@ -202,14 +202,12 @@ def tune_search(
             ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
         )
         if state == BUDGET:
-            result.stopped = "budget"
+            result.stopped = BUDGET
             break
     bar.close()
     result.seconds = time.monotonic() - started
     if result.best is None:
-        raise TrainingError(
-            f"--tune: no trial finished within {options.budget:g} s; raise --tune-budget or lower --epochs"
-        )
+        raise TrainingError("--tune: no trial was scored (no validation metric); check the validation split")
     return result
 
 
