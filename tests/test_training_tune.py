@@ -112,3 +112,16 @@ def test_nextact_train_accepts_the_ensemble_and_tuning_options() -> None:
     )  # fmt: skip
     assert (args.ensemble, args.tune, args.tune_budget, args.tune_trials) == (3, True, 120.0, 7)
     assert (args.tune_metric, args.protocol, args.tune_space) == ("hr@10", "sampled", "{}")
+
+
+def test_tune_options_are_checked_before_any_data_is_read(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "training", "train", "--data", str(tmp_path / "missing.csv"), "--out", "x"]
+    for extra, message in (
+        (["--tune-space", "{}"], "--tune-space applies to --tune"),
+        (["--tune", "--tune-budget", "0"], "--tune-budget > 0"),
+        (["--ensemble", "0"], "--ensemble and --tune-trials must be >= 1"),
+    ):
+        done = subprocess.run(
+            [*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)

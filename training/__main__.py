@@ -377,6 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             val_protocol=args.protocol,
             ensemble=args.ensemble,
         )
+        if args.tune_space is not None and not args.tune:
+            raise TrainingError("--tune-space applies to --tune, which is not given")
         tune = None
         if args.tune:
             from training.tune import parse_space

@@ -144,6 +144,7 @@ def _train(
         tuning = tune_search(split, len(vocabulary), model_args, config, tune)
         assert tuning.best is not None  # tune_search raises when no trial was scored
         model_args, config = apply(tuning.best.params, model_args, config)
+        config = dataclasses.replace(config, stop_metric=tune.metric)  # early stopping as in the trials
         log.info("tuning: best trial %d, %s", tuning.best.number, tuning.best.params)
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
