@@ -69,6 +69,7 @@ def test_tune_records_three_trials_and_exports_the_best(tmp_path: Path) -> None:
     assert manifest.step is not None and (out / STEP_FILE).is_file()
     report = (out / "report.md").read_text()
     assert "## Tuning" in report and "![validation ndcg@10 by trial](tuning.png)" in report
+    assert "validation targets (sampled protocol" in report  # the baselines' lines match the model's curve
     assert sum(
         line.startswith("| ") and line.endswith("|")
         for line in report.split("## Tuning")[1].split("## Test")[0].splitlines()

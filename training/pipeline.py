@@ -23,7 +23,7 @@ from app.manifest import (
 from training import distributed
 from training.arrays import Sequences
 from training.baselines import ItemKNN, Markov, Popularity
-from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig, TuneOptions
+from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig, TuneOptions, ValProtocol
 from training.errors import TrainingError
 from training.events import EventLog, load_events
 from training.protocols import EXCLUDE_HISTORY, Protocol, Scorer, evaluate_cases
@@ -73,16 +73,20 @@ def baseline_scorers(split: Split, vocab_size: int, window: int = 50) -> dict[st
     }
 
 
-def validation_baselines(split: Split, vocab_size: int, window: int = 50) -> dict[str, dict[str, float]]:
-    """The baselines on the validation targets (full protocol), fitted on the training events: the reference
-    lines of the model's validation curve. Empty when there are no validation cases."""
+def validation_baselines(
+    split: Split, vocab_size: int, window: int = 50, protocol: ValProtocol = "full"
+) -> dict[str, dict[str, float]]:
+    """The baselines on the validation targets, fitted on the training events, under the validation protocol
+    (sampled: the same negatives as the model's validation): the reference lines of the model's validation
+    curve. Empty when there are no validation cases."""
+    from training.train import VAL_NEGATIVES
+
     cases = split.cases("validation")
     if not len(cases):
         return {}
-    evaluation = evaluate_cases(
-        split, cases, baseline_scorers(split, vocab_size, window), vocab_size, ("full",)
-    )
-    return evaluation.metrics["full"]
+    scorers = baseline_scorers(split, vocab_size, window)
+    evaluation = evaluate_cases(split, cases, scorers, vocab_size, (protocol,), VAL_NEGATIVES, EVAL_SEED)
+    return evaluation.metrics[protocol]
 
 
 def library_versions() -> dict[str, str]:
@@ -153,7 +157,9 @@ def _train(
     model, seconds, refit_epochs, result = fitted.model, fitted.seconds, fitted.refit_epochs, fitted.first
     if not distributed.current().main:
         return None  # under torchrun every process trains; rank 0 evaluates and writes the artifact
-    baseline_validation = validation_baselines(split, len(vocabulary), model_config.window)
+    baseline_validation = validation_baselines(
+        split, len(vocabulary), model_config.window, config.val_protocol
+    )
 
     test = final_split.cases("test")
     scorers = {

@@ -217,7 +217,8 @@ def write_report(
         "",
         *(
             [
-                "Baselines on the same validation targets (fitted on the training events): "
+                f"Baselines on the same validation targets ({epochs[0].protocol if epochs else 'full'} "
+                "protocol, fitted on the training events): "
                 + "; ".join(
                     f"{name} HR@10 {m['hr@10']:.4f}, NDCG@10 {m['ndcg@10']:.4f}"
                     for name, m in base_val.items()
