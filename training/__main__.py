@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from app.manifest import ManifestError, read_manifest
-from training.config import DataOptions, ModelConfig, TrainConfig
+from training.config import DataOptions, ModelConfig, TrainConfig, TuneOptions
 from training.errors import TrainingError
 
-_M, _T = ModelConfig(vocab_size=3), TrainConfig()
+_M, _T, _TUNE = ModelConfig(vocab_size=3), TrainConfig(), TuneOptions()
 
 
 def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None) -> None:
@@ -100,6 +100,59 @@ def _add_quality_options(m: argparse._ArgumentGroup, o: argparse._ArgumentGroup)
         type=int,
         default=_T.lr_patience,
         help=f"epochs without improvement before each --lr-decay (default: {_T.lr_patience})",
+    )
+
+
+def _add_search_options(t: argparse.ArgumentParser) -> None:
+    """--protocol, --ensemble and --tune (docs/model-quality.md, Ensembles and Tuning)."""
+    g = t.add_argument_group("validation, ensembles and tuning")
+    g.add_argument(
+        "--protocol",
+        choices=["full", "sampled"],
+        default=_T.val_protocol,
+        help="validation ranking for early stopping and --tune: full, or sampled (the target against 100 "
+        f"actions the user never touched, fixed seed) (default: {_T.val_protocol})",
+    )
+    g.add_argument(
+        "--ensemble",
+        type=int,
+        default=_T.ensemble,
+        metavar="K",
+        help="train K models with seeds seed .. seed+K-1 and export the mean of their probabilities as one "
+        f"model (default: {_T.ensemble})",
+    )
+    g.add_argument(
+        "--tune",
+        action="store_true",
+        help="search loss, dimension, dropouts, lr, batch size and tying with Optuna on the validation split, "
+        "then train the best configuration as usual",
+    )
+    g.add_argument(
+        "--tune-budget",
+        type=float,
+        default=_TUNE.budget,
+        metavar="SECONDS",
+        help=f"--tune: wall-clock seconds for the search, the final training excluded (default: {_TUNE.budget:g})",
+    )
+    g.add_argument(
+        "--tune-trials",
+        type=int,
+        default=_TUNE.trials,
+        metavar="N",
+        help=f"--tune: at most this many trials (default: {_TUNE.trials})",
+    )
+    g.add_argument(
+        "--tune-metric",
+        choices=["ndcg@10", "hr@10"],
+        default=_TUNE.metric,
+        help=f"--tune: validation metric the trials are scored by (default: {_TUNE.metric})",
+    )
+    g.add_argument(
+        "--tune-space",
+        default=None,
+        metavar="JSON",
+        help='--tune: narrow the search, e.g. \'{"dims": [32, 128], "losses": ["sampled"]}\' (keys: losses, '
+        "dims, input_dropout, dropout, lr, batch_sizes, tied; default: the whole space)",
     )
 
 
@@ -230,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_quality_options(m, o)
+    _add_search_options(t)
 
     e = sub.add_parser("evaluate", help="score an artifact and the baselines on the same split")
     e.add_argument(
@@ -280,6 +334,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             raise TrainingError(
                 "--loss-negatives and --lr-patience must be >= 1 and --input-dropout in [0, 1)"
             )
+        if args.ensemble < 1 or args.tune_trials < 1 or args.tune_budget <= 0:
+            raise TrainingError("--ensemble and --tune-trials must be >= 1 and --tune-budget > 0")
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
         model_args = {
             "cell": args.model,
@@ -318,8 +374,22 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             loss_sampler=args.loss_sampler,
             logq=args.logq,
             lr_patience=args.lr_patience,
+            val_protocol=args.protocol,
+            ensemble=args.ensemble,
         )
-        return train_command(options, model_args, config, args.out)
+        if args.tune_space is not None and not args.tune:
+            raise TrainingError("--tune-space applies to --tune, which is not given")
+        tune = None
+        if args.tune:
+            from training.tune import parse_space
+
+            tune = TuneOptions(
+                budget=args.tune_budget,
+                trials=args.tune_trials,
+                metric=args.tune_metric,
+                space=parse_space(args.tune_space),
+            )
+        return train_command(options, model_args, config, args.out, tune)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
     options = _data_options(args, action_cols, args.split or manifest.training.split)

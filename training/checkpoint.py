@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from training.config import ModelConfig
+from training.ensemble import AnyModel, EnsembleModel, members
 from training.errors import ArtifactError
 from training.model import NextActionModel
 from training.vocab import Vocabulary
@@ -20,19 +21,22 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(path: Path, model: NextActionModel, vocabulary: Vocabulary) -> Path:
-    """Write {"format", "config", "state_dict", "vocabulary"} to `path`."""
+def save_checkpoint(path: Path, model: AnyModel, vocabulary: Vocabulary) -> Path:
+    """Write {"format", "config", "state_dict", "vocabulary"} to `path`, and for an ensemble "members" (K):
+    then the state_dict is the ensemble's (members.0.embedding.weight, ...) and `config` each member's."""
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(model.config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "vocabulary": list(vocabulary.tokens),
     }
+    if isinstance(model, EnsembleModel):
+        payload["members"] = len(members(model))
     torch.save(payload, path)
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[NextActionModel, Vocabulary]:
+def load_checkpoint(path: Path) -> tuple[AnyModel, Vocabulary]:
     """The model (in eval mode) and vocabulary saved in `path` (a checkpoint.pt or the directory holding it)."""
     path = Path(path)
     if path.is_dir():
@@ -47,7 +51,12 @@ def load_checkpoint(path: Path) -> tuple[NextActionModel, Vocabulary]:
         raise ArtifactError(f"{path}: not a nextact checkpoint (format {CHECKPOINT_FORMAT} expected)")
     try:
         config = ModelConfig(**payload["config"])
-        model = NextActionModel(config)
+        k = payload.get("members")
+        model: AnyModel = (
+            NextActionModel(config)
+            if k is None
+            else EnsembleModel([NextActionModel(config) for _ in range(int(k))])
+        )
         model.load_state_dict(payload["state_dict"])
         vocabulary = Vocabulary(payload["vocabulary"])
     except (KeyError, TypeError, RuntimeError) as e:

@@ -9,6 +9,7 @@ from typing import Literal
 Cell = Literal["lstm", "gru"]
 SplitName = Literal["leave-one-out", "time"]
 StopMetric = Literal["hr@10", "ndcg@10"]
+ValProtocol = Literal["full", "sampled"]
 Loss = Literal["ce", "sampled", "bce"]
 Sampler = Literal["uniform", "popularity"]
 
@@ -81,3 +82,33 @@ class TrainConfig:
         True  # sampled: subtract log(expected count) from every candidate's score (popularity sampler)
     )
     lr_patience: int = 1  # multiply the learning rate by lr_decay after this many epochs without improvement
+    val_protocol: ValProtocol = (
+        "full"  # validation ranking for early stopping and --tune (sampled: 100 negatives)
+    )
+    ensemble: int = (
+        1  # members trained with seeds seed .. seed + ensemble - 1, averaged in one exported graph
+    )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What `--tune` searches: one dimension for the embedding and the hidden state, log-uniform between
+    `dims`; uniform dropouts; a log-uniform learning rate; the listed losses, batch sizes and tying."""
+
+    losses: tuple[Loss, ...] = ("ce", "sampled")
+    dims: tuple[int, int] = (32, 256)
+    input_dropout: tuple[float, float] = (0.0, 0.6)
+    dropout: tuple[float, float] = (0.0, 0.5)
+    lr: tuple[float, float] = (1e-3, 3e-2)
+    batch_sizes: tuple[int, ...] = (32, 64, 128, 256)
+    tied: tuple[bool, ...] = (True, False)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """`--tune`: the search's budget, its metric (on the validation split, under TrainConfig.val_protocol)."""
+
+    budget: float = 3600.0  # wall-clock seconds for the search; the final training is outside it
+    trials: int = 100  # at most this many trials
+    metric: StopMetric = "ndcg@10"
+    space: SearchSpace = SearchSpace()

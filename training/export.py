@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from app.manifest import MODEL_FILE, PAD_ID, UNK_ID, IONames
+from training.ensemble import AnyModel
 from training.errors import ParityError
-from training.model import NextActionModel
 from training.predict import torch_probabilities
 from training.runtime import open_session, run
 
@@ -69,7 +69,7 @@ def _clear_rnn_dispatch_caches() -> None:
             cache.clear()
 
 
-def export_onnx(model: NextActionModel, path: Path) -> Path:
+def export_onnx(model: AnyModel, path: Path) -> Path:
     """Export `model` (a fresh copy, in eval mode) to `path` with dynamic batch and time axes; no check."""
     _clear_rnn_dispatch_caches()
     fresh = copy.deepcopy(model).eval()  # the export must not touch the caller's module
@@ -104,9 +104,7 @@ def export_onnx(model: NextActionModel, path: Path) -> Path:
     return path
 
 
-def check_parity(
-    model: NextActionModel, onnx_path: Path, tolerance: float = TOLERANCE, seed: int = 0
-) -> float:
+def check_parity(model: AnyModel, onnx_path: Path, tolerance: float = TOLERANCE, seed: int = 0) -> float:
     """Run the gate: ONNX Runtime vs PyTorch on `parity_cases`; returns the largest absolute difference.
 
     Raises ParityError naming the file, the input shape and the measured difference when they disagree by
@@ -142,7 +140,7 @@ def check_parity(
     return worst
 
 
-def export_model(model: NextActionModel, out_dir: Path, tolerance: float = TOLERANCE) -> tuple[Path, float]:
+def export_model(model: AnyModel, out_dir: Path, tolerance: float = TOLERANCE) -> tuple[Path, float]:
     """Export, gate and only then move into place as out_dir/model.onnx; returns (path, max difference)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILE

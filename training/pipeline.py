@@ -7,7 +7,7 @@ import logging
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,12 +23,15 @@ from app.manifest import (
 from training import distributed
 from training.arrays import Sequences
 from training.baselines import ItemKNN, Markov, Popularity
-from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig
+from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig, TuneOptions, ValProtocol
 from training.errors import TrainingError
 from training.events import EventLog, load_events
 from training.protocols import EXCLUDE_HISTORY, Protocol, Scorer, evaluate_cases
 from training.splits import Split, make_boundaries
 from training.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from training.members import Fitted
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +73,20 @@ def baseline_scorers(split: Split, vocab_size: int, window: int = 50) -> dict[st
     }
 
 
-def validation_baselines(split: Split, vocab_size: int, window: int = 50) -> dict[str, dict[str, float]]:
-    """The baselines on the validation targets (full protocol), fitted on the training events: the reference
-    lines of the model's validation curve. Empty when there are no validation cases."""
+def validation_baselines(
+    split: Split, vocab_size: int, window: int = 50, protocol: ValProtocol = "full"
+) -> dict[str, dict[str, float]]:
+    """The baselines on the validation targets, fitted on the training events, under the validation protocol
+    (sampled: the same negatives as the model's validation): the reference lines of the model's validation
+    curve. Empty when there are no validation cases."""
+    from training.train import VAL_NEGATIVES
+
     cases = split.cases("validation")
     if not len(cases):
         return {}
-    evaluation = evaluate_cases(
-        split, cases, baseline_scorers(split, vocab_size, window), vocab_size, ("full",)
-    )
-    return evaluation.metrics["full"]
+    scorers = baseline_scorers(split, vocab_size, window)
+    evaluation = evaluate_cases(split, cases, scorers, vocab_size, (protocol,), VAL_NEGATIVES, EVAL_SEED)
+    return evaluation.metrics[protocol]
 
 
 def library_versions() -> dict[str, str]:
@@ -97,7 +104,11 @@ def library_versions() -> dict[str, str]:
 
 
 def train_command(
-    options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path
+    options: DataOptions,
+    model_args: dict[str, Any],
+    config: TrainConfig,
+    out_dir: Path,
+    tune: TuneOptions | None = None,
 ) -> dict[str, Any] | None:
     """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact.
 
@@ -111,33 +122,44 @@ def train_command(
     if not world.main:  # one process reports progress
         logging.getLogger("training").setLevel(logging.WARNING)
     try:
-        return _train(options, model_args, config, out_dir)
+        return _train(options, model_args, config, out_dir, tune)
     finally:
         distributed.close()
 
 
 def _train(
-    options: DataOptions, model_args: dict[str, Any], config: TrainConfig, out_dir: Path
+    options: DataOptions,
+    model_args: dict[str, Any],
+    config: TrainConfig,
+    out_dir: Path,
+    tune: TuneOptions | None = None,
 ) -> dict[str, Any] | None:
     from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
     from training.export import export_model, model_version
+    from training.members import fit_members
     from training.predict import model_scorer
     from training.report import write_report
-    from training.train import fit, refit
 
     events, split, vocabulary = prepare(options, min_count=config.min_count)
+    tuning = None
+    if tune is not None:
+        from training.tune import apply, tune_search
+
+        tuning = tune_search(split, len(vocabulary), model_args, config, tune)
+        assert tuning.best is not None  # tune_search raises when no trial was scored
+        model_args, config = apply(tuning.best.params, model_args, config)
+        config = dataclasses.replace(config, stop_metric=tune.metric)  # early stopping as in the trials
+        log.info("tuning: best trial %d, %s", tuning.best.number, tuning.best.params)
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
-    result = fit(split, model_config, config)
-    model, seconds = result.model, result.seconds
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
     final_split = split.with_validation_as_training()
-    refit_epochs = 0
-    if config.refit and len(split.cases("validation")) and result.best_epoch:
-        final = refit(final_split, model_config, config, result)
-        model, seconds, refit_epochs = final.model, seconds + final.seconds, len(final.epochs)
+    fitted = fit_members(split, final_split, model_config, config)
+    model, seconds, refit_epochs, result = fitted.model, fitted.seconds, fitted.refit_epochs, fitted.first
     if not distributed.current().main:
         return None  # under torchrun every process trains; rank 0 evaluates and writes the artifact
-    baseline_validation = validation_baselines(split, len(vocabulary), model_config.window)
+    baseline_validation = validation_baselines(
+        split, len(vocabulary), model_config.window, config.val_protocol
+    )
 
     test = final_split.cases("test")
     scorers = {
@@ -189,7 +211,9 @@ def _train(
             epochs_run=len(result.epochs),
             best_epoch=result.best_epoch,
             seconds=round(seconds, 2),
-            events_per_second=round(result.events_per_second, 1),
+            events_per_second=round(
+                result.events_per_second if config.ensemble == 1 else fitted.events_per_second, 1
+            ),
             seed=config.seed,
             batch_size=result.batch_size,
             learning_rate=config.lr,
@@ -209,6 +233,8 @@ def _train(
         export_diff=diff,
         refit_epochs=refit_epochs,
         baseline_validation=baseline_validation,
+        fitted=fitted,
+        tuning=tuning,
     )
     write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
     step = None
@@ -234,6 +260,16 @@ def _train(
         "parity_max_abs_diff": diff,
         "step": step.model_dump() if step is not None else None,
         "metrics": manifest.metrics,
+        **({"ensemble": ensemble_summary(fitted)} if config.ensemble > 1 else {}),
+        **({"tuning": tuning.to_json()} if tuning is not None else {}),
+    }
+
+
+def ensemble_summary(fitted: Fitted) -> dict[str, Any]:
+    """The train command's "ensemble" entry: each member's run and validation figures, and the ensemble's."""
+    return {
+        "members": [dataclasses.asdict(m) for m in fitted.members],
+        "validation": fitted.ensemble_validation,
     }
 
 

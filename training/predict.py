@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from training.checkpoint import load_checkpoint
-from training.model import NextActionModel
+from training.ensemble import AnyModel
 from training.protocols import Scorer
 from training.vocab import Vocabulary
 from training.windows import history_batch
 
 
-def torch_probabilities(model: NextActionModel, action_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def torch_probabilities(model: AnyModel, action_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The model's probabilities (B, V) float32 for right-padded ids (B, T) and lengths (B,), in eval mode."""
     was_training = model.training
     model.eval()
@@ -37,7 +37,7 @@ def torch_probabilities(model: NextActionModel, action_ids: np.ndarray, lengths:
     return out.numpy()
 
 
-def model_scorer(model: NextActionModel, window: int) -> Scorer:
+def model_scorer(model: AnyModel, window: int) -> Scorer:
     """A protocol scorer: each history's last `window` events -> probabilities (B, V)."""
 
     def score(histories: Sequence[np.ndarray]) -> np.ndarray:
@@ -56,7 +56,7 @@ def encode_sequences(
 
 
 def predict(
-    source: str | Path | tuple[NextActionModel, Vocabulary], sequences: Sequence[Sequence[str]]
+    source: str | Path | tuple[AnyModel, Vocabulary], sequences: Sequence[Sequence[str]]
 ) -> np.ndarray:
     """Next-action probabilities (B, V) float32 for action-string sequences, computed with PyTorch.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -12,6 +13,10 @@ from app.manifest import REPORT_FILE, Manifest
 from training.metrics import KS
 from training.protocols import Evaluation
 from training.train import EpochLog
+
+if TYPE_CHECKING:
+    from training.members import Fitted
+    from training.tune import TuneResult
 
 LOSS_PLOT = "loss.png"
 HR_PLOT = "val_hr10.png"
@@ -57,7 +62,9 @@ def plot_curves(
         ):
             if key in metrics:
                 ax.axhline(metrics[key], linestyle="--", color=color, label=f"{name} {metrics[key]:.4f}")
-        ax.set(xlabel="epoch", ylabel=label, title=f"Validation {label} per epoch (full ranking)")
+        protocol = epochs[0].protocol if epochs else "full"
+        ranking = "full ranking" if protocol == "full" else f"{protocol} protocol"
+        ax.set(xlabel="epoch", ylabel=label, title=f"Validation {label} per epoch ({ranking})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -65,6 +72,47 @@ def plot_curves(
     hr_path = out_dir / HR_PLOT
     fig.savefig(hr_path)
     return loss_path, hr_path
+
+
+def _ensemble_section(fitted: Fitted, epochs: Sequence[EpochLog]) -> list[str]:
+    """Each member's selection run and validation figures, and the ensemble's (the members' mean)."""
+    protocol = epochs[0].protocol if epochs else "full"
+    ens = fitted.ensemble_validation
+    rows = [
+        f"| {i + 1} | {m.seed} | {m.epochs_run} | {m.best_epoch} | {m.val_hr10:.4f} | {m.val_ndcg10:.4f} | "
+        f"{m.refit_epochs} | {m.seconds:.0f} |"
+        for i, m in enumerate(fitted.members)
+    ]
+    return [
+        "## Ensemble",
+        "",
+        (
+            f"{len(fitted.members)} members of this configuration, seeds {fitted.members[0].seed} to "
+            f"{fitted.members[-1].seed}, each with its own early stopping and refit. model.onnx returns the "
+            "mean of their probabilities; step.onnx carries their states side by side. The training line "
+            "above and the curves below are the first member's; the time and speed cover every member."
+        ),
+        "",
+        (
+            f"Validation figures ({protocol} protocol) of each member's best epoch, and of the selected members "
+            "averaged:"
+        ),
+        "",
+        "| member | seed | epochs | best epoch | val HR@10 | val NDCG@10 | refit epochs | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        (
+            f"| ensemble | | | | {ens.get('hr@10', float('nan')):.4f} | {ens.get('ndcg@10', float('nan')):.4f} "
+            f"| | {fitted.seconds:.0f} |"
+        ),
+        "",
+    ]
+
+
+def _tuning_section(tuning: TuneResult, out_dir: Path) -> list[str]:
+    from training.tuning_report import tuning_section  # optuna is imported only for tuned runs
+
+    return tuning_section(tuning, out_dir)
 
 
 def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
@@ -95,6 +143,8 @@ def write_report(
     export_diff: float,
     refit_epochs: int = 0,
     baseline_validation: Mapping[str, Mapping[str, float]] | None = None,
+    fitted: Fitted | None = None,
+    tuning: TuneResult | None = None,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`.
 
@@ -141,6 +191,8 @@ def write_report(
         ),
         f"- ONNX parity gate passed: max |ONNX Runtime - PyTorch| = {export_diff:.2g}",
         "",
+        *(_ensemble_section(fitted, epochs) if fitted is not None and len(fitted.members) > 1 else []),
+        *(_tuning_section(tuning, out_dir) if tuning is not None else []),
     ]
     for protocol, per_scorer in manifest.metrics.items():
         note = PROTOCOL_NOTES.get(protocol, protocol).format(negatives=evaluation.mean_negatives or 0.0)
@@ -165,7 +217,8 @@ def write_report(
         "",
         *(
             [
-                "Baselines on the same validation targets (fitted on the training events): "
+                f"Baselines on the same validation targets ({epochs[0].protocol if epochs else 'full'} "
+                "protocol, fitted on the training events): "
                 + "; ".join(
                     f"{name} HR@10 {m['hr@10']:.4f}, NDCG@10 {m['ndcg@10']:.4f}"
                     for name, m in base_val.items()

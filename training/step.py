@@ -31,6 +31,7 @@ from torch import nn
 
 from app.manifest import MODEL_FILE, PAD_ID, STEP_FILE, StepSpec, read_manifest, write_manifest
 from training.checkpoint import load_checkpoint
+from training.ensemble import AnyModel, members, state_width
 from training.errors import ParityError
 from training.model import NextActionModel
 from training.runtime import open_session
@@ -65,7 +66,40 @@ class StepModel(nn.Module):
         return (probs, h_out, c_out) if self.lstm else (probs, h_out)
 
 
-def step_spec(model: NextActionModel, sha256: str, parity: float) -> StepSpec:
+class EnsembleStepModel(nn.Module):
+    """An ensemble's step: the state (L, B, K * H) is the members' states side by side; each member steps its
+    slice, the probabilities are their mean (as in model.onnx) and the new states are concatenated again."""
+
+    def __init__(self, models: list[NextActionModel]) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(StepModel(m) for m in models)
+        self.hidden = models[0].config.hidden_dim
+        self.lstm = models[0].config.cell == "lstm"
+
+    def forward(
+        self, action_ids: torch.Tensor, h: torch.Tensor, *rest: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        n_states = 2 if self.lstm else 1
+        states = (h, *rest[: n_states - 1])  # (L, B, K * H) each
+        extra = rest[n_states - 1 :]  # the history input, if any
+        probs, outs = [], []
+        for k, step in enumerate(self.steps):
+            part = [s[:, :, k * self.hidden : (k + 1) * self.hidden] for s in states]  # (L, B, H) each
+            p, *new = step(action_ids, *part, *extra)  # (B, V), (L, B, H) each
+            probs.append(p)
+            outs.append(new)
+        mean = torch.stack(probs).mean(dim=0)  # (B, V)
+        joined = [torch.cat([o[i] for o in outs], dim=2) for i in range(n_states)]  # (L, B, K * H) each
+        return (mean, *joined)
+
+
+def step_module(model: AnyModel) -> nn.Module:
+    """The step graph's module: a single model's StepModel, or the ensemble's."""
+    parts = members(model)
+    return StepModel(parts[0]) if len(parts) == 1 else EnsembleStepModel(parts)
+
+
+def step_spec(model: AnyModel, sha256: str, parity: float) -> StepSpec:
     cfg = model.config
     lstm = cfg.cell == "lstm"
     return StepSpec(
@@ -73,18 +107,18 @@ def step_spec(model: NextActionModel, sha256: str, parity: float) -> StepSpec:
         c="c" if lstm else None,
         c_out="c_out" if lstm else None,
         history="history" if cfg.history_bias else None,
-        state_shape=(cfg.num_layers, cfg.hidden_dim),
+        state_shape=(cfg.num_layers, state_width(model)),
         parity_max_abs_diff=parity,
     )
 
 
-def export_step_onnx(model: NextActionModel, path: Path) -> Path:
+def export_step_onnx(model: AnyModel, path: Path) -> Path:
     """Export the step graph with dynamic batch and step axes (ONNX LSTM/GRU op); no check."""
     cfg = model.config
-    step = StepModel(model).eval()
+    step = step_module(model).eval()
     spec = step_spec(model, "0" * 16, 0.0)
     ids = torch.full((2, 3), PAD_ID + 2, dtype=torch.int64)  # (B, S) example
-    h = torch.zeros(cfg.num_layers, 2, cfg.hidden_dim)  # (L, B, H)
+    h = torch.zeros(cfg.num_layers, 2, state_width(model))  # (L, B, H), K * H for an ensemble
     args: tuple[torch.Tensor, ...] = (ids, h, h.clone()) if spec.c else (ids, h)
     inputs = [spec.action_ids, spec.h] + ([spec.c] if spec.c else [])
     outputs = [spec.probabilities, spec.h_out] + ([spec.c_out] if spec.c_out else [])
@@ -118,19 +152,24 @@ def _histories(vocab_size: int, window: int, seed: int) -> np.ndarray:
 
 
 def check_step_parity(
-    artifact_dir: Path, step_path: Path, tolerance: float = TOLERANCE, seed: int = 0
+    artifact_dir: Path,
+    step_path: Path,
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+    state_shape: tuple[int, int] | None = None,
 ) -> float:
     """Step graph vs model.onnx on every prefix of several histories; returns the largest |difference|.
 
     Checked: stepping one event at a time from the zero state (the incremental path), the whole history in
     one call from the zero state (the service's rebuild), and a state carried across calls of 3 events; for a
     history-bias model the window input is the events so far, also right-padded.
-    Raises ParityError naming the file, the prefix length and the difference.
+    `state_shape`: (layers, width) of the state, by default the manifest's (num_layers, hidden_dim); an
+    ensemble's is wider. Raises ParityError naming the file, the prefix length and the difference.
     """
     manifest = read_manifest(artifact_dir)
     full = open_session(Path(artifact_dir) / MODEL_FILE)
     step = open_session(step_path)
-    layers, hidden = manifest.num_layers, manifest.hidden_dim
+    layers, hidden = state_shape or (manifest.num_layers, manifest.hidden_dim)
     lstm = manifest.cell == "lstm"
     ids = _histories(manifest.vocab_size, manifest.window, seed)  # (B, T)
     b, t = ids.shape
@@ -188,7 +227,8 @@ def export_step(artifact_dir: Path, tolerance: float = TOLERANCE) -> StepSpec:
     final, tmp = artifact_dir / STEP_FILE, artifact_dir / (STEP_FILE + ".tmp")
     try:
         export_step_onnx(model, tmp)
-        diff = check_step_parity(artifact_dir, tmp, tolerance)
+        shape = (model.config.num_layers, state_width(model))
+        diff = check_step_parity(artifact_dir, tmp, tolerance, state_shape=shape)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

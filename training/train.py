@@ -8,7 +8,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +19,13 @@ from tqdm import tqdm
 from app.manifest import UNK_ID
 from training import distributed
 from training.batching import length_grouped
-from training.config import ModelConfig, TrainConfig
+from training.config import EVAL_SEED, ModelConfig, TrainConfig
 from training.dataset import WindowIndex, epoch_batches, history_arrays
 from training.device import amp_dtype, autocast, grad_scaler, prepare_device, resolve_device
 from training.errors import DataError
 from training.losses import Loss
 from training.model import NextActionModel
+from training.protocols import sample_negatives
 from training.splits import EvalCases, Split
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 _VAL_BATCH = 1024
 _MAX_AUTO_BATCH = 64
 _MIN_STEPS = 20
+VAL_NEGATIVES = 100  # the sampled validation protocol: negatives per case, drawn once per run (EVAL_SEED)
 
 
 def auto_batch_size(n_windows: int) -> int:
@@ -41,7 +43,7 @@ def auto_batch_size(n_windows: int) -> int:
 
 @dataclass(frozen=True)
 class EpochLog:
-    """One epoch: training loss and speed, validation loss and ranking metrics (full protocol)."""
+    """One epoch: training loss and speed, validation loss and ranking metrics (under `protocol`)."""
 
     epoch: int
     train_loss: float
@@ -51,6 +53,7 @@ class EpochLog:
     events: int  # training targets seen
     seconds: float  # training only, validation excluded
     lr: float  # learning rate used in this epoch
+    protocol: str = "full"  # the validation ranking of val_hr10/val_ndcg10: full or sampled
 
     @property
     def events_per_second(self) -> float:
@@ -95,9 +98,12 @@ def validate(
     cases: EvalCases,
     device: torch.device | None = None,
     amp: torch.dtype | None = None,
+    candidates: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Validation loss (cross-entropy of the known targets) and full-protocol HR@10 and NDCG@10, in eval mode,
-    summed over every process's share of the cases.
+    """Validation loss (cross-entropy of the known targets) and HR@10 and NDCG@10, in eval mode, summed over
+    every process's share of the cases: under the full protocol, or with `candidates` (the target and its
+    sampled negatives (N, 1 + n), and which columns are real (N, 1 + n), from protocols.sample_negatives)
+    under the sampled protocol.
 
     Ranks are counted in torch with the metrics module's rule (ties count against the model, an unknown
     target is a miss): cheap enough to run after every one of 100+ epochs.
@@ -120,7 +126,13 @@ def validate(
                 loss_sum += float(F.cross_entropy(logits[known], targets[known], reduction="sum"))
                 loss_n += int(known.sum())
             target_logit = logits.gather(1, targets.unsqueeze(1))  # (b, 1); PAD/UNK columns are -inf
-            rank = (logits >= target_logit).sum(dim=1) - 1  # (b,) ties count against the model
+            if candidates is None:
+                rank = (logits >= target_logit).sum(dim=1) - 1  # (b,) ties count against the model
+            else:
+                cand = torch.from_numpy(candidates[0][sl]).to(device)  # (b, 1 + n), the target first
+                real = torch.from_numpy(candidates[1][sl]).to(device)  # (b, 1 + n)
+                above = (logits.gather(1, cand) >= target_logit) & real  # (b, 1 + n)
+                rank = above.sum(dim=1) - 1  # (b,) the target counts itself once; ties against the model
             hit = known & (rank < 10)  # (b,)
             hits += float(hit.sum())
             gains += float(torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0).sum())
@@ -132,14 +144,31 @@ def validate(
     return (loss_sum / loss_n if loss_n else math.nan), metrics
 
 
+def validation_candidates(
+    split: Split, cases: EvalCases, vocab_size: int, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sampled validation protocol's candidates (drawn once, fixed seed), or None for the full protocol."""
+    if config.val_protocol != "sampled" or not len(cases):
+        return None
+    return sample_negatives(split, cases, vocab_size, VAL_NEGATIVES, EVAL_SEED)
+
+
+EpochHook = Callable[[EpochLog], bool]  # called after each validated epoch; True stops the run there
+
+
 def fit(
-    split: Split, model_config: ModelConfig, config: TrainConfig, schedule: Sequence[float] | None = None
+    split: Split,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    schedule: Sequence[float] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train on the split's training events, stop early on the validation metric, return the best model.
 
     With a `schedule` (one learning rate per epoch, e.g. from an earlier run) it trains exactly that many
     epochs at those rates, without early stopping, and returns the last epoch's weights. The model is
-    returned on the CPU, whatever device it was trained on.
+    returned on the CPU, whatever device it was trained on. `on_epoch` (the tuner's pruner and time budget)
+    sees every epoch's log and may end the run early; the best epoch so far is kept.
     """
     world = distributed.current()
     device = resolve_device(config.device, world.local_rank)
@@ -162,6 +191,7 @@ def fit(
     shard = world.users(len(split.sequences))
     if shard is not None:
         val_cases = val_cases.subset(shard[val_cases.users])
+    candidates = validation_candidates(split, val_cases, model_config.vocab_size, config)
     batch_size = config.batch_size or auto_batch_size(n_windows)
     n_batches = distributed.all_min(math.ceil(len(windows) / batch_size), device)  # the same on every rank
     log.info(
@@ -225,7 +255,7 @@ def fit(
         seconds = time.perf_counter() - t0
         total_loss, events = distributed.all_sum([float(loss_sum), float(seen)], device)
         events = int(events)
-        val_loss, val = validate(model, split, val_cases, device, amp)
+        val_loss, val = validate(model, split, val_cases, device, amp, candidates)
         entry = EpochLog(
             epoch,
             total_loss / max(events, 1),
@@ -235,6 +265,7 @@ def fit(
             events,
             seconds,
             lr,
+            config.val_protocol,
         )
         result.epochs.append(entry)
         if len(val_cases):
@@ -277,9 +308,11 @@ def fit(
             if stale >= config.patience:
                 log.info("early stop: no %s improvement for %d epochs", config.stop_metric, stale)
                 break
-            if stale % config.lr_patience == 0:  # a plateau: smaller steps often find a bit more
-                for group in optimizer.param_groups:
-                    group["lr"] *= config.lr_decay
+        if on_epoch is not None and on_epoch(entry):
+            break
+        if stale and stale % config.lr_patience == 0:  # a plateau: smaller steps often find a bit more
+            for group in optimizer.param_groups:
+                group["lr"] *= config.lr_decay
     model.load_state_dict(best_state)
     model.eval()
     result.model = model.cpu()  # export, parity gate and evaluation run on the CPU
