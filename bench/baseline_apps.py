@@ -1,7 +1,8 @@
-"""The two servers nextact is measured against, served with the same uvicorn settings as `python -m app`.
+"""Two of the servers nextact is measured against, served with the same uvicorn settings as `python -m app`
+(the third, the BentoML peer, is bench/peer_service.py).
 
     python bench/baseline_apps.py ceiling --port 8101
-    python bench/baseline_apps.py torch --port 8102 --artifact-dir artifacts/beauty --redis-url redis://...
+    NEXTACT_REDIS_URL=redis://... python bench/baseline_apps.py torch --port 8102 --artifact-dir artifacts/beauty
 
 ceiling  bare FastAPI: the same route, the same request body model (validated), answers a UserPrediction of
          the same shape and size rendered the same way, and does nothing else: no Redis, no model, no

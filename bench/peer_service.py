@@ -6,7 +6,7 @@ BentoML, its adaptive batching on. Runs only in the peer's own virtual environme
 Configured by environment (read when BentoML imports this module, as its service definitions are):
 PEER_ARTIFACT_DIR (model.onnx + manifest.json), PEER_REDIS_URL, PEER_KEY_PREFIX (default nextact: the
 same windows a nextact population has), PEER_TTL_SECONDS (30 days), PEER_MAX_BATCH_SIZE (64, nextact's
-NEXTACT_BATCH_MAX_SIZE default), PEER_MAX_LATENCY_MS (1000: BentoML's latency budget; a request waiting
+NEXTACT_BATCH_MAX_SIZE default), PEER_MAX_LATENCY_MS (10000: BentoML's latency budget; a request waiting
 longer is refused with 503, so this is set above any queueing the closed loop causes),
 PEER_INTRA_OP_THREADS (0: ONNX Runtime's default, as nextact's).
 
@@ -14,9 +14,9 @@ What it does per batch of requests (BentoML's dispatcher forms the batch; one ba
 thread): nextact's append script for every request's user in one Redis pipeline (bench/peer_window.py),
 then one ONNX Runtime call over the windows, then the top k. The HTTP surface is nextact's hot route,
 `POST /v1/users/{user_id}/events?k=10` with one event, answered with the same JSON object: a batchable
-BentoML API takes a list as its body and answers a list, so a small ASGI middleware (WireShape) puts the
-path's user and the query's k into a one-item list on the way in and takes the object out of the
-one-item list on the way out. It does not import app/.
+BentoML API takes its parameter, a list, in a JSON object (`{"items": [...]}`) and answers a list, so a
+small ASGI middleware (WireShape) puts the path's user, the query's k and the body into a one-item list on
+the way in and takes the object out of the one-item list on the way out. It does not import app/.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from bench.peer_window import PeerEvent, PeerWindows
 
 MAX_BATCH_SIZE = int(os.environ.get("PEER_MAX_BATCH_SIZE", "64"))
-MAX_LATENCY_MS = int(os.environ.get("PEER_MAX_LATENCY_MS", "1000"))
+MAX_LATENCY_MS = int(os.environ.get("PEER_MAX_LATENCY_MS", "10000"))
 ROUTE = "/v1/users/{user_id}/events"
 
 
@@ -91,7 +91,7 @@ class WireShape:
         body = b"".join(chunks).strip()
         if body.startswith(b"{") and body.endswith(b"}") and len(body) > 2:
             head = json.dumps({"user_id": user_id, "k": k}).encode()[:-1]  # '{"user_id": ..., "k": 10'
-            body = b"[" + head + b"," + body[1:] + b"]"
+            body = b'{"items":[' + head + b"," + body[1:] + b"]}"
         sent = False
 
         async def receive_once() -> dict[str, Any]:
@@ -169,7 +169,7 @@ class Peer:
         self.windows.load()
 
     @bentoml.api(route=ROUTE, batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def events(self, items: list[EventItem], /) -> list[UserPrediction]:
+    def events(self, items: list[EventItem]) -> list[dict[str, Any]]:
         """Store each request's event in its user's window and predict the user's next actions."""
         now = time.time()
         events = [
@@ -202,6 +202,8 @@ class Peer:
         values = np.take_along_axis(probs, top, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")
         top, values = np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
+        # plain dicts, not UserPrediction models: BentoML 1.4 builds the output type's JSON schema on every
+        # response (IOMixin.mime_type), which for a list of models costs more than the model itself
         return [
             UserPrediction(
                 user_id=it.user_id,
@@ -212,7 +214,7 @@ class Peer:
                     ActionProbability(action=a, probability=float(p))
                     for a, p in zip(self.tokens[top[i, : it.k]], values[i, : it.k], strict=False)
                 ],
-            )
+            ).model_dump()
             for i, (it, w) in enumerate(zip(items, windows, strict=True))
         ]
 
