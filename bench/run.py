@@ -265,13 +265,14 @@ def own_stats(server_pid: int, redis_pid: int) -> dict[str, float]:
     return stats
 
 
-def redis_child(server_pid: int) -> int | None:
-    """The pid of the redis-server the server started (nextact's embedded Redis), if any."""
+def redis_child(server_pid: int, port: int) -> int | None:
+    """The pid of the Redis server (redis-server or valkey-server) the server started on `port`, if any."""
     import psutil
 
     try:
         for p in psutil.Process(server_pid).children(recursive=True):
-            if "redis" in p.name():
+            cmd = p.cmdline()
+            if "--port" in cmd and str(port) in cmd or any(c.endswith(f":{port}") for c in cmd):
                 return int(p.pid)
     except psutil.NoSuchProcess:
         pass
@@ -606,13 +607,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in targets:
             wait_ready(servers[name], specs[name][2], probe(templates, f"probe{name[0]}"), timeout=180)
             if name == "nextact-default":  # its own embedded Redis: the same population there
-                pid = redis_child(servers[name].pid)
+                own_port = int(specs[name][1]["NEXTACT_EMBEDDED_REDIS_PORT"])
+                pid = redis_child(servers[name].pid, own_port)
                 if pid is None:
                     raise BenchError(
                         f"nextact-default started no embedded Redis; log {servers[name].log_path}"
                     )
                 redis_pids[name] = pid
-                own_urls[name] = f"redis://127.0.0.1:{specs[name][1]['NEXTACT_EMBEDDED_REDIS_PORT']}/0"
+                own_urls[name] = f"redis://127.0.0.1:{own_port}/0"
                 print(f"==> pre-filling nextact-default's embedded Redis ({own_urls[name]})", flush=True)
                 asyncio.run(prefill(own_urls[name], windows, manifest.window))
         print(f"==> servers ready: {', '.join(f'{n} :{specs[n][2]}' for n in targets)}", flush=True)

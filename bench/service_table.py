@@ -231,7 +231,17 @@ def markdown(res: dict[str, Any]) -> str:
         label = LABELS[name] + (f" ({errors} errors)" if errors else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     r, t = s["ratios"], res["targets"]
+    lags = ", ".join(
+        f"{name} {fmt(s[name]['open'].get('dispatch_lag_p99_ms'), '.1f')}"
+        for name in TARGETS
+        if name in s and "open" in s[name]
+    )
     lines += [
+        "",
+        (
+            "Open loop: latency counts from the load generator's dispatch, which trails the Poisson due time "
+            f"by its event loop's lag (not counted); that lag's p99 in ms: {lags}."
+        ),
         "",
         (
             "Ratios (requests/s at 64 connections unless said): "
