@@ -17,6 +17,18 @@ LABELS = {
     "incremental": "nextact, tuned, incremental state",
 }
 MODES = ("closed", "open")
+RATIO_LABELS = (
+    ("nextact tuned / ceiling", "nextact_over_ceiling", ".3f"),
+    ("default / ceiling", "default_over_ceiling", ".3f"),
+    ("nextact / peer", "nextact_over_peer", ".2f"),
+    ("peer p99 / nextact p99, closed loop", "peer_p99_over_nextact_p99_closed", ".2f"),
+    ("open loop", "peer_p99_over_nextact_p99_open", ".2f"),
+    ("nextact / PyTorch floor", "nextact_over_torch", ".2f"),
+    ("2 workers / 1 worker", "two_workers_over_one", ".2f"),
+    ("its server CPU per request", "two_workers_cpu_over_one", ".2f"),
+    ("incremental state / nextact", "incremental_over_nextact", ".2f"),
+    ("its server CPU per request", "incremental_cpu_over_nextact", ".2f"),
+)
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -121,6 +133,8 @@ def summarise(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str,
         "nextact_over_torch": _ratio(rps["nextact"], rps["torch"]),
         "two_workers_over_one": _ratio(rps["nextact-2w"], rps["nextact"]),
         "two_workers_cpu_over_one": _ratio(cpu["nextact-2w"], cpu["nextact"]),
+        "incremental_over_nextact": _ratio(rps["incremental"], rps["nextact"]),
+        "incremental_cpu_over_nextact": _ratio(cpu["incremental"], cpu["nextact"]),
     }
     return out
 
@@ -243,21 +257,21 @@ def markdown(res: dict[str, Any]) -> str:
             f"by its event loop's lag (not counted); that lag's p99 in ms: {lags}."
         ),
         "",
-        (
-            "Ratios (requests/s at 64 connections unless said): "
-            f"nextact tuned / ceiling **{fmt(r['nextact_over_ceiling'], '.3f')}**, default / ceiling "
-            f"**{fmt(r['default_over_ceiling'], '.3f')}**; nextact / peer **{fmt(r['nextact_over_peer'], '.2f')}x**, "
-            f"peer p99 / nextact p99 **{fmt(r['peer_p99_over_nextact_p99_closed'], '.2f')}x** closed, "
-            f"**{fmt(r['peer_p99_over_nextact_p99_open'], '.2f')}x** open; nextact / PyTorch floor "
-            f"**{fmt(r['nextact_over_torch'], '.2f')}x**; 2 workers / 1 worker **{fmt(r['two_workers_over_one'], '.2f')}x** "
-            f"(server CPU per request {fmt(r['two_workers_cpu_over_one'], '.2f')}x)."
-        ),
+        "Ratios (requests/s at 64 connections unless said): "
+        + "; ".join(
+            f"{label} **{fmt(r[key], spec)}**" for label, key, spec in RATIO_LABELS if r.get(key) is not None
+        )
+        + ".",
         "",
         "| issue 11 target | measured | |",
         "|---|---|---|",
     ]
     for key, v in t.items():
-        lines.append(f"| {key} | {v['value']} | {v['result'] or ''} |")
+        value = v["value"]
+        shown = (
+            ", ".join(f"{k} {fmt(x)}" for k, x in value.items()) if isinstance(value, dict) else fmt(value)
+        )
+        lines.append(f"| {key} | {shown} | {v['result'] or ''} |")
     mem = res.get("redis_memory", {})
     if mem:
         lines += [
