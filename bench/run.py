@@ -422,7 +422,12 @@ def server_specs(
         elif name == "peer":
             from bench import peer_env
 
-            bentoml = peer_env.ensure()
+            try:
+                bentoml = peer_env.ensure()
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                raise BenchError(
+                    f"{e}\n(leave the peer out with --targets, e.g. --targets nextact,ceiling)"
+                ) from e
             cmd = [
                 str(bentoml),
                 "serve",
