@@ -142,11 +142,7 @@ async def test_the_window_expires_after_the_ttl(behavior_artifact: Path, redis_u
     sync = redis.Redis.from_url(redis_url)
     try:
         keys = sync.keys("ttl:{f}:*")
-        assert sorted(keys) == [
-            b"ttl:{f}:i",
-            b"ttl:{f}:s",
-            b"ttl:{f}:w",
-        ]  # s: the stored prediction (live quality)
+        assert sorted(keys) == [b"ttl:{f}:e", b"ttl:{f}:s"]  # e: the window; s: the stored prediction
         assert all(TTL - 10 <= sync.ttl(k) <= TTL for k in keys)
     finally:
         sync.close()
@@ -165,14 +161,7 @@ async def test_delete_erases_the_user(behavior_artifact: Path, redis_url: str) -
         assert again.json()["window_size"] == 1  # its ids are forgotten too
     sync = redis.Redis.from_url(redis_url)
     try:
-        assert sorted(sync.keys("del:*")) == [
-            b"del:{g}:i",
-            b"del:{g}:s",
-            b"del:{g}:w",
-            b"del:{h}:i",
-            b"del:{h}:s",
-            b"del:{h}:w",
-        ]
+        assert sorted(sync.keys("del:*")) == [b"del:{g}:e", b"del:{g}:s", b"del:{h}:e", b"del:{h}:s"]
     finally:
         sync.close()
 

@@ -21,7 +21,7 @@ brace_heavy = st.text(st.sampled_from("{}:*x\u00e9"), min_size=1, max_size=12)
 
 def all_keys(user_id: str) -> tuple[str, ...]:
     store = WindowStore(None, PREFIX, 1, "")
-    return (*store.keys(user_id), store.state_key(user_id))
+    return (*store.keys(user_id), store.state_key(user_id), *store.old_keys(user_id))
 
 
 @given(ids | brace_heavy)
@@ -44,8 +44,9 @@ def test_two_ids_never_share_a_key(a: str, b: str) -> None:
 @given(ids.filter(lambda s: "{" not in s and "}" not in s))
 @settings(max_examples=200, deadline=None)
 def test_ids_without_braces_keep_the_earlier_keys(user_id: str) -> None:
-    """Windows written by earlier versions stay readable: the same key names for every id without braces."""
-    assert all_keys(user_id) == tuple(f"{PREFIX}:{{{user_id}}}:{kind}" for kind in "wis")
+    """Windows written by earlier versions stay readable: the same key names for every id without braces
+    (the packed window `:e` replaces `:w` and `:i`, which are read and converted)."""
+    assert all_keys(user_id) == tuple(f"{PREFIX}:{{{user_id}}}:{kind}" for kind in "eswi")
     assert legacy_keys(PREFIX, user_id) == ()
 
 

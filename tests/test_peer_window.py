@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from app.redis_client import connect
-from app.windows import APPEND_LUA, NewEvent, WindowStore
-from bench.peer_window import PeerEvent, PeerWindows, parse_actions, script_text, window_keys
+from app.windows import APPEND_LUA, NewEvent, WindowStore, _actions, _record
+from bench.peer_window import PeerEvent, PeerWindows, actions_of, pack_record, script_text, window_keys
 
 CAPACITY, TTL = 5, 1000
 
@@ -66,11 +66,8 @@ def test_peer_windows_equal_nextacts_on_the_real_redis(redis_url: str) -> None:
         assert got[-1] == ["cart", "view", "view", "cart", "buy", "ü-view"][-CAPACITY:]
         for user in USERS:
             mine, theirs = window_keys("peer", user), window_keys("next", user)
-            assert client.zrange(mine[0], 0, -1, withscores=True) == client.zrange(
-                theirs[0], 0, -1, withscores=True
-            )
-            assert client.hgetall(mine[1]) == client.hgetall(theirs[1])
-            assert 0 < client.ttl(mine[0]) <= TTL and 0 < client.ttl(mine[1]) <= TTL
+            assert client.get(mine[0]) == client.get(theirs[0])  # the same packed window, byte for byte
+            assert 0 < client.ttl(mine[0]) <= TTL
         # one batch with the same event twice for one user: stored once, both requests see the window
         twice = peer.append_many([PeerEvent("u-3", "x1", "view", 1.0), PeerEvent("u-3", "x1", "view", 1.0)])
         assert twice == [["view"], ["view"]]
@@ -79,9 +76,16 @@ def test_peer_windows_equal_nextacts_on_the_real_redis(redis_url: str) -> None:
         client.close()
 
 
-def test_parse_actions_reads_the_scripts_records() -> None:
-    assert parse_actions(b"0004view0002ab") == ["view", "ab"]
-    assert parse_actions(b"") == []
+@pytest.mark.parametrize(
+    "event_id",
+    ["e1", "0123456789abcdef0123456789abcdef", "01234567-89ab-cdef-0123-456789abcdef", "x" * 200, "ü"],
+)
+@pytest.mark.parametrize("action", ["view", "a" * 70, "b" * 300, "ü-view"])
+def test_records_and_actions_are_encoded_as_nextact_does(event_id: str, action: str) -> None:
+    record = pack_record(1.5, event_id, action)
+    assert record == _record(NewEvent(event_id, action, 1.5))
+    window = bytes(7) + record + record
+    assert actions_of(window) == _actions(window) == [action, action]
 
 
 def test_the_script_loader_refuses_a_missing_constant(tmp_path: Path) -> None:
