@@ -2,7 +2,7 @@
 # nextact's one entry point for people and CI.
 #   ./dev.sh serve [nextact serve options]   set up, train the demo model if there is none, serve on :8000
 #   ./dev.sh test [pytest args]              set up and run the whole test suite
-#   ./dev.sh bench [bench/run.py args]       set up and run the benchmarks
+#   ./dev.sh bench [bench/run.py args]       set up and run the comparison table (bench/results/service.*)
 #   ./dev.sh docs [mkdocs args]              set up and serve the docs site (mkdocs serve), or e.g. `docs build`
 #   ./dev.sh setup                           only create/refresh the virtual environment (.venv)
 # Environment: ORT_FLAVOUR=cpu|gpu (default: gpu when nvidia-smi finds a GPU), TORCH_INDEX_URL (where torch

@@ -1,14 +1,15 @@
-"""The two servers nextact is measured against, served with the same uvicorn settings as `python -m app`.
+"""Two of the servers nextact is measured against, served with the same uvicorn settings as `python -m app`
+(the third, the BentoML peer, is bench/peer_service.py).
 
     python bench/baseline_apps.py ceiling --port 8101
-    python bench/baseline_apps.py torch --port 8102 --artifact-dir artifacts/beauty --redis-url redis://...
+    NEXTACT_REDIS_URL=redis://... python bench/baseline_apps.py torch --port 8102 --artifact-dir artifacts/beauty
 
 ceiling  bare FastAPI: the same route, the same request body model (validated), answers a UserPrediction of
          the same shape and size rendered the same way, and does nothing else: no Redis, no model, no
          middleware. What one uvicorn worker can do at all for this request.
 torch    the same application as nextact (create_app and its lifespan: routes, middleware, metrics, the Redis
          window script, the worker thread), with the model replaced by PyTorch eager on checkpoint.pt and
-         batching off (NEXTACT_BATCH_MAX_SIZE=1): one forward per request, no ONNX Runtime. The service
+         batching off (NEXTACT_BATCH_MAX_SIZE=1) and no live quality: one forward per request, no ONNX Runtime. The service
          anyone could write in an afternoon. One torch thread by default, its fastest setting next to an
          event loop on a small machine (see --torch-threads).
 """
@@ -101,11 +102,12 @@ class TorchModel:
     def knows(self, action: str) -> bool:
         return action in self.index
 
-    def predict(self, requests: list[tuple[list[str], int]]) -> list[Any]:
+    def predict(self, requests: list[tuple[Any, ...]]) -> list[Any]:
+        """(actions, k[, filters]) each; filters are not supported (the benchmark sends none)."""
         from app.model import Prediction
 
         torch, out = self.torch, []
-        for actions, k in requests:
+        for actions, k, *_ in requests:
             actions = actions[-self.manifest.window :]
             ids = [self.index.get(a, 1) for a in actions]
             x = torch.tensor([ids or [0]], dtype=torch.long)  # (1, T)
@@ -127,8 +129,9 @@ def torch_app(artifact_dir: Path, threads: int) -> FastAPI:
         raise SystemExit("app.main._load_checked is gone: update bench/baseline_apps.py to the new lifespan")
     os.environ["NEXTACT_BATCH_MAX_SIZE"] = "1"
     os.environ["NEXTACT_ARTIFACT_DIR"] = str(artifact_dir)
+    os.environ["NEXTACT_LIVE_QUALITY"] = "false"  # an afternoon's service keeps no quality counters
 
-    def load(artifact_dir: Path, device: str, intra_op_threads: int) -> Any:
+    def load(artifact_dir: Path, *args: Any, **kwargs: Any) -> Any:
         return TorchModel(artifact_dir, threads)
 
     service._load_checked = load  # type: ignore[assignment]

@@ -1,14 +1,16 @@
-"""The service benchmark, one command: nextact vs the bare-FastAPI ceiling vs a PyTorch-eager service.
+"""The service benchmark, one command: nextact against a bare-FastAPI ceiling, a BentoML peer and a PyTorch floor.
 
-    python bench/run.py            # ~6 minutes: writes bench/results/service.json and service.md
-    python bench/run.py --quick    # ~1-2 minutes smoke run: writes bench/results/service_quick.{json,md}
+    python bench/run.py            # ~10 minutes: writes bench/results/service.json and service.md
+    python bench/run.py --quick    # 2-3 minute smoke run: writes bench/results/service_quick.{json,md}
 
-Everything runs on 127.0.0.1 and is stopped at the end, also on errors and Ctrl-C: a real Redis
-(the embedded redis-server, free port) pre-filled with --users full windows of real actions from the
-model's training data; the three servers, each one uvicorn worker (uvloop, httptools); the load generator
-(bench/loadgen.py) in its own process. Per round and server: closed loop at --connections for throughput
-and latency at saturation, then an open loop at a fixed offered rate (default half the ceiling's
-throughput) for latency at a realistic load. The model micro-benchmark (bench/model_bench.py) runs first.
+Everything runs on 127.0.0.1 and is stopped at the end, also on errors and Ctrl-C: a real Redis without
+persistence (the embedded redis-server, free port) pre-filled with --users full windows of real actions
+from the model's training data; the servers (see TARGETS and LABELS), each one process with one uvicorn
+worker (uvloop, httptools) unless its name says otherwise; the load generator (bench/loadgen.py) in its own
+process. Per round and server: a closed loop at --connections for throughput and latency at saturation,
+then an open loop (Poisson arrivals) at half of that server's own saturated throughput. The peer
+(bench/peer_service.py, BentoML) runs in its own virtual environment, bench/.venv-peer, made here on first
+use (bench/peer_env.py). The model micro-benchmark (bench/model_bench.py) runs first.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
 import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,12 +51,23 @@ from bench.harness import (
     wait_ready,
     write_json,
 )
+from bench.service_table import TARGETS, fmt, markdown, summarise
 
-TARGETS = ("ceiling", "nextact", "incremental", "torch")  # incremental: only with --incremental
-NEXTACTS = ("nextact", "incremental")  # the targets that are nextact itself
+# the targets that are nextact itself (they take --env); the peer and the PyTorch floor are not
+NEXTACTS = ("nextact-default", "nextact", "nextact-2w", "incremental")
 INCREMENTAL_PREFIX = "nextinc"  # its own copy of the population, with carried states
+KEY_PREFIX = "nextact"  # the population's windows: nextact's default NEXTACT_KEY_PREFIX
+# "tuned": settings beyond the defaults that measured faster (docs/performance.md, Levers); the external Redis
+# without persistence is the other half of "tuned"
+TUNED_ENV: dict[str, str] = {}
 BATCH_METRIC = "nextact_inference_batch_size"
+PEER_BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 PHASES = itertools.count(1)
+
+
+def batch_metric(name: str) -> str | None:
+    """The histogram of requests per model call on the target's /metrics (the floor runs nextact's app)."""
+    return None if name == "ceiling" else PEER_BATCH_METRIC if name == "peer" else BATCH_METRIC
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------
@@ -226,44 +237,87 @@ def loadgen(
     return json.loads(out.read_text())
 
 
-def scrape_batches(port: int) -> dict[str, Any] | None:
+def scrape_batches(port: int, metric: str | None) -> dict[str, Any] | None:
+    if metric is None:
+        return None
     try:
         status, body = http("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)
     except OSError:
         return None
     if status != 200:
         return None
-    hist = parse_histogram(body.decode(), BATCH_METRIC)
+    hist = parse_histogram(body.decode(), metric)
     return hist if hist["buckets"] else None
 
 
-def batch_stats(delta: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Batch sizes of one phase from the service's histogram: ORT calls per bucket, the exact mean, and the
-    approximate share of requests per bucket (each call counted at its bucket's midpoint, scaled to the
-    exact total of windows scored)."""
-    if not delta or not delta["count"]:
-        return None
-    edges = [0.0] + [float(le) for le in delta["per_bucket"] if le != "+Inf"]
-    rows: dict[str, float] = {}
-    for i, (le, calls) in enumerate(delta["per_bucket"].items()):
-        if le == "+Inf":
-            mid = edges[-1] * 1.5
-            label = f">{edges[-1]:.0f}"
-        else:
-            lo, hi = edges[i] + 1, edges[i + 1]
-            mid = (lo + hi) / 2
-            label = f"{hi:.0f}" if lo >= hi else f"{lo:.0f}-{hi:.0f}"
-        rows[label] = calls * mid
-    scale = delta["sum"] / (sum(rows.values()) or 1)
-    labels = list(rows)
-    calls_by = dict(zip(labels, delta["per_bucket"].values(), strict=True))
-    return {
-        "calls": delta["count"],
-        "windows": int(delta["sum"]),
-        "mean": delta["mean"],
-        "calls_by_bucket": calls_by,
-        "approx_request_share": {k: round(v * scale / delta["sum"], 4) for k, v in rows.items()},
-    }
+def own_stats(server_pid: int, redis_pid: int) -> dict[str, float]:
+    """process_tree_stats of the server, less its Redis when that is its own child (the embedded one)."""
+    import psutil
+
+    stats = process_tree_stats(server_pid)
+    try:
+        inside = redis_pid in {p.pid for p in psutil.Process(server_pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        inside = False
+    if inside:
+        r = process_tree_stats(redis_pid)
+        stats = {k: v - r[k] for k, v in stats.items()}
+    return stats
+
+
+def redis_child(server_pid: int, port: int) -> int | None:
+    """The pid of the Redis server (redis-server or valkey-server) the server started on `port`, if any."""
+    import psutil
+
+    try:
+        for p in psutil.Process(server_pid).children(recursive=True):
+            cmd = p.cmdline()
+            if "--port" in cmd and str(port) in cmd or any(c.endswith(f":{port}") for c in cmd):
+                return int(p.pid)
+    except psutil.NoSuchProcess:
+        pass
+    return None
+
+
+def redis_bytes_per_user(url: str, prefix: str) -> dict[str, Any]:
+    """MEMORY USAGE (SAMPLES 0: every element) of every key under `prefix`, per user (keys grouped by their
+    {hash tag}, one per user whatever the key layout), and the window lengths seen."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        users: set[bytes] = set()
+        total = keys = 0
+        batch: list[bytes] = []
+
+        def flush() -> None:
+            nonlocal total, keys
+            pipe = client.pipeline(transaction=False)
+            for k in batch:
+                pipe.memory_usage(k, samples=0)
+            for k, size in zip(batch, pipe.execute(), strict=True):
+                total += int(size or 0)
+                keys += 1
+                if b"{" in k:
+                    users.add(k[k.index(b"{") : k.index(b"}") + 1])
+            batch.clear()
+
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                flush()
+        if batch:
+            flush()
+        info = client.info("server")
+        return {
+            "prefix": prefix,
+            "users": len(users),
+            "keys": keys,
+            "bytes_per_user": round(total / len(users)) if users else None,
+            "server": f"{info.get('redis_version')} ({info.get('executable', '?').rsplit('/', 1)[-1]})",
+        }
+    finally:
+        client.close()
 
 
 def measure(
@@ -279,10 +333,11 @@ def measure(
     rate: float | None = None,
 ) -> dict[str, Any]:
     tag = f"p{next(PHASES)}-"  # event ids unique across the whole run: no request is a duplicate
-    before_batches = scrape_batches(port) if name in NEXTACTS else None
-    before, redis_before = process_tree_stats(server.pid), process_tree_stats(redis_pid)
+    metric = batch_metric(name)
+    before_batches = scrape_batches(port, metric)
+    before, redis_before = own_stats(server.pid, redis_pid), process_tree_stats(redis_pid)
     result = loadgen(port, templates, work / f"{name}-{mode}-{round_no}.json", mode, args, tag, rate)
-    after, redis_after = process_tree_stats(server.pid), process_tree_stats(redis_pid)
+    after, redis_after = own_stats(server.pid, redis_pid), process_tree_stats(redis_pid)
     if not server.alive():
         raise BenchError(f"{name} died under load; log {server.log_path}:\n{server.log_tail()}")
     # CPU per request counts warm-up requests too (the counter cannot tell them apart): an estimate
@@ -292,10 +347,11 @@ def measure(
     result["redis_cpu_ms_per_request"] = per_req(redis_after["cpu_s"] - redis_before["cpu_s"])
     result["server_rss_mib"] = after["rss_mib"]
     result["server_threads"] = after["threads"]
-    if name in NEXTACTS:
-        after_batches = scrape_batches(port)
-        if before_batches and after_batches:
-            result["batch_size"] = histogram_delta(before_batches, after_batches)
+    if rate is not None:
+        result["offered_rps"] = rate
+    after_batches = scrape_batches(port, metric)
+    if before_batches and after_batches:
+        result["batch_size"] = histogram_delta(before_batches, after_batches)
     bad = {k: v for k, v in result["statuses"].items() if not k.startswith("2")}
     if bad or result["errors"]:
         print(
@@ -305,228 +361,109 @@ def measure(
         )
     lat = result["latency_ms"]
     offered = f" of {rate:.0f} offered" if rate else ""
+    batch = result.get("batch_size", {}).get("mean")
     print(
-        f"    {name:8} {mode:6} {result['rps']:8.1f} req/s{offered}  p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  "
-        f"p99 {fmt(lat['p99'])} ms  server cpu {fmt(result['server_cpu_ms_per_request'], '.3f')} ms/req",
+        f"    {name:15} {mode:6} {result['rps']:8.1f} req/s{offered}  p50 {fmt(lat['p50'])}  "
+        f"p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])} ms  server cpu "
+        f"{fmt(result['server_cpu_ms_per_request'], '.3f')} ms/req  mean batch {fmt(batch)}",
         flush=True,
     )
     return result
 
 
-# ---- summary ------------------------------------------------------------------------------------------------
+# ---- the servers -------------------------------------------------------------------------------------------
 
 
-def median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return round(statistics.median(vals), 3) if vals else None
+def peer_description() -> str:
+    from bench.peer_env import PINS
 
-
-def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in TARGETS:
-        runs = [r[name] for r in rounds if name in r]
-        if not runs:
-            continue
-        s: dict[str, Any] = {}
-        for mode in ("closed", "open", "open_own"):
-            ms = [r[mode] for r in runs if mode in r]
-            if not ms:
-                continue
-            s[mode] = {
-                "rps": median([m["rps"] for m in ms]),
-                "offered_rps": median([m.get("offered_rps") for m in ms]),
-                **{q: median([m["latency_ms"][q] for m in ms]) for q in ("p50", "p90", "p99")},
-                "server_cpu_ms_per_request": median([m["server_cpu_ms_per_request"] for m in ms]),
-                "redis_cpu_ms_per_request": median([m["redis_cpu_ms_per_request"] for m in ms]),
-                "errors": sum(
-                    sum(m["errors"].values())
-                    + sum(v for k, v in m["statuses"].items() if not k.startswith("2"))
-                    for m in ms
-                ),
-            }
-        s["rss_mib"] = max(m["server_rss_mib"] for r in runs for m in r.values())
-        out[name] = s
-    c, n, i, t = (
-        out.get(k, {}).get("closed", {}).get("rps") for k in ("ceiling", "nextact", "incremental", "torch")
+    return (
+        f"bench/peer_service.py under `bentoml serve` (bench/.venv-peer: {', '.join(PINS)}), one worker process; "
+        "adaptive batching on: max_batch_size 64, max_latency_ms 10000 (BentoML's latency budget: requests "
+        "that would wait longer get 503); one batch at a time in one thread: nextact's append script for "
+        "every request of the batch in one Redis pipeline, one ONNX Runtime call (nextact's session options), "
+        "top-k"
     )
-    out["ratios"] = {
-        "nextact_over_ceiling": round(n / c, 3) if n and c else None,
-        "nextact_over_torch": round(n / t, 3) if n and t else None,
+
+
+def server_specs(
+    targets: list[str], art: Path, redis_url: str, work: Path, args: argparse.Namespace
+) -> dict[str, tuple[list[str], dict[str, str], int]]:
+    """Per target: the command, its environment and its port."""
+    extra = dict(e.split("=", 1) for e in args.env)
+    base = {
+        "NEXTACT_ARTIFACT_DIR": str(art),
+        "NEXTACT_LOG_LEVEL": "warning",
+        "NEXTACT_HOST": "127.0.0.1",
+        "NEXTACT_WORKERS": "1",
     }
-    if i:
-        cpu = {
-            k: out[k]["closed"]["server_cpu_ms_per_request"] for k in ("nextact", "incremental") if k in out
-        }
-        out["ratios"] |= {
-            "incremental_over_ceiling": round(i / c, 3) if c else None,
-            "incremental_over_nextact": round(i / n, 3) if n else None,
-            "nextact_cpu_over_incremental_cpu": (
-                round(cpu["nextact"] / cpu["incremental"], 3)
-                if len(cpu) == 2 and cpu["incremental"]
-                else None
-            ),
-        }
-    return out
+    specs = {}
+    for name in targets:
+        port = free_port()
+        env = {**base, "NEXTACT_PORT": str(port), "NEXTACT_REDIS_URL": redis_url}
+        cmd = [sys.executable, "-m", "app"]
+        if name == "nextact-default":  # what a newcomer gets: no Redis URL, so nextact starts its own
+            del env["NEXTACT_REDIS_URL"]
+            env |= {
+                "NEXTACT_DATA_DIR": str(work / "default-data"),
+                "NEXTACT_EMBEDDED_REDIS_PORT": str(free_port()),
+            }
+        elif name in ("nextact", "nextact-2w", "incremental"):
+            env |= TUNED_ENV
+            if name == "nextact-2w":
+                env["NEXTACT_WORKERS"] = "2"
+            if name == "incremental":
+                env |= {"NEXTACT_INCREMENTAL_STATE": "true", "NEXTACT_KEY_PREFIX": INCREMENTAL_PREFIX}
+        elif name == "ceiling":
+            cmd = [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling", "--port", str(port)]
+        elif name == "torch":
+            cmd = [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "torch", "--port", str(port)]
+            cmd += ["--artifact-dir", str(art)]
+        elif name == "peer":
+            from bench import peer_env
 
-
-def batch_histogram(rounds: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """nextact's batch sizes in one kind of phase, all rounds together."""
-    total: dict[str, Any] | None = None
-    for r in rounds:
-        h = r.get("nextact", {}).get(mode, {}).get("batch_size")
-        if not h:
-            continue
-        if total is None:
-            total = {"per_bucket": dict.fromkeys(h["per_bucket"], 0), "count": 0, "sum": 0.0}
-        for le, c in h["per_bucket"].items():
-            total["per_bucket"][le] = total["per_bucket"].get(le, 0) + c
-        total["count"] += h["count"]
-        total["sum"] += h["sum"]
-    if total and total["count"]:
-        total["mean"] = round(total["sum"] / total["count"], 2)
-    return batch_stats(total)
-
-
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)
-
-
-def markdown(res: dict[str, Any]) -> str:
-    m, s, mach, cfg = res["model"], res["summary"], res["machine"], res["config"]
-    rate = res["open_loop_rate"]
-    rate_note = "" if cfg["rate"] else " (half the ceiling's closed-loop throughput)"
-    lines = [
-        f"# nextact service benchmark ({'quick' if cfg['quick'] else 'full'})",
-        "",
-        (
-            f"- date: {mach['date']}; machine: {mach['cpu']}, {mach['cpu_count']} CPUs "
-            f"({mach.get('memory_gib', '?')} GiB), {mach['os']}, Python {mach['python']}"
-        ),
-        (
-            f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
-            "(the load generator and Redis share these CPUs with the server)"
-        ),
-        (
-            f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, "
-            f"embedding {m['embedding']}, hidden {m['hidden']}, {m['layers']} layer(s) ({m['version']}), "
-            f"served from {cfg['artifact_dir']}"
-        ),
-        (
-            f"- population: {cfg['users']:,} users with full windows of real actions from {cfg['population_data']}; "
-            "each request posts one event (random user, real action, unique event_id) and asks k=10"
-        ),
-        (
-            f"- one uvicorn worker each (uvloop, httptools); closed loop: {cfg['connections']} connections; "
-            f"open loop: Poisson arrivals at {rate:.0f} req/s{rate_note}; "
-            f"{cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; median of {cfg['rounds']} round(s)"
-        ),
-        f"- command: `{cfg['command']}`",
-        "",
-        (
-            "| server | req/s at 64 conn | p50 | p90 | p99 ms (saturated) | open loop: answered req/s | p50 | p90 "
-            "| p99 ms (open loop) | server CPU ms/req | Redis CPU ms/req | RSS MiB |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    labels = {
-        "ceiling": "bare FastAPI (ceiling)",
-        "nextact": "**nextact**",
-        "torch": "FastAPI + PyTorch eager",
-        "incremental": "nextact (incremental state)",
-    }
-    for name in TARGETS:
-        if name not in s:
-            continue
-        c, o = s[name].get("closed", {}), s[name].get("open", {})
-        answered = fmt(o.get("rps"), ",.0f")
-        if o.get("rps") is not None and o.get("offered_rps") and o["rps"] < 0.95 * o["offered_rps"]:
-            answered += " (overloaded)"
-        cells = [
-            fmt(c.get("rps"), ",.0f"),
-            *(fmt(c.get(q)) for q in ("p50", "p90", "p99")),
-            answered,
-            *(fmt(o.get(q)) for q in ("p50", "p90", "p99")),
-            fmt(c.get("server_cpu_ms_per_request"), ".3f"),
-            fmt(c.get("redis_cpu_ms_per_request"), ".3f"),
-            fmt(s[name]["rss_mib"], ".0f"),
-        ]
-        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    r = s["ratios"]
-    t = res["targets"]
-    lines += [
-        "",
-        (
-            f"nextact / ceiling = **{r['nextact_over_ceiling']}** (target >= 0.6, stretch 0.8: "
-            f"{'met' if t['ceiling_ratio_met'] else 'not met'}); nextact / PyTorch = **{r['nextact_over_torch']}** "
-            f"(target >= 3: {'met' if t['torch_ratio_met'] else 'not met'}); nextact p99 at {rate:.0f} req/s = "
-            f"**{s.get('nextact', {}).get('open', {}).get('p99')} ms** (target <= 10 ms: "
-            f"{'met' if t['p99_met'] else 'not met'})."
-        ),
-    ]
-    if r.get("incremental_over_nextact"):
-        lines += [
-            "",
-            (
-                f"nextact (incremental state) / nextact = **{r['incremental_over_nextact']}** in req/s, "
-                f"**{r['nextact_cpu_over_incremental_cpu']}x** less server CPU per request; "
-                f"/ ceiling = {r['incremental_over_ceiling']}."
-            ),
-        ]
-    own = s.get("nextact", {}).get("open_own")
-    if own:
-        lines += [
-            "",
-            (
-                f"nextact at half its own throughput ({own['offered_rps']:.0f} req/s offered, Poisson): "
-                f"p50 {fmt(own['p50'])} ms, p90 {fmt(own['p90'])} ms, p99 {fmt(own['p99'])} ms, "
-                f"{fmt(own['rps'], ',.0f')} req/s answered."
-            ),
-        ]
-    hists = {mode: h for mode, h in res["batch_size_histogram"].items() if h}
-    if hists:
-        buckets = [
-            b
-            for b in next(iter(hists.values()))["approx_request_share"]
-            if any(h["approx_request_share"].get(b) for h in hists.values())
-        ]
-        labels = {
-            "closed": "saturated (64 connections)",
-            "open": f"open loop, {rate:.0f} req/s",
-            "open_own": "open loop, half nextact's throughput",
-        }
-        lines += [
-            "",
-            (
-                "nextact micro-batches, from its nextact_inference_batch_size histogram on /metrics: ONNX "
-                "Runtime calls, mean windows per call, and the approximate share of requests served in a "
-                "batch of each size"
-            ),
-            "",
-            "| phase | ORT calls | mean batch | " + " | ".join(buckets) + " |",
-            "|---|---:|---:|" + "---:|" * len(buckets),
-        ]
-        for mode, h in hists.items():
-            shares = " | ".join(f"{h['approx_request_share'][b]:.0%}" for b in buckets)
-            lines.append(f"| {labels.get(mode, mode)} | {h['calls']:,} | {h['mean']} | {shares} |")
-    else:
-        lines += ["", "Batch sizes: not available (no nextact_inference_batch_size histogram on /metrics)."]
-    if res.get("model_bench_markdown"):
-        lines += [
-            "",
-            "## Model micro-benchmark (same model, one process, no HTTP)",
-            "",
-            res["model_bench_markdown"],
-        ]
-    return "\n".join(lines) + "\n"
+            try:
+                bentoml = peer_env.ensure()
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                raise BenchError(
+                    f"{e}\n(leave the peer out with --targets, e.g. --targets nextact,ceiling)"
+                ) from e
+            cmd = [
+                str(bentoml),
+                "serve",
+                "bench.peer_service:Peer",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+            cmd += ["--working-dir", str(ROOT)]
+            env = {
+                "PEER_ARTIFACT_DIR": str(art),
+                "PEER_REDIS_URL": redis_url,
+                "PEER_KEY_PREFIX": KEY_PREFIX,
+                "BENTOML_HOME": str(work / "bentoml"),
+                "BENTOML_DO_NOT_TRACK": "true",
+            }
+        if name in NEXTACTS:
+            env |= extra
+        specs[name] = (cmd, env, port)
+    return specs
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1-2 minute smoke run (1 round, short phases)")
-    p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
+    p.add_argument("--quick", action="store_true", help="2-3 minute smoke run (1 round, short phases)")
+    p.add_argument(
+        "--artifact-dir",
+        type=Path,
+        default=ROOT / "artifacts" / "beauty",
+        help="the model to serve; trained here on --data (default examples/beauty_sample.csv: item_id, "
+        "window 50, --train-epochs) when the directory holds none, e.g. artifacts/beauty_sample",
+    )
     p.add_argument("--data", type=Path, help="events for the population (default: the model's training file)")
     p.add_argument(
         "--train-epochs", type=int, default=3, help="epochs when the model has to be trained first"
@@ -537,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--open-connections", type=int, default=64)
-    p.add_argument("--rate", type=float, help="open-loop offered rate (default: half the ceiling's req/s)")
+    p.add_argument(
+        "--rate", type=float, help="open-loop offered rate for every server (default: half its own req/s)"
+    )
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
@@ -545,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--targets",
         default=",".join(t for t in TARGETS if t != "incremental"),
-        help="servers to load (incremental is added by --incremental)",
+        help=f"servers to load, of {', '.join(TARGETS)} (incremental is added by --incremental)",
     )
     p.add_argument("--skip-model-bench", action="store_true")
     p.add_argument(
@@ -559,16 +498,43 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra environment for the nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)",
+        help="extra environment for every nextact server (e.g. NEXTACT_INTRA_OP_THREADS=1)",
     )
     p.add_argument(
         "--out", type=Path, help="results path without suffix (default bench/results/service[_quick])"
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
+    unknown = set(args.targets.split(",")) - set(TARGETS)
+    if unknown:
+        p.error(f"--targets: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     if args.quick:
         args.duration, args.warmup, args.rounds = min(args.duration, 5.0), min(args.warmup, 1.5), 1
+    return args
+
+
+def model_bench(art: Path, work: Path, quick: bool) -> tuple[dict[str, Any], str]:
+    print("==> model micro-benchmark (ONNX Runtime vs PyTorch eager)", flush=True)
+    mb = work / "model_bench.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "model_bench.py"),
+        "--artifact-dir",
+        str(art),
+        "--json",
+        str(mb),
+    ]
+    cmd += ["--budget-s", "0.2" if quick else "0.6", "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=600, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"model_bench.py failed:\n{done.stderr[-2000:]}")
+    print(done.stdout, flush=True)
+    return json.loads(mb.read_text()), done.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
     targets = [
         t for t in TARGETS if t in args.targets.split(",") + (["incremental"] if args.incremental else [])
@@ -577,14 +543,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.manifest import read_manifest
     from app.redis_server import EmbeddedRedis
+    from bench.harness import make_windows
+    from bench.service_table import targets as judge
 
     art = ensure_artifact(args)
     manifest = read_manifest(art)
     data, col = population_source(manifest, args)
     rng = random.Random(args.seed)
     sequences = read_sequences(data, col)
-    from bench.harness import make_windows
-
     windows = make_windows(sequences, args.users, manifest.window, rng)
     work = Path(tempfile.mkdtemp(prefix="nextact-bench-"))
     print(f"==> scratch directory {work} (logs, Redis data): removed after a successful run", flush=True)
@@ -604,42 +570,24 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "targets": targets,
+            "tuned_env": TUNED_ENV,
             "population_data": str(data),
-            "command": " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         },
-        "notes": "Load generator, Redis and the server share the machine's CPUs; 'server CPU ms/req' is the "
-        "server process's own CPU time per request (all its threads) and is the least noisy figure.",
+        "notes": "Load generator, Redis and the servers share the machine's CPUs; 'server CPU ms/req' is the "
+        "server's own CPU time per request (all its processes and threads, less nextact-default's embedded "
+        "Redis, which is counted as Redis) and is the least noisy figure.",
     }
+    if "peer" in targets:
+        result["peer"] = {"description": peer_description()}
     if not args.skip_model_bench:
-        print("==> model micro-benchmark (ONNX Runtime vs PyTorch eager)", flush=True)
-        mb = work / "model_bench.json"
-        budget = "0.2" if args.quick else "0.6"
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "model_bench.py"),
-                "--artifact-dir",
-                str(art),
-                "--json",
-                str(mb),
-                "--budget-s",
-                budget,
-                "--quiet",
-            ],
-            cwd=ROOT,
-            timeout=600,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"model_bench.py failed:\n{done.stderr[-2000:]}")
-        result["model_bench"] = json.loads(mb.read_text())
-        result["model_bench_markdown"] = done.stdout.strip()
-        print(done.stdout, flush=True)
+        result["model_bench"], result["model_bench_markdown"] = model_bench(art, work, args.quick)
 
     children: list[Child] = []
-    redis = EmbeddedRedis(work / "redis", port=0, appendfsync="everysec")
+    # the shared Redis: no persistence (what "tuned" means for nextact; the same for the peer and the floor)
+    redis = EmbeddedRedis(work / "redis", port=0, extra_args=["--appendonly", "no"])
+    memory: dict[str, Any] = {}
     try:
         redis.start()
         assert redis.process is not None
@@ -647,117 +595,63 @@ def main(argv: list[str] | None = None) -> int:
             f"==> Redis on {redis.url}: pre-filling {args.users:,} users x {manifest.window} events from {data}",
             flush=True,
         )
-        seconds = asyncio.run(prefill(redis.url, windows, manifest.window))
-        result["prefill_seconds"] = round(seconds, 2)
+        result["prefill_seconds"] = round(asyncio.run(prefill(redis.url, windows, manifest.window)), 2)
         if "incremental" in targets:
             stepped = ensure_step(art)
             print(f"==> the same users again under {INCREMENTAL_PREFIX}: with states", flush=True)
             seconds = asyncio.run(prefill(redis.url, windows, manifest.window, INCREMENTAL_PREFIX, stepped))
             result["prefill_incremental_seconds"] = round(seconds, 2)
 
-        ports = {name: free_port() for name in targets}
-        env_base = {
-            "NEXTACT_REDIS_URL": redis.url,
-            "NEXTACT_ARTIFACT_DIR": str(art),
-            "NEXTACT_LOG_LEVEL": "warning",
-            "NEXTACT_HOST": "127.0.0.1",
-            "NEXTACT_WORKERS": "1",
-        }
-        extra = dict(e.split("=", 1) for e in args.env)
-        cmds = {
-            "nextact": [sys.executable, "-m", "app"],
-            "incremental": [sys.executable, "-m", "app"],
-            "ceiling": [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling"],
-            "torch": [
-                sys.executable,
-                str(ROOT / "bench" / "baseline_apps.py"),
-                "torch",
-                "--artifact-dir",
-                str(art),
-            ],
-        }
+        specs = server_specs(targets, art, redis.url, work, args)
         servers: dict[str, Child] = {}
-        for name in targets:
-            env = {**env_base, "NEXTACT_PORT": str(ports[name]), **(extra if name in NEXTACTS else {})}
-            if name == "incremental":
-                env |= {"NEXTACT_INCREMENTAL_STATE": "true", "NEXTACT_KEY_PREFIX": INCREMENTAL_PREFIX}
-            cmd = cmds[name] + ([] if name in NEXTACTS else ["--port", str(ports[name])])
+        for name, (cmd, env, _) in specs.items():
             servers[name] = Child(name, cmd, work / f"{name}.log", env).start()
             children.append(servers[name])
+        redis_pids = dict.fromkeys(targets, redis.process.pid)
+        own_urls: dict[str, str] = {}
         for name in targets:
-            wait_ready(servers[name], ports[name], probe(templates, f"probe{name[0]}"))
-        print(f"==> servers ready: {', '.join(f'{n} :{ports[n]}' for n in targets)}", flush=True)
+            wait_ready(servers[name], specs[name][2], probe(templates, f"probe{name[0]}"), timeout=180)
+            if name == "nextact-default":  # its own embedded Redis: the same population there
+                own_port = int(specs[name][1]["NEXTACT_EMBEDDED_REDIS_PORT"])
+                pid = redis_child(servers[name].pid, own_port)
+                if pid is None:
+                    raise BenchError(
+                        f"nextact-default started no embedded Redis; log {servers[name].log_path}"
+                    )
+                redis_pids[name] = pid
+                own_urls[name] = f"redis://127.0.0.1:{own_port}/0"
+                print(f"==> pre-filling nextact-default's embedded Redis ({own_urls[name]})", flush=True)
+                asyncio.run(prefill(own_urls[name], windows, manifest.window))
+        print(f"==> servers ready: {', '.join(f'{n} :{specs[n][2]}' for n in targets)}", flush=True)
 
-        rate = args.rate
         rounds: list[dict[str, Any]] = []
         for r in range(1, args.rounds + 1):
             print(f"==> round {r}/{args.rounds}", flush=True)
             this: dict[str, Any] = {}
             for name in targets:
-                this[name] = {
-                    "closed": measure(
-                        name,
-                        servers[name],
-                        ports[name],
-                        redis.process.pid,
-                        templates,
-                        work,
-                        "closed",
-                        args,
-                        r,
-                    )
-                }
-                if rate is None:
-                    base = this.get("ceiling", this[name])["closed"]["rps"]
-                    rate = max(10.0, round(base / 2, -1))
-            for name in targets:
-                this[name]["open"] = measure(
-                    name,
-                    servers[name],
-                    ports[name],
-                    redis.process.pid,
-                    templates,
-                    work,
-                    "open",
-                    args,
-                    r,
-                    rate,
-                )
-            if "nextact" in this and not args.quick:
-                # latency where nextact itself is half busy, whatever the ceiling is
-                own = max(10.0, round(this["nextact"]["closed"]["rps"] / 2, -1))
-                this["nextact"]["open_own"] = measure(
-                    "nextact",
-                    servers["nextact"],
-                    ports["nextact"],
-                    redis.process.pid,
-                    templates,
-                    work,
-                    "open",
-                    args,
-                    r,
-                    own,
-                )
-                this["nextact"]["open_own"]["offered_rps"] = own
+                run = (name, servers[name], specs[name][2], redis_pids[name], templates, work)
+                this[name] = {"closed": measure(*run, "closed", args, r)}
+                rate = args.rate or max(10.0, round(this[name]["closed"]["rps"] / 2, -1))
+                this[name]["open"] = measure(*run, "open", args, r, rate)
             rounds.append(this)
-        result["open_loop_rate"] = rate
         result["rounds"] = rounds
+        print("==> Redis memory per user (MEMORY USAGE of every key)", flush=True)
+        shared = redis_bytes_per_user(redis.url, KEY_PREFIX)
+        memory = {t: shared for t in targets if t not in ("ceiling", "nextact-default", "incremental")}
+        result["redis_memory"] = {"shared Redis": shared}
+        if "nextact-default" in own_urls:
+            memory["nextact-default"] = redis_bytes_per_user(own_urls["nextact-default"], KEY_PREFIX)
+            result["redis_memory"]["nextact-default's embedded Redis"] = memory["nextact-default"]
+        if "incremental" in targets:
+            memory["incremental"] = redis_bytes_per_user(redis.url, INCREMENTAL_PREFIX)
+            result["redis_memory"]["shared Redis, incremental state"] = memory["incremental"]
     finally:
         for child in children:
             child.stop()
         redis.stop()
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["summary"] = summary = summarise(rounds)
-    result["batch_size_histogram"] = {
-        mode: batch_histogram(rounds, mode) for mode in ("closed", "open", "open_own")
-    }
-    ratios = summary["ratios"]
-    p99 = summary.get("nextact", {}).get("open", {}).get("p99")
-    result["targets"] = {
-        "ceiling_ratio_met": bool(ratios["nextact_over_ceiling"] and ratios["nextact_over_ceiling"] >= 0.6),
-        "torch_ratio_met": bool(ratios["nextact_over_torch"] and ratios["nextact_over_torch"] >= 3),
-        "p99_met": bool(p99 is not None and p99 <= 10),
-    }
+    result["summary"] = summary = summarise(rounds, memory)
+    result["targets"] = judge(summary, memory)
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     write_json(out.with_suffix(".json"), result)
     out.with_suffix(".md").write_text(markdown(result))
