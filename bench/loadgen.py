@@ -198,10 +198,11 @@ async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
         while i < len(due):
             now = time.perf_counter()
             while i < len(due) and due[i] <= now:
-                # timer wake-ups are ~1 ms coarse: latency counts from this dispatch, not the due time, and
-                # the lag is reported; waiting for a free connection still counts (no coordinated omission)
+                # latency counts from the due time, so the load generator's own lag (timer wake-ups are
+                # ~1 ms coarse; on a shared machine the server takes its CPU) and waiting for a free
+                # connection both count against the server: no coordinated omission. The lag is reported.
                 lags.append(now - due[i])
-                queue.put_nowait((i, max(due[i], now)))
+                queue.put_nowait((i, due[i]))
                 i += 1
             if i < len(due):
                 # never spin: a sub-millisecond sleep returns at once on uvloop and would burn a core
