@@ -106,12 +106,19 @@ class Settings(BaseSettings):
     )
 
     incremental_state: bool = Field(
-        False,
+        True,
         description="Keep each user's recurrent state in Redis and score a new event with the single-step graph "
-        "(step.onnx, when the artifact has one) instead of re-reading the window. Off: every request recomputes "
-        "the window.",
+        "(step.onnx) instead of recomputing the window. Applies only where the artifact has a step graph (else "
+        "the window is recomputed) and, left at this default, not beside a candidate model. false: every request "
+        "recomputes the window.",
     )
 
+    gc_tuning: bool = Field(
+        True,
+        description="After start-up, freeze the heap built so far (model, routes, schemas) out of the garbage "
+        "collector's reach and collect young objects less often (gc.freeze, gc.set_threshold(50000, 20, 100)): "
+        "no long collection pauses mid-request. false: Python's defaults.",
+    )
     log_level: str = Field("info", description="Python log level.")
     stage_timings: bool = Field(
         False,
