@@ -90,7 +90,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(asyncio.to_thread, embedded.stop)
             url = embedded.url
         redis = connect(
-            url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries
+            url,
+            settings.redis_max_connections,
+            settings.redis_timeout_seconds,
+            settings.redis_retries,
+            settings.redis_pipeline_max,
         )
         # a parent `python -m app` with several workers starts the embedded server and passes its URL on
         redis.embedded = embedded_here or os.environ.get(EMBEDDED_URL_ENV) == url

@@ -115,6 +115,9 @@ class DirectCommands:
             raise RedisConnectionError("the Redis client is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._max_pipeline == 1:  # coalescing off: this call alone, at once
+            await self._send([(args, future)])
+            return future.result()
         if not self._pending:  # the first call of this iteration: flush once the iteration's callers are in
             loop.call_soon(self._flush)
         self._pending.append((args, future))
@@ -254,11 +257,14 @@ def redacted_address(url: str) -> str:
     return f"{host}:{parts.port or 6379}"
 
 
-def connect(url: str, max_connections: int, timeout_seconds: float, retries: int) -> RedisConnection:
+def connect(
+    url: str, max_connections: int, timeout_seconds: float, retries: int, max_pipeline: int = 64
+) -> RedisConnection:
     """A client for `url` with bounded timeouts, a pool of `max_connections` and a short retry on errors.
 
     redis+cluster://host:port[,...] uses redis-py's cluster client (max_connections per node); every
-    other scheme a single-server client whose pool makes callers wait (up to the timeout) for a connection.
+    other scheme a single-server client whose pool makes callers wait (up to the timeout) for a connection;
+    its script calls are coalesced into pipelines of at most `max_pipeline` (1: one round trip per call).
     """
     scheme = urlsplit(url).scheme
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=BACKOFF_CAP_SECONDS), retries)
@@ -275,5 +281,8 @@ def connect(url: str, max_connections: int, timeout_seconds: float, retries: int
         url, max_connections=max_connections, timeout=timeout_seconds, **common
     )
     return RedisConnection(
-        Redis.from_pool(pool), redacted_address(url), cluster=False, direct=DirectCommands(pool, retries)
+        Redis.from_pool(pool),
+        redacted_address(url),
+        cluster=False,
+        direct=DirectCommands(pool, retries, max_pipeline),
     )

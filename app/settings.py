@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         le=10,
         description="Retries of a Redis call after a connection error or timeout (short backoff).",
     )
+    redis_pipeline_max: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Most script calls (appends, reads, state saves) of concurrent requests sent to Redis as one "
+        "pipeline: the calls issued in one event-loop turn share a round trip (and, with appendfsync always, "
+        "an fsync). 1: one round trip per call. A single server only; on a cluster each call goes on its own.",
+    )
     key_prefix: str = Field(
         "nextact",
         min_length=1,

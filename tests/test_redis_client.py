@@ -90,3 +90,18 @@ async def test_a_closed_client_fails_pending_calls(redis_url: str) -> None:
         await call
     with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
         await direct.execute("PING")
+
+
+async def test_pipeline_max_one_sends_each_call_on_its_own(redis_url: str) -> None:
+    connection = connect(redis_url, max_connections=8, timeout_seconds=2, retries=0, max_pipeline=1)
+    direct = _direct(connection)
+    try:
+        got = await asyncio.gather(
+            *(direct.execute("ECHO", str(i)) for i in range(5)),
+            direct.execute("NOPE"),
+            return_exceptions=True,
+        )
+        assert got[:5] == [str(i).encode() for i in range(5)] and isinstance(got[5], ResponseError)
+        assert (direct.pipelines, direct.pipelined) == (6, 6)
+    finally:
+        await connection.close()
