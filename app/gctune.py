@@ -23,16 +23,19 @@ THRESHOLD = (50_000, 20, 100)
 
 _holders = 0  # lifespans in this process that hold the tuning (tests run several apps in one process)
 _saved: tuple[int, int, int] | None = None
+_collected = False  # the full collection before the first freeze: once per process (~1 s with torch)
 
 
 @contextmanager
 def frozen_heap(threshold: tuple[int, int, int] = THRESHOLD) -> Iterator[None]:
-    """Collect once, freeze what survives, raise the thresholds; undo both when the last holder exits."""
-    global _holders, _saved
+    """Collect (once per process), freeze what survives, raise the thresholds; undo when the last holder exits."""
+    global _holders, _saved, _collected
     if _holders == 0:
         _saved = gc.get_threshold()
     _holders += 1
-    gc.collect()
+    if not _collected:
+        gc.collect()
+        _collected = True
     gc.freeze()
     gc.set_threshold(*threshold)
     log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), threshold)
