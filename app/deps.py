@@ -15,6 +15,7 @@ from app.model import Prediction, ServingModel, StepRequest
 from app.quality import DEPTH, LiveQuality, PredictionLog, pack, score_event
 from app.redis_client import RedisConnection
 from app.settings import Settings
+from app.statesave import StateSaver
 from app.windows import AppendResult, NewEvent, WindowStore
 
 
@@ -30,6 +31,7 @@ class Services:
     step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None  # incremental state on
     quality: LiveQuality | None = None  # NEXTACT_LIVE_QUALITY on
     prediction_log: PredictionLog | None = None
+    state_saver: StateSaver | None = None  # incremental state on: new states are stored behind the answer
 
     @property
     def capacity(self) -> int:
@@ -62,7 +64,8 @@ class Services:
 
         Incremental: the append returns the stored state when it covers the window before these events; the
         step graph then runs over the new events only (else over the window from the zero state), and the new
-        state is stored unless another event for the user arrived meanwhile (then the next append rebuilds).
+        state is stored behind the answer unless another event for the user arrived meanwhile (then the next
+        append rebuilds).
         Live quality: the append also hands back the predictions stored for the window before it, which score
         the first new event; the new predictions are stored behind the answer.
         """
@@ -76,14 +79,20 @@ class Services:
             timings.mark("redis_end")
             prediction = await timings.submit(self.batcher, (model, stored.actions, k, filters))
         else:
+            if self.state_saver is not None:
+                await self.state_saver.settle(user_id)
+            timings.mark("redis_start")
             got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
+            timings.mark("redis_end")
             stored = got.result
             if not stored.accepted:  # only duplicates: the stored state (if any) still covers the window
-                prediction = await self.batcher.submit((model, stored.actions, k, filters))
+                prediction = await timings.submit(self.batcher, (model, stored.actions, k, filters))
             else:
                 request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version, filters)
-                prediction, state = await self.step_batcher.submit(request)
-                if state is not None:
+                prediction, state = await timings.submit(self.step_batcher, request)
+                if state is not None and self.state_saver is not None:  # behind the answer
+                    self.state_saver.save(user_id, got.seq, prediction.model_version, state)
+                elif state is not None:
                     await self.store.save_state(user_id, got.seq, prediction.model_version, state)
         if self.quality is not None and self.prediction_log is not None:
             score_event(self.quality, stored.last, events, served.by_version)

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
-from app import routes, timings
+from app import gctune, routes, timings
 from app.batching import Batcher
 from app.candidate import Models, PredictRequest, predict_mixed
 from app.deps import Services
@@ -28,6 +28,7 @@ from app.redis_server import EmbeddedRedis
 from app.reload import Reloader, ReloadError, load_and_check
 from app.security import ApiKeyAuth, FailedAuthLimiter
 from app.settings import EMBEDDED_URL_ENV, Settings, get_settings, redis_problem
+from app.statesave import StateSaver
 from app.windows import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics.multiprocess_dir is not None
         ):  # live gauges (in flight, model info) forget this worker on exit
             stack.callback(mark_process_dead, os.getpid(), metrics.multiprocess_dir)
+        incremental = _incremental(settings)
         load = partial(_load_checked, device=settings.device, intra_op_threads=settings.intra_op_threads)
-        if settings.incremental_state:  # off: the same call as before the option existed
+        if incremental:  # off: the same call as before the option existed
             load = partial(load, incremental=True)
         if settings.live_quality:
             load = partial(load, rank_depth=DEPTH)
-        if settings.incremental_state and settings.candidate_artifact_dir is not None:
-            raise ModelLoadError(
-                "NEXTACT_CANDIDATE_ARTIFACT_DIR cannot be used with NEXTACT_INCREMENTAL_STATE=true (the carried "
-                "state is per model): unset one of them"
-            )
         try:
             model = await asyncio.to_thread(load, settings.artifact_dir)
             candidate = None
@@ -93,7 +90,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(asyncio.to_thread, embedded.stop)
             url = embedded.url
         redis = connect(
-            url, settings.redis_max_connections, settings.redis_timeout_seconds, settings.redis_retries
+            url,
+            settings.redis_max_connections,
+            settings.redis_timeout_seconds,
+            settings.redis_retries,
+            settings.redis_pipeline_max,
         )
         # a parent `python -m app` with several workers starts the embedded server and passes its URL on
         redis.embedded = embedded_here or os.environ.get(EMBEDDED_URL_ENV) == url
@@ -129,7 +130,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         stack.push_async_callback(batcher.close)
         step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
-        if settings.incremental_state:
+        state_saver = None
+        if incremental:
 
             def advance(batch: list[StepRequest]) -> list[tuple[Prediction, bytes | None]]:
                 return holder.current.advance(batch)
@@ -142,6 +144,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 name="nextact-step",
             )
             stack.push_async_callback(step_batcher.close)
+            state_saver = StateSaver(store, metrics)
+            stack.push_async_callback(state_saver.drain)  # before the batcher and Redis close
         if settings.rate_limit_requests:
             app.state.rate_limiter = RateLimiter(
                 redis.client,
@@ -191,7 +195,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             step_batcher,
             quality if settings.live_quality else None,
             prediction_log,
+            state_saver,
         )
+        if settings.gc_tuning:  # last: everything start-up built is in the frozen heap
+            stack.enter_context(gctune.frozen_heap())
         log.info(
             "nextact ready: model %s, Redis at %s, window %d",
             model.version,
@@ -199,6 +206,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.services.capacity,
         )
         yield
+
+
+def _incremental(settings: Settings) -> bool:
+    """Incremental state for this process: on unless turned off, or left at its default beside a candidate."""
+    if not settings.incremental_state:
+        return False
+    if settings.candidate_artifact_dir is None:
+        return True
+    if "incremental_state" in settings.model_fields_set:
+        raise ModelLoadError(
+            "NEXTACT_CANDIDATE_ARTIFACT_DIR cannot be used with NEXTACT_INCREMENTAL_STATE=true (the carried "
+            "state is per model): unset one of them"
+        )
+    log.info("incremental state off: a candidate model is configured (the carried state is per model)")
+    return False
 
 
 def _load_checked(

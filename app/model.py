@@ -395,7 +395,7 @@ def load_model(
     if incremental and manifest.step is not None:
         step = _step_session(artifact_dir, manifest.step, device, intra_op_threads)
     elif incremental:
-        log.warning(
+        log.info(
             "NEXTACT_INCREMENTAL_STATE is on but %s has no step graph (python -m training.step "
             "--artifact %s): recomputing every window",
             artifact_dir,

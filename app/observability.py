@@ -177,6 +177,15 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.state_saves = Counter(
+            "state_saves",
+            "Incremental state written behind the answer, by outcome: stored, stale (another event arrived "
+            "first), failed (Redis refused or was unreachable; logged), dropped (too many saves in flight). "
+            "Anything but stored makes the user's next append rebuild the state from the window.",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
         self.model_info = Gauge(
             "model_info",
             "The model being served (value 1); labels carry its version.",

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         le=10,
         description="Retries of a Redis call after a connection error or timeout (short backoff).",
     )
+    redis_pipeline_max: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Most script calls (appends, reads, state saves) of concurrent requests sent to Redis as one "
+        "pipeline: the calls issued in one event-loop turn share a round trip (and, with appendfsync always, "
+        "an fsync). 1: one round trip per call. A single server only; on a cluster each call goes on its own.",
+    )
     key_prefix: str = Field(
         "nextact",
         min_length=1,
@@ -106,12 +114,19 @@ class Settings(BaseSettings):
     )
 
     incremental_state: bool = Field(
-        False,
+        True,
         description="Keep each user's recurrent state in Redis and score a new event with the single-step graph "
-        "(step.onnx, when the artifact has one) instead of re-reading the window. Off: every request recomputes "
-        "the window.",
+        "(step.onnx) instead of recomputing the window. Applies only where the artifact has a step graph (else "
+        "the window is recomputed) and, left at this default, not beside a candidate model. false: every request "
+        "recomputes the window.",
     )
 
+    gc_tuning: bool = Field(
+        True,
+        description="After start-up, freeze the heap built so far (model, routes, schemas) out of the garbage "
+        "collector's reach and collect young objects less often (gc.freeze, gc.set_threshold(50000, 20, 100)): "
+        "no long collection pauses mid-request. false: Python's defaults.",
+    )
     log_level: str = Field("info", description="Python log level.")
     stage_timings: bool = Field(
         False,

@@ -159,3 +159,5 @@ async def test_candidate_with_incremental_state_is_refused_at_start(
         ):
             pass
     assert not redis.Redis.from_url(redis_url).keys("*")
+    async with running_app(behavior_artifact, redis_url, candidate_artifact_dir=candidate) as (app, _):
+        assert app.state.services.step_batcher is None  # left at its default, it is off beside a candidate

@@ -219,7 +219,7 @@ async def _twins(
     out = []
     async with (
         running_app(artifact, redis_url, incremental_state=True, key_prefix="on") as (_, on),
-        running_app(artifact, redis_url, key_prefix="off") as (_, off),
+        running_app(artifact, redis_url, incremental_state=False, key_prefix="off") as (_, off),
     ):
         for batch in events:
             out.append((await _post(on, "u1", batch, k), await _post(off, "u1", batch, k)))
@@ -253,9 +253,11 @@ async def test_the_stored_state_is_what_the_next_event_steps_from(
     m = read_manifest(behavior_step)
     stream = _stream(m.vocabulary, 6, seed=12)
     client = redis.Redis.from_url(redis_url)
-    async with running_app(behavior_step, redis_url, incremental_state=True, key_prefix="on") as (_, on):
+    async with running_app(behavior_step, redis_url, incremental_state=True, key_prefix="on") as (app, on):
         for e in stream[:-1]:
             await _post(on, "u", [e], 10)
+        await app.state.services.state_saver.settle("u")  # the last save is behind the answer: let it land
+        assert int(client.hget("on:{u}:s", "n") or 0) == len(stream) - 1
         client.hset("on:{u}:s", "x", bytes(2 * m.num_layers * m.hidden_dim * 4))
         body = await _post(on, "u", [stream[-1]], len(m.vocabulary) - 2)
     one = load_model(behavior_step, device="cpu").probabilities(
@@ -274,7 +276,7 @@ async def test_item_model_stream_and_bulk_ingestion(item_step: Path, redis_url: 
     bulk = {"events": [{"user_id": u, **e} for u in ("b1", "b2") for e in _stream(m.vocabulary, 3, seed=3)]}
     async with (
         running_app(item_step, redis_url, incremental_state=True, key_prefix="on2") as (_, on),
-        running_app(item_step, redis_url, key_prefix="off2") as (_, off),
+        running_app(item_step, redis_url, incremental_state=False, key_prefix="off2") as (_, off),
     ):
         for _ in range(2):  # the second time: duplicates only
             a = (await on.post("/v1/events", params={"predict": "true"}, json=bulk)).json()
@@ -327,7 +329,7 @@ async def test_reload_to_another_model_rebuilds_the_state(
     then = _stream(i.vocabulary, 4, seed=8, start=T0 + 100)
     async with (
         running_app(live, redis_url, incremental_state=True, key_prefix="on") as (_, on),
-        running_app(item_step, redis_url, key_prefix="off") as (_, off),
+        running_app(item_step, redis_url, incremental_state=False, key_prefix="off") as (_, off),
     ):
         for e in first:
             await _post(on, "u", [e], 10)
@@ -346,7 +348,7 @@ async def test_delete_erases_the_state(behavior_step: Path, redis_url: str) -> N
     client = redis.Redis.from_url(redis_url)
     async with (
         running_app(behavior_step, redis_url, incremental_state=True, key_prefix="on") as (_, on),
-        running_app(behavior_step, redis_url, key_prefix="off") as (_, off),
+        running_app(behavior_step, redis_url, incremental_state=False, key_prefix="off") as (_, off),
     ):
         for e in before:
             await _post(on, "u", [e], 10)

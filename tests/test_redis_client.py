@@ -1,0 +1,107 @@
+"""The direct command path against the real Redis: calls issued together go as one pipeline, and each caller
+still gets its own reply, its own error reply and the retry on a dropped connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from app.redis_client import DirectCommands, RedisConnection, connect
+from app.windows import NewEvent, WindowStore
+
+pytestmark = pytest.mark.anyio
+ECHO = "return ARGV[1]"
+
+
+@pytest.fixture
+async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
+    connection = connect(redis_url, max_connections=16, timeout_seconds=2, retries=2)
+    yield connection
+    await connection.close()
+
+
+def _direct(conn: RedisConnection) -> DirectCommands:
+    assert conn.direct is not None
+    return conn.direct
+
+
+async def test_calls_issued_together_share_one_round_trip_and_keep_their_own_replies(
+    conn: RedisConnection, redis_url: str
+) -> None:
+    sha = await conn.client.script_load(ECHO)
+    redis.Redis.from_url(redis_url).set("pipe:str", "not a number")
+    direct = _direct(conn)
+    before = direct.pipelines, direct.pipelined
+    calls = [direct.execute("EVALSHA", sha, 0, f"r{i}") for i in range(20)]
+    calls.insert(5, direct.execute("EVALSHA", "0" * 40, 0, "x"))  # unknown script
+    calls.insert(9, direct.execute("INCR", "pipe:str"))  # an error reply of another kind
+    got = await asyncio.gather(*calls, return_exceptions=True)
+    assert (direct.pipelines - before[0], direct.pipelined - before[1]) == (1, 22)
+    assert isinstance(got[5], NoScriptError)
+    assert isinstance(got[9], ResponseError) and "not an integer" in str(got[9])
+    assert got[5] is not got[9]
+    assert [g for i, g in enumerate(got) if i not in (5, 9)] == [f"r{i}".encode() for i in range(20)]
+    assert await direct.execute("EVALSHA", sha, 0, "after") == b"after"  # the connection is still usable
+
+
+async def test_a_dropped_connection_retries_the_whole_pipeline(conn: RedisConnection, redis_url: str) -> None:
+    sha = await conn.client.script_load(ECHO)
+    direct = _direct(conn)
+    assert await direct.execute("EVALSHA", sha, 0, "warm") == b"warm"  # an idle connection now exists
+    killed = redis.Redis.from_url(redis_url).client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    got = await asyncio.gather(*(direct.execute("EVALSHA", sha, 0, str(i)) for i in range(8)))
+    assert got == [str(i).encode() for i in range(8)]
+
+
+async def test_concurrent_appends_share_a_pipeline_and_reload_a_flushed_script(
+    conn: RedisConnection, redis_url: str
+) -> None:
+    store = WindowStore(conn.client, "pipe", 100, conn.address, max_concurrency=16, direct=conn.direct)
+    await store.load_script()
+    redis.Redis.from_url(redis_url).script_flush()  # every call gets NOSCRIPT and reloads on its own
+    direct = _direct(conn)
+    before = direct.pipelines
+    users = [f"u{i}" for i in range(12)]
+    got = await asyncio.gather(
+        *(store.append(u, [NewEvent(f"{u}-e", f"a-{u}", 10.0)], capacity=5) for u in users)
+    )
+    assert [(g.accepted, g.actions) for g in got] == [(1, [f"a-{u}"]) for u in users]
+    assert direct.pipelines - before < 2 * len(users)  # the first tries shared one
+    before = direct.pipelines
+    again = await asyncio.gather(
+        *(store.append(u, [NewEvent(f"{u}-e", "x", 10.0)], capacity=5) for u in users)
+    )
+    assert all(g.accepted == 0 and g.duplicates == 1 for g in again)
+    assert direct.pipelines - before == 1  # twelve users' appends, one round trip
+
+
+async def test_a_closed_client_fails_pending_calls(redis_url: str) -> None:
+    connection = connect(redis_url, max_connections=4, timeout_seconds=2, retries=0)
+    direct = _direct(connection)
+    call = asyncio.ensure_future(direct.execute("PING"))
+    await asyncio.sleep(0)  # queued, not yet sent
+    await connection.close()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await call
+    with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+        await direct.execute("PING")
+
+
+async def test_pipeline_max_one_sends_each_call_on_its_own(redis_url: str) -> None:
+    connection = connect(redis_url, max_connections=8, timeout_seconds=2, retries=0, max_pipeline=1)
+    direct = _direct(connection)
+    try:
+        got = await asyncio.gather(
+            *(direct.execute("ECHO", str(i)) for i in range(5)),
+            direct.execute("NOPE"),
+            return_exceptions=True,
+        )
+        assert got[:5] == [str(i).encode() for i in range(5)] and isinstance(got[5], ResponseError)
+        assert (direct.pipelines, direct.pipelined) == (6, 6)
+    finally:
+        await connection.close()

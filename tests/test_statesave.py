@@ -1,0 +1,61 @@
+"""Incremental state saved behind the answer: bounded, every outcome counted, failures logged, per-user settle."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from app.observability import Metrics
+from app.redis_client import connect
+from app.redis_server import free_port
+from app.statesave import StateSaver
+from app.windows import NewEvent, WindowStore
+
+pytestmark = pytest.mark.anyio
+
+
+def _count(metrics: Metrics, outcome: str) -> float:
+    value = metrics.registry.get_sample_value("nextact_state_saves_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def test_saves_are_bounded_counted_and_settled(redis_url: str) -> None:
+    conn = connect(redis_url, 8, 2.0, 1)
+    store = WindowStore(conn.client, "ss", 100, conn.address, direct=conn.direct)
+    await store.load_script()
+    metrics = Metrics()
+    saver = StateSaver(store, metrics, max_pending=2)
+    try:
+        seqs = {}
+        for u in ("a", "b", "c"):
+            seqs[u] = (await store.append_with_state(u, [NewEvent("e1", "x", 1.0)], 5, "v")).seq
+        saver.save("a", seqs["a"], "v", b"A")
+        saver.save("b", seqs["b"] - 1, "v", b"old")  # behind the counter: compare-and-set refuses it
+        saver.save("c", seqs["c"], "v", b"C")  # a third in flight: over the bound
+        assert saver.pending == 2 and _count(metrics, "dropped") == 1
+        await saver.settle("a")
+        assert (await store.append_with_state("a", [NewEvent("e2", "y", 2.0)], 5, "v")).state == b"A"
+        await saver.drain()
+        assert saver.pending == 0
+        assert (_count(metrics, "stored"), _count(metrics, "stale")) == (1, 1)
+        assert (
+            await store.append_with_state("c", [NewEvent("e2", "y", 2.0)], 5, "v")
+        ).state is None  # dropped
+    finally:
+        await conn.close()
+
+
+async def test_a_failed_save_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    conn = connect(f"redis://127.0.0.1:{free_port()}/0", 2, 0.2, 0)  # nothing listens there
+    store = WindowStore(conn.client, "ss", 100, conn.address, direct=conn.direct, call_timeout_seconds=1.0)
+    metrics = Metrics()
+    saver = StateSaver(store, metrics)
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.statesave"):
+            saver.save("u", 1, "v", b"S")
+            await saver.drain()
+        assert _count(metrics, "failed") == 1
+        assert "incremental state not stored" in caplog.text and "'u'" not in caplog.text  # no user id logged
+    finally:
+        await conn.close()
