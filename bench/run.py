@@ -54,8 +54,8 @@ from bench.harness import (
 from bench.service_table import TARGETS, fmt, markdown, summarise
 
 # the targets that are nextact itself (they take --env); the peer and the PyTorch floor are not
-NEXTACTS = ("nextact-default", "nextact", "nextact-2w", "incremental")
-INCREMENTAL_PREFIX = "nextinc"  # its own copy of the population, with carried states
+NEXTACTS = ("nextact-default", "nextact", "nextact-2w", "fullwindow")
+INCREMENTAL_PREFIX = "nextinc"  # nextact's own copy of the population, with carried states (its default)
 KEY_PREFIX = "nextact"  # the population's windows: nextact's default NEXTACT_KEY_PREFIX
 # "tuned": settings beyond the defaults that measured faster (docs/performance.md, Levers); the external Redis
 # without persistence is the other half of "tuned"
@@ -408,12 +408,14 @@ def server_specs(
                 "NEXTACT_DATA_DIR": str(work / "default-data"),
                 "NEXTACT_EMBEDDED_REDIS_PORT": str(free_port()),
             }
-        elif name in ("nextact", "nextact-2w", "incremental"):
+        elif name in ("nextact", "nextact-2w", "fullwindow"):
             env |= TUNED_ENV
             if name == "nextact-2w":
                 env["NEXTACT_WORKERS"] = "2"
-            if name == "incremental":
-                env |= {"NEXTACT_INCREMENTAL_STATE": "true", "NEXTACT_KEY_PREFIX": INCREMENTAL_PREFIX}
+            if name == "fullwindow":  # the whole window through model.onnx on every request
+                env["NEXTACT_INCREMENTAL_STATE"] = "false"
+            else:  # incremental state (the default): the population whose states the peer and floor never touch
+                env["NEXTACT_KEY_PREFIX"] = INCREMENTAL_PREFIX
         elif name == "ceiling":
             cmd = [sys.executable, str(ROOT / "bench" / "baseline_apps.py"), "ceiling", "--port", str(port)]
         elif name == "torch":
@@ -483,15 +485,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
     p.add_argument(
         "--targets",
-        default=",".join(t for t in TARGETS if t != "incremental"),
-        help=f"servers to load, of {', '.join(TARGETS)} (incremental is added by --incremental)",
+        default=",".join(t for t in TARGETS if t != "fullwindow"),
+        help=f"servers to load, of {', '.join(TARGETS)} (fullwindow is added by --full-window)",
     )
     p.add_argument("--skip-model-bench", action="store_true")
     p.add_argument(
-        "--incremental",
+        "--full-window",
         action="store_true",
-        help="also serve 'nextact (incremental state)': NEXTACT_INCREMENTAL_STATE=true on its own copy "
-        "of the population with states; exports step.onnx into the artifact if it has none",
+        help="also serve 'nextact, full window': NEXTACT_INCREMENTAL_STATE=false, the whole window through "
+        "model.onnx on every request (nextact's default carries each user's state when the artifact has step.onnx)",
     )
     p.add_argument(
         "--env",
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
     targets = [
-        t for t in TARGETS if t in args.targets.split(",") + (["incremental"] if args.incremental else [])
+        t for t in TARGETS if t in args.targets.split(",") + (["fullwindow"] if args.full_window else [])
     ]
     started = time.monotonic()
 
@@ -596,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         result["prefill_seconds"] = round(asyncio.run(prefill(redis.url, windows, manifest.window)), 2)
-        if "incremental" in targets:
-            stepped = ensure_step(art)
+        stepped = ensure_step(art) if any(t in targets for t in NEXTACTS) else None
+        if "nextact" in targets or "nextact-2w" in targets:
             print(f"==> the same users again under {INCREMENTAL_PREFIX}: with states", flush=True)
             seconds = asyncio.run(prefill(redis.url, windows, manifest.window, INCREMENTAL_PREFIX, stepped))
             result["prefill_incremental_seconds"] = round(seconds, 2)
@@ -621,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_pids[name] = pid
                 own_urls[name] = f"redis://127.0.0.1:{own_port}/0"
                 print(f"==> pre-filling nextact-default's embedded Redis ({own_urls[name]})", flush=True)
-                asyncio.run(prefill(own_urls[name], windows, manifest.window))
+                asyncio.run(prefill(own_urls[name], windows, manifest.window, KEY_PREFIX, stepped))
         print(f"==> servers ready: {', '.join(f'{n} :{specs[n][2]}' for n in targets)}", flush=True)
 
         rounds: list[dict[str, Any]] = []
@@ -637,14 +639,20 @@ def main(argv: list[str] | None = None) -> int:
         result["rounds"] = rounds
         print("==> Redis memory per user (MEMORY USAGE of every key)", flush=True)
         shared = redis_bytes_per_user(redis.url, KEY_PREFIX)
-        memory = {t: shared for t in targets if t not in ("ceiling", "nextact-default", "incremental")}
+        memory = {
+            t: shared for t in targets if t not in ("ceiling", "nextact-default", "nextact", "nextact-2w")
+        }
+        memory["window"] = shared  # windows without carried states: issue 11's 2 KB target
         result["redis_memory"] = {"shared Redis": shared}
         if "nextact-default" in own_urls:
             memory["nextact-default"] = redis_bytes_per_user(own_urls["nextact-default"], KEY_PREFIX)
             result["redis_memory"]["nextact-default's embedded Redis"] = memory["nextact-default"]
-        if "incremental" in targets:
-            memory["incremental"] = redis_bytes_per_user(redis.url, INCREMENTAL_PREFIX)
-            result["redis_memory"]["shared Redis, incremental state"] = memory["incremental"]
+        if "nextact" in targets or "nextact-2w" in targets:
+            with_state = redis_bytes_per_user(redis.url, INCREMENTAL_PREFIX)
+            memory |= {t: with_state for t in ("nextact", "nextact-2w") if t in targets}
+            result["redis_memory"]["shared Redis, nextact's population (window + incremental state)"] = (
+                with_state
+            )
     finally:
         for child in children:
             child.stop()
