@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Sequence
 
 from starlette.convertors import Convertor
 
+from app.ids import new_id
 from app.schemas import UNION_TAGS, EventIn
 from app.settings import Settings
 from app.windows import NewEvent
@@ -108,7 +108,7 @@ def new_event(event: EventIn, now: float, settings: Settings, loc: Loc) -> NewEv
     """Check one event against the limits and fill in its defaults."""
     check_string(event.action, settings.max_action_length, "NEXTACT_MAX_ACTION_LENGTH", (*loc, "action"))
     if event.event_id is None:
-        event_id = uuid.uuid4().hex
+        event_id = new_id()
     else:
         event_id = event.event_id
         check_string(event_id, settings.max_id_length, "NEXTACT_MAX_ID_LENGTH", (*loc, "event_id"))

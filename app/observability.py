@@ -13,7 +13,6 @@ import logging.config
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.ids import new_id
 from app.windows import AppendResult, NewEvent, StatefulAppend, StoredEvent, WindowStore
 
 log = logging.getLogger("nextact.access")
@@ -323,7 +323,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or new_id()
         token = request_id_var.set(request_id)
         status_code = 500
         start = time.perf_counter()
