@@ -98,6 +98,7 @@ class TorchModel:
         self.provider = f"torch-{torch.__version__}-eager-cpu"
         self.providers = [self.provider]
         self.device = "cpu"
+        self.step = None  # no step graph: the app recomputes the window
 
     def knows(self, action: str) -> bool:
         return action in self.index
@@ -130,6 +131,7 @@ def torch_app(artifact_dir: Path, threads: int) -> FastAPI:
     os.environ["NEXTACT_BATCH_MAX_SIZE"] = "1"
     os.environ["NEXTACT_ARTIFACT_DIR"] = str(artifact_dir)
     os.environ["NEXTACT_LIVE_QUALITY"] = "false"  # an afternoon's service keeps no quality counters
+    os.environ["NEXTACT_INCREMENTAL_STATE"] = "false"  # nor carried states: the whole window every request
 
     def load(artifact_dir: Path, *args: Any, **kwargs: Any) -> Any:
         return TorchModel(artifact_dir, threads)

@@ -42,7 +42,16 @@ from bench.harness import (
     wait_ready,
     write_json,
 )
-from bench.run import ensure_artifact, fmt, measure, population_source, prefill, probe, request_templates
+from bench.run import (
+    ensure_artifact,
+    ensure_step,
+    fmt,
+    measure,
+    population_source,
+    prefill,
+    probe,
+    request_templates,
+)
 
 STAGES = ("to_handler", "prologue", "redis", "batch_wait", "inference", "wakeup", "respond", "total")
 
@@ -177,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         redis.start()
         assert redis.process is not None
         print(f"==> Redis on {redis.url}: pre-filling {args.users:,} users", flush=True)
-        asyncio.run(prefill(redis.url, windows, manifest.window))
+        # with each user's state, as the service (incremental state by default) keeps them: steady state
+        stepped = ensure_step(art) if (art / "step.onnx").exists() else None
+        asyncio.run(prefill(redis.url, windows, manifest.window, "nextact", stepped))
         port = free_port()
         env = {
             "NEXTACT_REDIS_URL": redis.url,
