@@ -26,6 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from app.batching import BatchError
+from app.statesave import SETTLE_SECONDS
 from app.windows import LATE, NOTHING_NEW, SCORED, LastPrediction, NewEvent, StoreUnavailable, WindowStore
 
 log = logging.getLogger(__name__)
@@ -225,10 +226,11 @@ class PredictionLog:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def settle(self, user_id: str) -> None:
-        """Wait until this process's pending write of the user's prediction (if any) is done."""
+        """Wait until this process's pending write of the user's prediction (if any) is done, at most
+        SETTLE_SECONDS (Redis slow or hung: the next event then goes unscored rather than waiting)."""
         done = self._users.get(user_id)
         if done is not None:
-            await asyncio.wait([done])
+            await asyncio.wait([done], timeout=SETTLE_SECONDS)
 
     def remember(self, user_id: str, seq: int, records: Records) -> None:
         """Store `records` (or what `records()` packs) for the window at arrival counter `seq`, behind the answer."""

@@ -7,8 +7,8 @@ the same event-loop turn), with two bounds:
 
 - at most `max_pending` saves in flight per process; beyond that a save is dropped and counted
   (`nextact_state_saves_total{outcome="dropped"}`), never queued without end;
-- a user's next append in this process first waits for that user's pending save (`settle`), so a stream of
-  one user's events steps from each state it saved instead of rebuilding.
+- a user's next append in this process first waits for that user's pending save (`settle`, at most
+  SETTLE_SECONDS), so a stream of one user's events steps from each state it saved instead of rebuilding.
 
 Every outcome is counted (stored, stale: another event arrived first, failed: Redis refused or was
 unreachable, logged, dropped).
@@ -25,6 +25,10 @@ from app.windows import StoreError, StoreUnavailable, WindowStore
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 1024  # state saves in flight per process (about 2 KiB each for hidden 256)
+# How long an append waits for the same user's pending save. Longer (Redis slow or hung), it goes on without
+# it: compare-and-set keeps that correct (at worst the state is rebuilt), and the wait stays inside the
+# documented bound on a request while Redis hangs (docs/security-hardening.md).
+SETTLE_SECONDS = 0.1
 
 
 class StateSaver:
@@ -42,10 +46,10 @@ class StateSaver:
         return len(self._tasks)
 
     async def settle(self, user_id: str) -> None:
-        """Wait until this process's pending save of the user's state (if any) is done."""
+        """Wait until this process's pending save of the user's state (if any) is done, at most SETTLE_SECONDS."""
         task = self._users.get(user_id)
         if task is not None:
-            await asyncio.wait([task])
+            await asyncio.wait([task], timeout=SETTLE_SECONDS)
 
     def save(self, user_id: str, seq: int, model_version: str, state: bytes) -> None:
         """Store `state` (covering arrivals up to `seq`) behind the answer, or drop it when too many are pending."""
