@@ -3,9 +3,10 @@
     nextact serve [--host --port --artifact-dir --workers --redis-url ...]   the HTTP service (python -m app)
     nextact train ...                                                         train and export an artifact
     nextact evaluate ...                                                      score an artifact on a log
+    nextact quantize --artifact A --out B                                     int8 output-layer copy of A
 
 `serve` flags override NEXTACT_* environment variables, which override the defaults of app/settings.py.
-`train` and `evaluate` are the training package's command line (python -m training), loaded only when asked
+`train`, `evaluate` and `quantize` are the training package's command line (python -m training), loaded only when asked
 for: the service itself never imports it.
 """
 
@@ -41,6 +42,7 @@ EXAMPLES = {
     "serve": "nextact serve --port 8001 --artifact-dir artifacts/my-model",
     "train": "nextact train --data events.csv --action-col item_id --out artifacts/my-model",
     "evaluate": "nextact evaluate --artifact artifacts/my-model --data events.csv --protocol sampled",
+    "quantize": "nextact quantize --artifact artifacts/my-model --out artifacts/my-model-int8",
 }
 
 
@@ -105,12 +107,13 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nextact {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,evaluate,quantize}")
     _add_serve(sub)
     training = _training_parsers() if with_training else {}
     for name, summary in (
         ("train", "train, evaluate and export an artifact directory"),
         ("evaluate", "score an artifact and the baselines on the same split"),
+        ("quantize", "write an artifact's int8 output-layer copy, gated against it"),
     ):
         parents = [training[name]] if name in training else []
         sub.add_parser(
@@ -177,7 +180,7 @@ def _flag(field: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command in ("train", "evaluate") and not _training_available():
+    if command in ("train", "evaluate", "quantize") and not _training_available():
         print(
             f"nextact {command}: the training package is not installed here (the serving image has only "
             f"the service); {TRAIN_INSTALL}",

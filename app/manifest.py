@@ -67,6 +67,26 @@ class StepSpec(_Strict):
     )
 
 
+class QuantizationSpec(_Strict):
+    """How the output layer of model.onnx (and step.onnx) was quantized after export; None: float32 throughout.
+
+    Written by `python -m training quantize` or `train --quantize int8`. The service runs the graphs as they
+    are; this records what its gate measured against the float32 graphs it replaced.
+    """
+
+    scheme: Literal["int8"] = Field(
+        description="int8: output layer weights int8 per action (7-bit range), hidden state int8 per row."
+    )
+    layers: int = Field(ge=1, description="Output layers quantized in model.onnx (one per ensemble member).")
+    max_abs_diff: float = Field(
+        ge=0, description="Largest |probability difference| from the float32 model.onnx seen by the gate."
+    )
+    top10_overlap: float = Field(
+        ge=0, le=1, description="Mean share of the float32 model's top 10 actions kept, over the gate's rows."
+    )
+    float_model_version: str = Field(description="model_version of the float32 model.onnx it came from.")
+
+
 class DataSummary(_Strict):
     file: str
     rows: int = Field(ge=0, description="Events after cleaning.")
@@ -115,6 +135,10 @@ class Manifest(_Strict):
         default_factory=dict, description="Library versions used to train/export."
     )
     step: StepSpec | None = Field(None, description="Optional single-step graph for incremental state.")
+    quantization: QuantizationSpec | None = Field(
+        None,
+        description="Set when the output layer was quantized to int8 after export; metrics stay float32's.",
+    )
 
     @property
     def vocab_size(self) -> int:

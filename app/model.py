@@ -406,13 +406,14 @@ def load_model(
     if step is not None:
         _check_step(model)
     log.info(
-        "model %s loaded from %s: %s, window %d, %d actions (plus <pad> and <unk>), on %s",
+        "model %s loaded from %s: %s, window %d, %d actions (plus <pad> and <unk>), on %s%s",
         manifest.model_version,
         artifact_dir,
         manifest.cell,
         manifest.window,
         manifest.vocab_size - 2,
         model.provider,
+        f", {manifest.quantization.scheme} output layer" if manifest.quantization else "",
     )
     return model
 

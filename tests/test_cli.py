@@ -35,12 +35,12 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_help_lists_the_commands_with_examples() -> None:
     done = run("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("serve", "train", "evaluate"):
+    for command in ("serve", "train", "evaluate", "quantize"):
         assert command in done.stdout
     assert "nextact serve --port 8001" in done.stdout
 
 
-@pytest.mark.parametrize("command", ["serve", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["serve", "train", "evaluate", "quantize"])
 def test_each_command_help_shows_defaults_and_one_example(command: str) -> None:
     done = run(command, "--help")
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""Command line: `python -m training train ...` and `python -m training evaluate ...` (see --help).
+"""Command line: `python -m training train|evaluate|quantize ...` (see --help).
 
 Both print one JSON object on stdout when they succeed; progress and logs go to stderr. A bad input stops
 with one line `error: ...` naming the file, line, column or value, and exit status 2.
@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         "after its own parity gate against model.onnx (default: %(default)s)",
     )
     o.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: export the output layer of model.onnx and step.onnx in int8 after the float32 gates, "
+        "behind its own looser gate (docs/training.md, Int8 output layer) (default: %(default)s)",
+    )
+    o.add_argument(
         "--lr-decay",
         type=float,
         default=_T.lr_decay,
@@ -300,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         '(under "exclude_history", beside the plain figures)',
     )
     _add_data_options(e, action_default=None)
+
+    q = sub.add_parser("quantize", help="write an artifact's int8 output-layer copy, gated against it")
+    q.add_argument("--artifact", type=Path, required=True, help="float32 artifact directory to read")
+    q.add_argument(
+        "--out", type=Path, required=True, help="directory to write (new or empty; the same one: in place)"
+    )
+    q.add_argument("--scheme", choices=["int8"], default="int8", help="(default: %(default)s)")
+    q.add_argument("--quiet", action="store_true", help="no logs; only the final JSON")
     return parser
 
 
@@ -327,6 +342,13 @@ def _columns(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from training.pipeline import evaluate_command, train_command
 
+    if args.command == "quantize":
+        from training.quantize import quantize_artifact
+
+        spec = quantize_artifact(args.artifact, args.out, args.scheme)
+        return {"artifact": str(args.out), "model_version": read_manifest(args.out).model_version} | {
+            "quantization": spec.model_dump()
+        }
     if args.command == "train":
         if args.window < 1 or args.epochs < 1 or (args.batch_size or 1) < 1 or not 0 <= args.dropout < 1:
             raise TrainingError("--window, --epochs and --batch-size must be >= 1 and --dropout in [0, 1)")
@@ -376,6 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             lr_patience=args.lr_patience,
             val_protocol=args.protocol,
             ensemble=args.ensemble,
+            quantize=args.quantize,
         )
         if args.tune_space is not None and not args.tune:
             raise TrainingError("--tune-space applies to --tune, which is not given")

@@ -88,6 +88,7 @@ class TrainConfig:
     ensemble: int = (
         1  # members trained with seeds seed .. seed + ensemble - 1, averaged in one exported graph
     )
+    quantize: str = "none"  # int8: the output layer of model.onnx/step.onnx in int8 (training/quantize.py)
 
 
 @dataclass(frozen=True)

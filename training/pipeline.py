@@ -249,6 +249,14 @@ def _train(
                 "train with --no-step to skip this export)"
             ) from e
         log.info("exported %s (parity max |diff| %.2g)", out_dir / step.file, step.parity_max_abs_diff)
+    quantization = None
+    if config.quantize != "none":
+        from training.quantize import quantize_artifact
+
+        quantization = quantize_artifact(out_dir, out_dir, config.quantize)  # in place, behind its own gate
+        manifest = read_manifest(out_dir)
+        step = manifest.step
+        log.info("quantized the output layer: %s", quantization.model_dump())
     return {
         "artifact": str(out_dir),
         "model_version": manifest.model_version,
@@ -260,6 +268,7 @@ def _train(
         "parity_max_abs_diff": diff,
         "step": step.model_dump() if step is not None else None,
         "metrics": manifest.metrics,
+        **({"quantization": quantization.model_dump()} if quantization is not None else {}),
         **({"ensemble": ensemble_summary(fitted)} if config.ensemble > 1 else {}),
         **({"tuning": tuning.to_json()} if tuning is not None else {}),
     }
