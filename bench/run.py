@@ -54,8 +54,9 @@ from bench.harness import (
 from bench.service_table import TARGETS, fmt, markdown, summarise
 
 # the targets that are nextact itself (they take --env); the peer and the PyTorch floor are not
-NEXTACTS = ("nextact-default", "nextact", "nextact-2w", "fullwindow")
+NEXTACTS = ("nextact-default", "nextact", "nextact-int8", "nextact-2w", "fullwindow")
 INCREMENTAL_PREFIX = "nextinc"  # nextact's own copy of the population, with carried states (its default)
+INT8_PREFIX = "nextint8"  # the same, with the int8 model's states (another model_version: its own copy)
 KEY_PREFIX = "nextact"  # the population's windows: nextact's default NEXTACT_KEY_PREFIX
 # "tuned": settings beyond the defaults that measured faster (docs/performance.md, Levers); the external Redis
 # without persistence is the other half of "tuned"
@@ -386,8 +387,26 @@ def peer_description() -> str:
     )
 
 
+def ensure_int8(art: Path, args: argparse.Namespace, work: Path) -> Path:
+    """The int8 copy of the artifact: --quantized-artifact-dir, else quantized here into the scratch directory."""
+    if args.quantized_artifact_dir is not None:
+        return Path(args.quantized_artifact_dir)
+    out = work / "int8"
+    print(f"==> quantizing the output layer of {art} into {out}", flush=True)
+    cmd = [sys.executable, "-m", "training", "quantize", "--artifact", str(art), "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=600, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"quantizing the benchmark model failed: {' '.join(cmd)}")
+    return out
+
+
 def server_specs(
-    targets: list[str], art: Path, redis_url: str, work: Path, args: argparse.Namespace
+    targets: list[str],
+    art: Path,
+    redis_url: str,
+    work: Path,
+    args: argparse.Namespace,
+    int8: Path | None = None,
 ) -> dict[str, tuple[list[str], dict[str, str], int]]:
     """Per target: the command, its environment and its port."""
     extra = dict(e.split("=", 1) for e in args.env)
@@ -408,9 +427,12 @@ def server_specs(
                 "NEXTACT_DATA_DIR": str(work / "default-data"),
                 "NEXTACT_EMBEDDED_REDIS_PORT": str(free_port()),
             }
-        elif name in ("nextact", "nextact-2w", "fullwindow"):
+        elif name in ("nextact", "nextact-int8", "nextact-2w", "fullwindow"):
             env |= TUNED_ENV
-            if name == "nextact-2w":
+            if name == "nextact-int8":  # the same service on the int8 copy, with its own states
+                assert int8 is not None
+                env |= {"NEXTACT_ARTIFACT_DIR": str(int8), "NEXTACT_KEY_PREFIX": INT8_PREFIX}
+            elif name == "nextact-2w":
                 env["NEXTACT_WORKERS"] = "2"
             if name == "fullwindow":  # the whole window through model.onnx on every request
                 env["NEXTACT_INCREMENTAL_STATE"] = "false"
@@ -485,8 +507,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=300_000, help="per phase")
     p.add_argument(
         "--targets",
-        default=",".join(t for t in TARGETS if t != "fullwindow"),
-        help=f"servers to load, of {', '.join(TARGETS)} (fullwindow is added by --full-window)",
+        default=",".join(t for t in TARGETS if t not in ("fullwindow", "nextact-int8")),
+        help=f"servers to load, of {', '.join(TARGETS)} (fullwindow is added by --full-window, nextact-int8 "
+        "by --quantized-artifact-dir)",
+    )
+    p.add_argument(
+        "--quantized-artifact-dir",
+        type=Path,
+        help="also serve 'nextact-int8': this int8 copy of --artifact-dir (python -m training quantize); "
+        "with --targets nextact-int8 and no directory, the copy is made in the scratch directory",
     )
     p.add_argument("--skip-model-bench", action="store_true")
     p.add_argument(
@@ -538,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     out = args.out or RESULTS / ("service_quick" if args.quick else "service")
-    targets = [
-        t for t in TARGETS if t in args.targets.split(",") + (["fullwindow"] if args.full_window else [])
-    ]
+    wanted = args.targets.split(",") + (["fullwindow"] if args.full_window else [])
+    wanted += ["nextact-int8"] if args.quantized_artifact_dir else []
+    targets = [t for t in TARGETS if t in wanted]
     started = time.monotonic()
 
     from app.manifest import read_manifest
@@ -603,8 +632,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"==> the same users again under {INCREMENTAL_PREFIX}: with states", flush=True)
             seconds = asyncio.run(prefill(redis.url, windows, manifest.window, INCREMENTAL_PREFIX, stepped))
             result["prefill_incremental_seconds"] = round(seconds, 2)
+        int8 = None
+        if "nextact-int8" in targets:
+            int8 = ensure_int8(art, args, work)
+            print(f"==> the same users again under {INT8_PREFIX}: with the int8 model's states", flush=True)
+            seconds = asyncio.run(
+                prefill(redis.url, windows, manifest.window, INT8_PREFIX, ensure_step(int8))
+            )
+            result["prefill_int8_seconds"] = round(seconds, 2)
 
-        specs = server_specs(targets, art, redis.url, work, args)
+        specs = server_specs(targets, art, redis.url, work, args, int8)
         servers: dict[str, Child] = {}
         for name, (cmd, env, _) in specs.items():
             servers[name] = Child(name, cmd, work / f"{name}.log", env).start()
@@ -653,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
             result["redis_memory"]["shared Redis, nextact's population (window + incremental state)"] = (
                 with_state
             )
+        if "nextact-int8" in targets:
+            memory["nextact-int8"] = redis_bytes_per_user(redis.url, INT8_PREFIX)
+            result["redis_memory"]["shared Redis, nextact-int8's population"] = memory["nextact-int8"]
     finally:
         for child in children:
             child.stop()

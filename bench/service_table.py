@@ -6,13 +6,23 @@ import math
 import statistics
 from typing import Any
 
-TARGETS = ("ceiling", "peer", "torch", "nextact-default", "nextact", "nextact-2w", "fullwindow")
+TARGETS = (
+    "ceiling",
+    "peer",
+    "torch",
+    "nextact-default",
+    "nextact",
+    "nextact-int8",
+    "nextact-2w",
+    "fullwindow",
+)
 LABELS = {
     "ceiling": "bare FastAPI (ceiling)",
     "peer": "BentoML + ONNX Runtime (peer, adaptive batching)",
     "torch": "FastAPI + redis-py + PyTorch eager (floor)",
     "nextact-default": "nextact, default settings (embedded Redis, appendfsync always)",
     "nextact": "**nextact, tuned** (external Redis, no persistence)",
+    "nextact-int8": "nextact, tuned, int8 output layer (python -m training quantize)",
     "nextact-2w": "nextact, tuned, NEXTACT_WORKERS=2",
     "fullwindow": "nextact, tuned, full window (NEXTACT_INCREMENTAL_STATE=false)",
 }
@@ -26,6 +36,8 @@ RATIO_LABELS = (
     ("nextact / PyTorch floor", "nextact_over_torch", ".2f"),
     ("2 workers / 1 worker", "two_workers_over_one", ".2f"),
     ("its server CPU per request", "two_workers_cpu_over_one", ".2f"),
+    ("int8 output layer / nextact", "int8_over_nextact", ".2f"),
+    ("its server CPU per request", "int8_cpu_over_nextact", ".2f"),
     ("full window / nextact (incremental state)", "fullwindow_over_nextact", ".2f"),
     ("its server CPU per request", "fullwindow_cpu_over_nextact", ".2f"),
 )
@@ -133,6 +145,8 @@ def summarise(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str,
         "nextact_over_torch": _ratio(rps["nextact"], rps["torch"]),
         "two_workers_over_one": _ratio(rps["nextact-2w"], rps["nextact"]),
         "two_workers_cpu_over_one": _ratio(cpu["nextact-2w"], cpu["nextact"]),
+        "int8_over_nextact": _ratio(rps["nextact-int8"], rps["nextact"]),
+        "int8_cpu_over_nextact": _ratio(cpu["nextact-int8"], cpu["nextact"]),
         "fullwindow_over_nextact": _ratio(rps["fullwindow"], rps["nextact"]),
         "fullwindow_cpu_over_nextact": _ratio(cpu["fullwindow"], cpu["nextact"]),
     }
