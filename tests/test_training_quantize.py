@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from app.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest
+from app.manifest import MANIFEST_FILE, MODEL_FILE, STEP_FILE, read_manifest
 from app.model import load_model
 from tests.app_client import running_app
 from tests.conftest import EXAMPLES
@@ -30,6 +31,7 @@ from training.quantize import (
     QuantizeError,
     agreement,
     check_quantized,
+    quantize_artifact,
     quantize_graph,
 )
 
@@ -145,6 +147,23 @@ def test_gate_refuses_an_int8_graph_far_from_float(item_artifact: Path, tmp_path
     onnx.save(model, str(path))
     with pytest.raises(ParityError, match="disagree|top 10"):
         check_quantized(item_artifact / MODEL_FILE, path, vocab, read_manifest(item_artifact).window)
+
+
+def test_a_failed_gate_writes_nothing(item_artifact: Path, tmp_path: Path) -> None:
+    """A step graph that no longer matches model.onnx: the int8 step gate refuses, and --out is not left."""
+    broken = tmp_path / "broken"
+    shutil.copytree(item_artifact, broken)
+    step = onnx.load(str(broken / STEP_FILE))
+    for t in step.graph.initializer:
+        if list(t.dims) == [read_manifest(broken).vocab_size]:  # the output layer's bias: one per action
+            bias = numpy_helper.to_array(t).copy()
+            bias[2::2] += 1.0  # every other action: not a uniform shift, which softmax would cancel
+            t.CopyFrom(numpy_helper.from_array(bias, t.name))
+    onnx.save(step, str(broken / STEP_FILE))
+    out = tmp_path / "int8"
+    with pytest.raises(ParityError, match="step graph and model.onnx disagree"):
+        quantize_artifact(broken, out)
+    assert not out.exists()
 
 
 def test_quantize_errors_name_what_is_wrong(

@@ -37,6 +37,7 @@ from app.manifest import (
     MODEL_FILE,
     PAD_ID,
     UNK_ID,
+    Manifest,
     QuantizationSpec,
     read_manifest,
     write_manifest,
@@ -227,7 +228,18 @@ def quantize_artifact(source: Path, out: Path, scheme: str = "int8") -> Quantiza
     in_place = out.resolve() == source.resolve()
     if not in_place and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QuantizeError(f"--out {out}: exists and is not an empty directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(source, out, manifest, in_place)
+    except BaseException:
+        if created:  # a failed gate leaves no half-made directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write(source: Path, out: Path, manifest: Manifest, in_place: bool) -> QuantizationSpec:
+    """quantize_artifact's work: graphs and manifest staged in a directory inside `out`, moved in when gated."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".quantize-") as tmp:
         stage = Path(tmp)
         shutil.copy2(source / MANIFEST_FILE, stage / MANIFEST_FILE)
