@@ -31,8 +31,10 @@ BOUND = T + Q + call_deadline(T, R) + 2 * SETTLE_SECONDS  # 5.9 s
 MARGIN = 2.0  # scheduling slack on a shared two-core machine (main took over 8 s here)
 
 
-@pytest.fixture
-def paused_setup(behavior_artifact: Path, tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, ServiceProcess]]:
+@pytest.fixture(params=["1", "64"], ids=["coalescing-off", "coalescing-on"])
+def paused_setup(
+    behavior_artifact: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[EmbeddedRedis, ServiceProcess]]:
     server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
     svc = ServiceProcess(
         tmp_path / "service.log",
@@ -44,6 +46,7 @@ def paused_setup(behavior_artifact: Path, tmp_path: Path) -> Iterator[tuple[Embe
             "NEXTACT_REDIS_QUEUE_TIMEOUT_SECONDS": str(Q),
             "NEXTACT_REDIS_MAX_CONNECTIONS": "2",
             "NEXTACT_RATE_LIMIT_REQUESTS": "1000",
+            "NEXTACT_REDIS_PIPELINE_MAX": request.param,
             "NEXTACT_LOG_LEVEL": "warning",
         },
     )
