@@ -1,8 +1,8 @@
 """Issue 13: while Redis hangs (SIGSTOP), every request is answered within the stated bound.
 
 Bound per request: T (the rate-limit check, when on) + Q (waiting for a free connection) + T x (R + 1) +
-0.1 s x R (the store call, all tries) + 0.2 s (waiting, at most 0.1 s each, for the user's pending prediction
-and state writes) — T = NEXTACT_REDIS_TIMEOUT_SECONDS, R = NEXTACT_REDIS_RETRIES,
+0.1 s x R (the store call, all tries) + 0.1 s (waiting, at most 0.1 s for both together, for the user's
+pending prediction and state writes) — T = NEXTACT_REDIS_TIMEOUT_SECONDS, R = NEXTACT_REDIS_RETRIES,
 Q = NEXTACT_REDIS_QUEUE_TIMEOUT_SECONDS. The client below waits the bound plus a margin for a loaded
 machine, so a service that waits longer fails the test instead of passing slowly.
 """
@@ -27,7 +27,7 @@ from tests.service_proc import ServiceProcess
 pytestmark = pytest.mark.anyio
 
 T, R, Q = 0.8, 4, 0.5
-BOUND = T + Q + call_deadline(T, R) + 2 * SETTLE_SECONDS  # 5.9 s
+BOUND = T + Q + call_deadline(T, R) + SETTLE_SECONDS  # 5.8 s
 MARGIN = 2.0  # scheduling slack on a shared two-core machine (main took over 8 s here)
 
 
