@@ -87,10 +87,11 @@ def call_deadline(timeout_seconds: float, retries: int) -> float:
 async def bounded(call: Callable[[], Awaitable[V]], seconds: float | None) -> V:
     """`await call()`, but in a task of its own and for at most `seconds`; TimeoutError after that.
 
-    `asyncio.timeout` around a redis-py call is not a bound: redis-py's retry treats the builtin TimeoutError as
-    retryable, so a cancellation that an inner timeout turns into TimeoutError is retried (seen: a rate-limit
-    check under `asyncio.timeout(0.8)` took 4.9 s while Redis was stopped, every connect and handshake retried).
-    Waiting on the task instead holds whatever the call does; on timeout it is cancelled and left to finish.
+    `asyncio.timeout` around a redis-py call is not a bound on Python 3.11: redis-py awaits each socket write
+    with `asyncio.wait_for`, which swallows a cancellation that arrives as the write completes, and the call
+    then goes on, its timeouts retried by redis-py (seen: a rate-limit check under `asyncio.timeout(0.8)` took
+    4.9 s while Redis was stopped). Waiting on a task holds whatever the call does; at the deadline the task
+    is cancelled and left to finish on its own.
     """
     if seconds is None:
         return await call()
@@ -148,7 +149,7 @@ class DirectCommands:
 
     @property
     def in_flight(self) -> list[asyncio.Task[None]]:
-        """The pipelines being sent now (coalescing on)."""
+        """The pipelines being sent now."""
         return list(self._senders)
 
     @property
@@ -161,23 +162,25 @@ class DirectCommands:
             raise RedisConnectionError("the Redis client is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self._max_pipeline == 1:  # coalescing off: this call alone, at once
-            await self._send([(args, future)])
-            return future.result()
-        if not self._pending:  # the first call of this iteration: flush once the iteration's callers are in
-            loop.call_soon(self._flush)
-        self._pending.append((args, future))
-        return await future
+        if self._max_pipeline == 1:  # coalescing off: this call alone, sent at once
+            self._start([(args, future)])
+        else:
+            if not self._pending:  # the first call of this turn: flush once the turn's callers are in
+                loop.call_soon(self._flush)
+            self._pending.append((args, future))
+        return await future  # only the reply: a caller's deadline holds whatever its pipeline does
 
     def _flush(self) -> None:
         calls = [(args, f) for args, f in self._pending if not f.done()]  # skip callers that gave up
         self._pending = []
         for i in range(0, len(calls), self._max_pipeline):
-            batch = calls[i : i + self._max_pipeline]
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
-            _cancel_when_abandoned(task, [f for _, f in batch])
+            self._start(calls[i : i + self._max_pipeline])
+
+    def _start(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
+        _cancel_when_abandoned(task, [f for _, f in calls])
 
     async def _send(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One write, one read per call; resolve each caller's future with its reply or its error reply."""

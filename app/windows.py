@@ -727,7 +727,9 @@ class WindowStore:
         try:
             if via_client or self._direct is None:  # redis-py's own calls: a task of their own (see bounded)
                 return await bounded(call, self._call_timeout)
-            async with asyncio.timeout(self._call_timeout):  # the caller only waits for its reply (a future)
+            async with asyncio.timeout(
+                self._call_timeout
+            ):  # DirectCommands: the caller waits on a future only
                 return await call()
         except TimeoutError as e:
             raise unavailable(
