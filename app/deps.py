@@ -15,7 +15,7 @@ from app.model import Prediction, ServingModel, StepRequest
 from app.quality import DEPTH, LiveQuality, PredictionLog, pack, score_event
 from app.redis_client import RedisConnection
 from app.settings import Settings
-from app.statesave import StateSaver
+from app.statesave import StateSaver, settle_all
 from app.windows import AppendResult, NewEvent, WindowStore
 
 
@@ -71,16 +71,15 @@ class Services:
         """
         served = self.models.served  # one snapshot for the whole request
         model, role = served.for_user(user_id)
-        if self.prediction_log is not None:
-            await self.prediction_log.settle(user_id)
+        incremental = self.step_batcher is not None and model.step is not None
+        # the user's pending writes from the previous request, both at once (at most SETTLE_SECONDS in all)
+        await settle_all(user_id, self.prediction_log, self.state_saver if incremental else None)
         if self.step_batcher is None or model.step is None:
             timings.mark("redis_start")
             stored = await self.store.append(user_id, events, self.capacity)
             timings.mark("redis_end")
             prediction = await timings.submit(self.batcher, (model, stored.actions, k, filters))
         else:
-            if self.state_saver is not None:
-                await self.state_saver.settle(user_id)
             timings.mark("redis_start")
             got = await self.store.append_with_state(user_id, events, self.capacity, model.version)
             timings.mark("redis_end")

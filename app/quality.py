@@ -26,7 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from app.batching import BatchError
-from app.statesave import SETTLE_SECONDS
+from app.statesave import settle_all
 from app.windows import LATE, NOTHING_NEW, SCORED, LastPrediction, NewEvent, StoreUnavailable, WindowStore
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,14 @@ class PredictionLog:
         self._users: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def pending_for(self, user_id: str) -> asyncio.Future[None] | None:
+        """This process's pending write of the user's prediction, if any."""
+        return self._users.get(user_id)
+
     async def settle(self, user_id: str) -> None:
         """Wait until this process's pending write of the user's prediction (if any) is done, at most
         SETTLE_SECONDS (Redis slow or hung: the next event then goes unscored rather than waiting)."""
-        done = self._users.get(user_id)
-        if done is not None:
-            await asyncio.wait([done], timeout=SETTLE_SECONDS)
+        await settle_all(user_id, self)
 
     def remember(self, user_id: str, seq: int, records: Records) -> None:
         """Store `records` (or what `records()` packs) for the window at arrival counter `seq`, behind the answer."""

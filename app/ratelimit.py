@@ -10,7 +10,6 @@ so replicas with skewed clocks agree. Rejected requests are not counted.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from fastapi import HTTPException, Request, status
 from redis.exceptions import RedisError
 
+from app.redis_client import bounded
 from app.security import client_identity
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ async def enforce_rate_limit(request: Request) -> None:
     identity = client_identity(request)
     metrics = getattr(request.app.state, "metrics", None)
     try:
-        async with asyncio.timeout(limiter.timeout_seconds):  # one Redis timeout at most, retries included
-            decision = await limiter.hit(identity)
+        # one Redis timeout at most, retries included (a task of its own: see bounded)
+        decision = await bounded(lambda: limiter.hit(identity), limiter.timeout_seconds)
     except (RedisError, OSError) as e:  # TimeoutError is an OSError
         log.warning("rate limiter unavailable, letting the request through: %s", type(e).__name__)
         if metrics is not None:

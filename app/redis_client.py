@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterError,
@@ -26,6 +27,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+V = TypeVar("V")
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 BACKOFF_CAP_SECONDS = 0.1  # longest pause between two tries of one Redis call
@@ -81,6 +84,36 @@ def call_deadline(timeout_seconds: float, retries: int) -> float:
     return timeout_seconds * (retries + 1) + BACKOFF_CAP_SECONDS * retries
 
 
+async def bounded(call: Callable[[], Awaitable[V]], seconds: float | None) -> V:
+    """`await call()`, but in a task of its own and for at most `seconds`; TimeoutError after that.
+
+    `asyncio.timeout` around a redis-py call is not a bound on Python 3.11: redis-py awaits each socket write
+    with `asyncio.wait_for`, which swallows a cancellation that arrives as the write completes, and the call
+    then goes on, its timeouts retried by redis-py (seen: a rate-limit check under `asyncio.timeout(0.8)` took
+    4.9 s while Redis was stopped). Waiting on a task holds whatever the call does; at the deadline the task
+    is cancelled and left to finish on its own.
+    """
+    if seconds is None:
+        return await call()
+    task = asyncio.ensure_future(call())
+    try:
+        done, _ = await asyncio.wait([task], timeout=seconds)
+    except BaseException:  # the caller was cancelled: so is its call
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer within {seconds:g}s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Read an abandoned call's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class DirectCommands:
     """The hot path's commands on connections of their own, without redis-py's per-command machinery.
 
@@ -94,7 +127,12 @@ class DirectCommands:
     fsync. Callers bound concurrency (WindowStore's semaphore), so at most that many connections are opened.
     Connection errors and timeouts retry the whole pipeline `retries` times on fresh connections (safe for
     the scripts sent here: event ids make a repeated append a no-op, the saves are compare-and-set, reads
-    change nothing); after the last try every caller gets the error.
+    change nothing); after the last try every caller gets the error. These are the only retries: the
+    connections do not retry their own connect and handshake (redis-py's would, `retries` times per try).
+    A pipeline whose callers have all given up (their deadlines passed) is cancelled and its connection
+    dropped, so it neither retries for nobody nor keeps a connection open. (The cancellation can be lost:
+    Python 3.11's `asyncio.wait_for`, which redis-py awaits a socket write with, swallows a cancellation
+    that arrives as the write completes; so a try that fails also checks that someone still waits.)
     """
 
     def __init__(self, pool: BlockingConnectionPool, retries: int, max_pipeline: int = 64) -> None:
@@ -109,27 +147,40 @@ class DirectCommands:
         self.pipelined = 0  # calls they carried
         self._closed = False
 
+    @property
+    def in_flight(self) -> list[asyncio.Task[None]]:
+        """The pipelines being sent now."""
+        return list(self._senders)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
     async def execute(self, *args: Any) -> Any:
         """Send one command (with whatever else is issued in this loop iteration) and return its reply."""
         if self._closed:
             raise RedisConnectionError("the Redis client is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self._max_pipeline == 1:  # coalescing off: this call alone, at once
-            await self._send([(args, future)])
-            return future.result()
-        if not self._pending:  # the first call of this iteration: flush once the iteration's callers are in
-            loop.call_soon(self._flush)
-        self._pending.append((args, future))
-        return await future
+        if self._max_pipeline == 1:  # coalescing off: this call alone, sent at once
+            self._start([(args, future)])
+        else:
+            if not self._pending:  # the first call of this turn: flush once the turn's callers are in
+                loop.call_soon(self._flush)
+            self._pending.append((args, future))
+        return await future  # only the reply: a caller's deadline holds whatever its pipeline does
 
     def _flush(self) -> None:
         calls = [(args, f) for args, f in self._pending if not f.done()]  # skip callers that gave up
         self._pending = []
         for i in range(0, len(calls), self._max_pipeline):
-            task = asyncio.get_running_loop().create_task(self._send(calls[i : i + self._max_pipeline]))
-            self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
+            self._start(calls[i : i + self._max_pipeline])
+
+    def _start(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
+        _cancel_when_abandoned(task, [f for _, f in calls])
 
     async def _send(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One write, one read per call; resolve each caller's future with its reply or its error reply."""
@@ -150,6 +201,8 @@ class DirectCommands:
                         replies.append(e)
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 await self._drop(conn)
+                if all(f.done() for _, f in calls):  # every caller gave up: no retry for nobody
+                    return
                 if attempt == self._retries:
                     _fail([f for _, f in calls], e)
                     return
@@ -198,7 +251,9 @@ class DirectCommands:
         return replies
 
     def _new(self) -> AbstractConnection:
-        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        # no retry of its own: a try is one connect, one handshake, one write and its reads (see the class)
+        kwargs = {**self._pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        conn: AbstractConnection = self._pool.connection_class(**kwargs)
         self._open.add(conn)
         return conn
 
@@ -217,6 +272,20 @@ class DirectCommands:
         self._idle.clear()
         for conn in list(self._open):
             await self._drop(conn)
+
+
+def _cancel_when_abandoned(sender: asyncio.Task[None], futures: list[asyncio.Future[Any]]) -> None:
+    """Cancel `sender` once every one of `futures` is done while it still runs: all its callers gave up."""
+    left = len(futures)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not sender.done():
+            sender.cancel()
+
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _fail(futures: list[asyncio.Future[Any]], error: BaseException) -> None:

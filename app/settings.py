@@ -75,14 +75,12 @@ class Settings(BaseSettings):
         description="Retries of a Redis call after a connection error or timeout (short backoff).",
     )
     redis_pipeline_max: int = Field(
-        1,
+        64,
         ge=1,
         le=10_000,
         description="Most script calls (appends, reads, state saves) of concurrent requests sent to Redis as one "
         "pipeline: the calls issued in one event-loop turn share a round trip (and, with appendfsync always, "
-        "an fsync). 1 (the default): one round trip per call. Opt-in for now: with it on, requests while Redis hangs "
-        "can outlast the stated bound (docs/security-hardening.md). A single server only; on a cluster each call "
-        "goes on its own.",
+        "an fsync). 1: one round trip per call. A single server only; on a cluster each call goes on its own.",
     )
     key_prefix: str = Field(
         "nextact",

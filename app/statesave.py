@@ -7,8 +7,9 @@ the same event-loop turn), with two bounds:
 
 - at most `max_pending` saves in flight per process; beyond that a save is dropped and counted
   (`nextact_state_saves_total{outcome="dropped"}`), never queued without end;
-- a user's next append in this process first waits for that user's pending save (`settle`, at most
-  SETTLE_SECONDS), so a stream of one user's events steps from each state it saved instead of rebuilding.
+- a user's next append in this process first waits for that user's pending save (`settle_all`, together
+  with the pending prediction write, at most SETTLE_SECONDS in all), so a stream of one user's events steps
+  from each state it saved instead of rebuilding.
 
 Every outcome is counted (stored, stale: another event arrived first, failed: Redis refused or was
 unreachable, logged, dropped).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 from app.observability import Metrics
 from app.windows import StoreError, StoreUnavailable, WindowStore
@@ -25,10 +27,22 @@ from app.windows import StoreError, StoreUnavailable, WindowStore
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 1024  # state saves in flight per process (about 2 KiB each for hidden 256)
-# How long an append waits for the same user's pending save. Longer (Redis slow or hung), it goes on without
-# it: compare-and-set keeps that correct (at worst the state is rebuilt), and the wait stays inside the
-# documented bound on a request while Redis hangs (docs/security-hardening.md).
+# How long an append waits for the same user's pending writes (state save and prediction write, together).
+# Longer (Redis slow or hung), it goes on without them: compare-and-set keeps that correct (at worst the state
+# is rebuilt, the event goes unscored), and the wait stays inside the documented bound on a request while
+# Redis hangs (docs/security-hardening.md).
 SETTLE_SECONDS = 0.1
+
+
+class PendingWrites(Protocol):
+    def pending_for(self, user_id: str) -> asyncio.Future[None] | None: ...
+
+
+async def settle_all(user_id: str, *writers: PendingWrites | None) -> None:
+    """Wait for the user's pending writes of every writer (None: skipped) at once, at most SETTLE_SECONDS."""
+    pending = [f for w in writers if w is not None and (f := w.pending_for(user_id)) is not None]
+    if pending:
+        await asyncio.wait(pending, timeout=SETTLE_SECONDS)
 
 
 class StateSaver:
@@ -45,11 +59,13 @@ class StateSaver:
     def pending(self) -> int:
         return len(self._tasks)
 
+    def pending_for(self, user_id: str) -> asyncio.Future[None] | None:
+        """This process's pending save of the user's state, if any."""
+        return self._users.get(user_id)
+
     async def settle(self, user_id: str) -> None:
         """Wait until this process's pending save of the user's state (if any) is done, at most SETTLE_SECONDS."""
-        task = self._users.get(user_id)
-        if task is not None:
-            await asyncio.wait([task], timeout=SETTLE_SECONDS)
+        await settle_all(user_id, self)
 
     def save(self, user_id: str, seq: int, model_version: str, state: bytes) -> None:
         """Store `state` (covering arrivals up to `seq`) behind the answer, or drop it when too many are pending."""

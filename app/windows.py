@@ -75,7 +75,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from app.redis_client import DirectCommands, is_transient
+from app.redis_client import DirectCommands, bounded, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -594,7 +594,7 @@ class WindowStore:
     async def load_script(self) -> None:
         """Preload the scripts (on every primary of a cluster) so requests can use EVALSHA."""
         for source in SCRIPTS.values():
-            await self._guard("SCRIPT LOAD", partial(self.client.script_load, source))
+            await self._guard("SCRIPT LOAD", partial(self.client.script_load, source), via_client=True)
 
     async def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
@@ -663,7 +663,9 @@ class WindowStore:
         ]
         replies = await self._guard("prediction", lambda: direct.execute_many(commands))
         if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted or flushed its scripts
-            await self._guard("SCRIPT LOAD", partial(self.client.script_load, SAVE_PREDICTION_LUA))
+            await self._guard(
+                "SCRIPT LOAD", partial(self.client.script_load, SAVE_PREDICTION_LUA), via_client=True
+            )
             replies = await self._guard("prediction", lambda: direct.execute_many(commands))
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
@@ -698,13 +700,15 @@ class WindowStore:
             *self.old_keys(user_id),
             *legacy_keys(self.prefix, user_id),
         )
-        await self._guard("delete", lambda: self.client.delete(*keys), user_id)
+        await self._guard("delete", lambda: self.client.delete(*keys), user_id, via_client=True)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
-        await self._guard("PING", self.client.ping)
+        await self._guard("PING", self.client.ping, via_client=True)
 
-    async def _guard(self, op: str, call: Callable[[], Awaitable[V]], user_id: str | None = None) -> V:
+    async def _guard(
+        self, op: str, call: Callable[[], Awaitable[V]], user_id: str | None = None, via_client: bool = False
+    ) -> V:
         """Run one Redis call within the connection limit; failures become StoreUnavailable. The message (sent to
         the client) names the user; the log line does not."""
 
@@ -721,7 +725,11 @@ class WindowStore:
         except TimeoutError as e:
             raise unavailable(f"no connection free within {self._queue_timeout}s") from e
         try:
-            async with asyncio.timeout(self._call_timeout):
+            if via_client or self._direct is None:  # redis-py's own calls: a task of their own (see bounded)
+                return await bounded(call, self._call_timeout)
+            async with asyncio.timeout(
+                self._call_timeout
+            ):  # DirectCommands: the caller waits on a future only
                 return await call()
         except TimeoutError as e:
             raise unavailable(

@@ -60,7 +60,7 @@ INT8_PREFIX = "nextint8"  # the same, with the int8 model's states (another mode
 KEY_PREFIX = "nextact"  # the population's windows: nextact's default NEXTACT_KEY_PREFIX
 # "tuned": settings beyond the defaults that measured faster (docs/performance.md, Levers); the external Redis
 # without persistence is the other half of "tuned"
-TUNED_ENV: dict[str, str] = {"NEXTACT_REDIS_PIPELINE_MAX": "64"}  # coalesced Redis calls: opt-in for now
+TUNED_ENV: dict[str, str] = {"NEXTACT_REDIS_PIPELINE_MAX": "64"}  # coalesced Redis calls (the default)
 BATCH_METRIC = "nextact_inference_batch_size"
 PEER_BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 PHASES = itertools.count(1)

@@ -4,13 +4,17 @@ still gets its own reply, its own error reply and the retry on a dropped connect
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from app.redis_client import DirectCommands, RedisConnection, connect
+from app.redis_client import DirectCommands, RedisConnection, bounded, connect
+from app.redis_server import EmbeddedRedis, free_port
 from app.windows import NewEvent, WindowStore
 
 pytestmark = pytest.mark.anyio
@@ -105,3 +109,65 @@ async def test_pipeline_max_one_sends_each_call_on_its_own(redis_url: str) -> No
         assert (direct.pipelines, direct.pipelined) == (6, 6)
     finally:
         await connection.close()
+
+
+@pytest.fixture
+def stopped_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of its own, to be stopped with SIGSTOP (always continued and stopped afterwards)."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        yield server
+    finally:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+
+
+async def test_a_pipeline_whose_callers_all_gave_up_is_cancelled_and_drops_its_connection(
+    stopped_redis: EmbeddedRedis,
+) -> None:
+    """fails on the code before: yes (the pipeline went on reading and retrying, T x (R + 1) = 8 s, for nobody)."""
+    connection = connect(stopped_redis.url, max_connections=4, timeout_seconds=2, retries=3)
+    direct = _direct(connection)
+    try:
+        assert await direct.execute("PING") == b"PONG"
+        assert stopped_redis.process is not None
+        os.kill(stopped_redis.process.pid, signal.SIGSTOP)
+        calls = [asyncio.ensure_future(direct.execute("ECHO", str(i))) for i in range(3)]
+        for _ in range(3):  # a few loop turns: the three calls go out as one pipeline and wait for replies
+            await asyncio.sleep(0)
+        (sender,) = direct.in_flight
+        assert direct.open_connections == 1
+        calls[0].cancel()
+        calls[1].cancel()
+        await asyncio.sleep(0)
+        assert sender.cancelling() == 0  # one caller still waits: the pipeline goes on
+        calls[2].cancel()  # the last caller gives up (its deadline passed, say)
+        await asyncio.sleep(0)
+        assert sender.cancelling() == 1
+        await asyncio.wait([sender])
+        assert direct.pipelines == 1  # the warm-up PING only
+        # cancelled, or (the cancellation lost in redis-py's write) ended after this one try: no retries
+        assert direct.open_connections == 0 and not direct.in_flight
+        assert all(c.cancelled() for c in calls)
+    finally:
+        await connection.close()
+
+
+async def test_bounded_holds_even_when_the_call_ignores_its_cancellation() -> None:
+    """The case redis-py's retry makes (a timeout's cancellation turned into a retried TimeoutError): the
+    caller is still answered at its deadline, which `asyncio.timeout` alone cannot promise."""
+    release = asyncio.Event()
+
+    async def stubborn() -> str:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed, as a retry loop would
+        return "late"
+
+    with pytest.raises(TimeoutError):
+        await bounded(stubborn, 0.05)
+    release.set()
+    assert await bounded(lambda: asyncio.sleep(0, "fast"), 1.0) == "fast"

@@ -1,15 +1,22 @@
-"""Incremental state saved behind the answer: bounded, every outcome counted, failures logged, per-user settle."""
+"""Incremental state saved behind the answer: bounded, every outcome counted, failures logged, per-user settle
+(with the pending prediction write, in one wait)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from app.observability import Metrics
+from app.quality import LiveQuality, PredictionLog
 from app.redis_client import connect
-from app.redis_server import free_port
-from app.statesave import StateSaver
+from app.redis_server import EmbeddedRedis, free_port
+from app.statesave import StateSaver, settle_all
 from app.windows import NewEvent, WindowStore
 
 pytestmark = pytest.mark.anyio
@@ -57,5 +64,51 @@ async def test_a_failed_save_is_counted_and_logged(caplog: pytest.LogCaptureFixt
             await saver.drain()
         assert _count(metrics, "failed") == 1
         assert "incremental state not stored" in caplog.text and "'u'" not in caplog.text  # no user id logged
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def stopped_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of its own, to be stopped with SIGSTOP (always continued and stopped afterwards)."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        yield server
+    finally:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+
+
+async def test_settle_all_waits_for_both_pending_writes_of_the_user_and_gives_up_on_a_hung_redis(
+    stopped_redis: EmbeddedRedis,
+) -> None:
+    conn = connect(stopped_redis.url, 8, 2.0, 0)
+    store = WindowStore(conn.client, "ss", 100, conn.address, direct=conn.direct, call_timeout_seconds=2.0)
+    await store.load_script()
+    saver = StateSaver(store, Metrics())
+    log = PredictionLog(store, LiveQuality(CollectorRegistry()))
+    try:
+        seq = (await store.append_with_state("u", [NewEvent("e1", "x", 1.0)], 5, "v")).seq
+        saver.save("u", seq, "v", b"S")
+        log.remember("u", seq, b"P")
+        pending = [saver.pending_for("u"), log.pending_for("u")]
+        assert all(p is not None for p in pending) and saver.pending_for("other") is None
+        await settle_all("u", log, saver, None)  # Redis answers: both writes land
+        assert all(p is not None and p.done() for p in pending)
+        assert saver.pending_for("u") is None and log.pending_for("u") is None
+
+        seq = (await store.append_with_state("u", [NewEvent("e2", "y", 2.0)], 5, "v")).seq
+        saver.save("u", seq, "v", b"S2")
+        log.remember("u", seq, b"P2")
+        assert stopped_redis.process is not None
+        os.kill(stopped_redis.process.pid, signal.SIGSTOP)
+        await settle_all("u", log, saver)  # Redis hangs: one wait for both, then on without them
+        late = [saver.pending_for("u"), log.pending_for("u")]
+        assert all(p is not None and not p.done() for p in late)
+        os.kill(stopped_redis.process.pid, signal.SIGCONT)
+        await saver.drain()
+        await log.drain()
+        assert saver.pending_for("u") is None and log.pending_for("u") is None
     finally:
         await conn.close()
