@@ -17,7 +17,7 @@ always made it, and the fast path only has to agree with it on requests that suc
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import fastapi.routing
@@ -36,40 +36,53 @@ NO_BODY = object()  # the route has no body parameter
 
 
 class FastPathError(RuntimeError):
-    """A hot route has a dependency its fast path does not run (the message names both)."""
+    """A hot route has a dependency or parameter its fast path does not handle (the message names both)."""
 
 
-def fast_path(fast: Fast, *, runs: tuple[Callable[..., Any], ...]) -> Callable[[E], E]:
-    """Give an endpoint a fast path; `runs` lists every dependency (router's included) that `fast` calls itself."""
+def fast_path(
+    fast: Fast, *, runs: tuple[Callable[..., Any], ...], reads: tuple[str, ...]
+) -> Callable[[E], E]:
+    """Give an endpoint a fast path. `runs`: every dependency (the router's included) that `fast` calls itself;
+    `reads`: every path, query, header and cookie parameter it reads (the body is parsed for it)."""
 
     def mark(endpoint: E) -> E:
-        setattr(endpoint, _FAST, (fast, frozenset(runs)))
+        setattr(endpoint, _FAST, (fast, frozenset(runs), frozenset(reads)))
         return endpoint
 
     return mark
 
 
-def _calls(dependant: Dependant) -> Iterator[Callable[..., Any]]:
+def _dependants(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
     for sub in dependant.dependencies:
-        if sub.call is not None:
-            yield sub.call
-        yield from _calls(sub)
+        yield from _dependants(sub)
+
+
+def _missed(dependant: Dependant, runs: frozenset[Any], reads: frozenset[str]) -> str | None:
+    """The first dependency or parameter of the route that its fast path would not handle, named."""
+    for d in _dependants(dependant):
+        if d is not dependant and d.call is not None and d.call not in runs and not _is_security(d.call):
+            return f"dependency {getattr(d.call, '__name__', d.call)}"
+        for param in (*d.path_params, *d.query_params, *d.header_params, *d.cookie_params):
+            if param.alias not in reads:
+                return f"parameter {param.alias!r}"
+    return None
 
 
 class HotRoute(APIRoute):
     """An APIRoute whose endpoint may carry a fast path (`fast_path`); others get FastAPI's handler alone."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         generic = super().get_route_handler()
         marked = getattr(self.endpoint, _FAST, None)
         if marked is None:
             return generic
-        fast, runs = marked
-        skipped = [c for c in _calls(self._effective_dependant()) if c not in runs and not _is_security(c)]
-        if skipped:
+        fast, runs, reads = marked
+        missed = _missed(self._effective_dependant(), runs, reads)
+        if missed is not None:
             raise FastPathError(
-                f"route {self.path}: dependency {getattr(skipped[0], '__name__', skipped[0])} is not run by the fast path "
-                f"{fast.__name__}; add it there and to its runs=(...)"
+                f"route {self.path}: {missed} is not handled by its fast path {fast.__name__}; "
+                "handle it there and name it in fast_path(runs=..., reads=...)"
             )
         body_field = self.body_field
 

@@ -181,6 +181,7 @@ async def _admit(request: Request) -> Services:
 
 
 FAST_RUNS = (require_api_key, enforce_rate_limit, get_services, prediction_filters)
+FAST_READS = ("user_id", "k", "exclude_window", "exclude", "include", "renormalize")
 
 
 async def _post_user_events_fast(request: Request, body: Any) -> Response | None:
@@ -206,7 +207,7 @@ async def _get_predictions_fast(request: Request, _: Any) -> Response | None:
     tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
-@hotpath.fast_path(_post_user_events_fast, runs=FAST_RUNS)
+@hotpath.fast_path(_post_user_events_fast, runs=FAST_RUNS, reads=FAST_READS)
 async def post_user_events(
     user_id: UserId, body: UserEventsBody, svc: ServicesDep, filters: FiltersDep, k: K = None
 ) -> Response:
@@ -278,7 +279,7 @@ async def post_events(
     tags=["predictions"],
     responses=_errors(422, 503, 500),
 )
-@hotpath.fast_path(_get_predictions_fast, runs=FAST_RUNS)
+@hotpath.fast_path(_get_predictions_fast, runs=FAST_RUNS, reads=FAST_READS)
 async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep, k: K = None) -> Response:
     """Predict the user's next action from their current window, without adding anything.
 

@@ -184,7 +184,7 @@ async def test_dependency_overrides_are_honoured(behavior_artifact: Path, redis_
         assert r.status_code == 200 and r.json()["window_size"] == 1
 
 
-def test_a_dependency_the_fast_path_does_not_run_is_refused_at_declaration() -> None:
+def test_a_dependency_or_parameter_the_fast_path_does_not_handle_is_refused() -> None:
     async def quota() -> None:
         return None
 
@@ -195,15 +195,22 @@ def test_a_dependency_the_fast_path_does_not_run_is_refused_at_declaration() -> 
     with pytest.raises(FastPathError, match="quota"):
 
         @router.get("/x")
-        @fast_path(fast, runs=(require_api_key,))
+        @fast_path(fast, runs=(require_api_key,), reads=())
         async def endpoint() -> None:
             return None
 
-    app = FastAPI()
     covered = APIRouter(dependencies=[Depends(require_api_key)], route_class=HotRoute)
+    with pytest.raises(FastPathError, match="parameter 'limit'"):
+
+        @covered.get("/z")
+        @fast_path(fast, runs=(require_api_key,), reads=("user_id",))
+        async def with_query(limit: int = 5) -> None:
+            return None
+
+    app = FastAPI()
 
     @covered.get("/y")
-    @fast_path(fast, runs=(require_api_key,))
+    @fast_path(fast, runs=(require_api_key,), reads=())
     async def fine() -> dict[str, str]:
         return {"ok": "yes"}
 
