@@ -14,7 +14,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ MODEL_VERSION_HEADER = (
     "X-Model-Version"  # the model that made the answer (routes set it; else the current one)
 )
 MODEL_VERSION_KEY = MODEL_VERSION_HEADER.lower().encode()
+REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "nextact_request_id", default=None
@@ -86,6 +86,23 @@ class WorkerProcessCollector(Collector):
                 for sample in family.samples:
                     out.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
         yield from merged.values()
+
+
+class _RedisTimer:
+    """`with metrics.redis_op(op)`: the round trip's latency, and an error count if it raises."""
+
+    __slots__ = ("_errors", "_seconds", "_start")
+
+    def __init__(self, series: tuple[Any, Any]) -> None:
+        self._seconds, self._errors = series
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self._errors.inc()
+        self._seconds.observe(time.perf_counter() - self._start)
 
 
 class Metrics:
@@ -223,8 +240,15 @@ class Metrics:
             self.auth_failures.labels(reason=reason)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result=result)
+        # labelled children looked up once, not on every request (the hot path's metric updates)
+        self._redis: dict[str, tuple[Any, Any]] = {}
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for op in REDIS_OPS:  # every series exists from the start, so rate() and alerts see a zero
-            self.redis_errors.labels(op=op)
+            self._redis_series(op)
+        self._incremental = {
+            True: self.incremental_appends.labels(path="step"),
+            False: self.incremental_appends.labels(path="rebuild"),
+        }
 
     def set_model(
         self, *, model_version: str, cell: str, window: int, vocab_size: int, provider: str
@@ -244,17 +268,28 @@ class Metrics:
         ).set(1)
         self.model_loaded_at.set(time.time())
 
-    @contextmanager
-    def redis_op(self, op: str) -> Iterator[None]:
-        """Time one Redis round trip; count it as an error if it raises."""
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            self.redis_errors.labels(op=op).inc()
-            raise
-        finally:
-            self.redis_seconds.labels(op=op).observe(time.perf_counter() - start)
+    def redis_op(self, op: str) -> _RedisTimer:
+        """Time one Redis round trip (`with metrics.redis_op("append"): ...`); count it as an error if it raises."""
+        return _RedisTimer(self._redis_series(op))
+
+    def _redis_series(self, op: str) -> tuple[Any, Any]:
+        series = self._redis.get(op)
+        if series is None:
+            series = self._redis[op] = (self.redis_seconds.labels(op=op), self.redis_errors.labels(op=op))
+        return series
+
+    def request_series(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The request counter's and latency histogram's children for these labels (looked up once)."""
+        key = (method, route, status)
+        series = self._requests.get(key)
+        if series is None:
+            labels = {"method": method, "route": route, "status": str(status)}
+            series = (self.requests.labels(**labels), self.request_seconds.labels(**labels))
+            self._requests[key] = series
+        return series
+
+    def incremental_append(self, stepped: bool) -> None:
+        self._incremental[stepped].inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -327,7 +362,7 @@ class ObservabilityMiddleware:
         token = request_id_var.set(request_id)
         status_code = 500
         start = time.perf_counter()
-        header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
+        header = (REQUEST_ID_KEY, request_id.encode())
 
         started = False
 
@@ -380,19 +415,18 @@ class ObservabilityMiddleware:
             self.metrics.in_flight.dec()
             route = _route_template(scope)
             method = scope.get("method", "")
-            labels = {"method": method, "route": route, "status": str(status_code)}
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.request_seconds.labels(**labels).observe(elapsed)
-            fields = {
-                "method": method,
-                "route": route,
-                "status": status_code,
-                "duration_ms": round(elapsed * 1000, 3),
-            }
-            if status_code >= 500:
-                log.error("%s %s -> %d", method, route, status_code, extra=fields)
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("%s %s -> %d", method, route, status_code, extra=fields)
+            count, seconds = self.metrics.request_series(method, route, status_code)
+            count.inc()
+            seconds.observe(elapsed)
+            if status_code >= 500 or log.isEnabledFor(logging.DEBUG):
+                fields = {
+                    "method": method,
+                    "route": route,
+                    "status": status_code,
+                    "duration_ms": round(elapsed * 1000, 3),
+                }
+                level = logging.ERROR if status_code >= 500 else logging.DEBUG
+                log.log(level, "%s %s -> %d", method, route, status_code, extra=fields)
             request_id_var.reset(token)
 
 
@@ -480,7 +514,7 @@ class MeteredWindowStore(WindowStore):
         self.metrics.events_ingested.inc(got.result.accepted)
         self.metrics.duplicates_dropped.inc(got.result.duplicates)
         if got.result.accepted:
-            self.metrics.incremental_appends.labels(path="step" if got.state is not None else "rebuild").inc()
+            self.metrics.incremental_append(got.state is not None)
         if self.known is not None:
             self.metrics.unknown_actions.inc(sum(1 for e in events if not self.known(e.action)))
         return got

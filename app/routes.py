@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from starlette.convertors import register_url_convertor
 
+from app import hotpath
 from app.candidate import Candidate, NoCandidate
-from app.deps import Services, ServicesDep
+from app.deps import Services, ServicesDep, get_services
 from app.errors import JSONBytes, error_response
 from app.events import AnythingConvertor, InvalidField, check_count, check_string, check_user_id, new_event
 from app.filters import Filters
@@ -47,7 +48,11 @@ _ACCESS_ERRORS: dict[int | str, dict[str, Any]] = {
 # any character, a newline and '/' included: the last segment names the route, the rest is the user id
 register_url_convertor("anything", AnythingConvertor())
 router = APIRouter()  # open: health, readiness, metrics
-v1 = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)], responses=_ACCESS_ERRORS)
+v1 = APIRouter(
+    dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)],
+    responses=_ACCESS_ERRORS,
+    route_class=hotpath.HotRoute,  # the hot routes' fast paths (below) in front of FastAPI's handler
+)
 MODEL_VERSION_HEADER = "X-Model-Version"
 
 USER_ID_RULE = (
@@ -57,11 +62,12 @@ USER_ID_RULE = (
     "%25; an id of `.` or `..` as %2E or %2E%2E, since clients drop such segments); a `/` sent as it is works too."
 )
 UserId = Annotated[str, Path(min_length=1, description=USER_ID_RULE, examples=["u-42"])]
+MAX_K = 100_000
 K = Annotated[
     int | None,
     Query(
         ge=1,
-        le=100_000,
+        le=MAX_K,
         description="How many predictions to return (default NEXTACT_DEFAULT_K; "
         "at most the vocabulary less <pad> and <unk>).",
         examples=[10],
@@ -151,6 +157,49 @@ def _prediction(user_id: str, window_size: int, p: Prediction, role: str) -> dic
     }
 
 
+async def _query_args(request: Request) -> tuple[int | None, Filters | None] | None:
+    """k and the filters of a plain query, or None: FastAPI's handler coerces or refuses the values."""
+    query = hotpath.Query(request)
+    k = query.integer("k", 1, MAX_K)
+    exclude_window = query.flag("exclude_window", False)
+    renormalize = query.flag("renormalize", False)
+    exclude, include = query.strings("exclude"), query.strings("include")
+    if not query.ok:
+        return None
+    try:
+        filters = await prediction_filters(request, exclude_window, exclude, include, renormalize)
+    except InvalidField:  # refused by FastAPI's handler, after authentication and rate limiting
+        return None
+    return k, filters
+
+
+async def _admit(request: Request) -> Services:
+    """The v1 router's dependencies, in FastAPI's order (they raise the same 401/429), then the services."""
+    await require_api_key(request)
+    await enforce_rate_limit(request)
+    return await get_services(request)
+
+
+FAST_RUNS = (require_api_key, enforce_rate_limit, get_services, prediction_filters)
+FAST_READS = ("user_id", "k", "exclude_window", "exclude", "include", "renormalize")
+
+
+async def _post_user_events_fast(request: Request, body: Any) -> Response | None:
+    args = await _query_args(request)
+    if args is None:
+        return None
+    svc = await _admit(request)
+    return await post_user_events(request.path_params["user_id"], body, svc, args[1], args[0])
+
+
+async def _get_predictions_fast(request: Request, _: Any) -> Response | None:
+    args = await _query_args(request)
+    if args is None:
+        return None
+    svc = await _admit(request)
+    return await get_predictions(request.path_params["user_id"], svc, args[1], args[0])
+
+
 @v1.post(
     "/v1/users/{user_id:anything}/events",
     response_model=UserPrediction,
@@ -158,6 +207,7 @@ def _prediction(user_id: str, window_size: int, p: Prediction, role: str) -> dic
     tags=["events"],
     responses=_errors(413, 422, 503, 500),
 )
+@hotpath.fast_path(_post_user_events_fast, runs=FAST_RUNS, reads=FAST_READS)
 async def post_user_events(
     user_id: UserId, body: UserEventsBody, svc: ServicesDep, filters: FiltersDep, k: K = None
 ) -> Response:
@@ -229,6 +279,7 @@ async def post_events(
     tags=["predictions"],
     responses=_errors(422, 503, 500),
 )
+@hotpath.fast_path(_get_predictions_fast, runs=FAST_RUNS, reads=FAST_READS)
 async def get_predictions(user_id: UserId, svc: ServicesDep, filters: FiltersDep, k: K = None) -> Response:
     """Predict the user's next action from their current window, without adding anything.
 

@@ -719,11 +719,14 @@ class WindowStore:
                 f"Redis at {self.address} is unavailable ({op}): {why}",
             )
 
-        try:
-            async with asyncio.timeout(self._queue_timeout):
-                await self._limit.acquire()
-        except TimeoutError as e:
-            raise unavailable(f"no connection free within {self._queue_timeout}s") from e
+        if self._limit.locked():  # wait for a free slot, at most the queue timeout
+            try:
+                async with asyncio.timeout(self._queue_timeout):
+                    await self._limit.acquire()
+            except TimeoutError as e:
+                raise unavailable(f"no connection free within {self._queue_timeout}s") from e
+        else:  # a free slot: taken at once, without arming a timer
+            await self._limit.acquire()
         try:
             if via_client or self._direct is None:  # redis-py's own calls: a task of their own (see bounded)
                 return await bounded(call, self._call_timeout)

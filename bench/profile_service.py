@@ -44,6 +44,10 @@ RULES: list[tuple[str, str]] = [
     ("app: routes, events, deps", "app/routes.py"),
     ("app: routes, events, deps", "app/events.py"),
     ("app: routes, events, deps", "app/deps.py"),
+    ("app: routes, events, deps", "app/hotpath.py"),
+    ("app: Redis client", "app/redis_client.py"),
+    ("app: state saves, live quality", "app/statesave.py"),
+    ("app: state saves, live quality", "app/quality.py"),
     ("app: other", "app/"),
     ("prometheus-client", "prometheus_client/"),
     ("redis-py client", "redis/"),
@@ -74,7 +78,14 @@ def frame_file(frame: str) -> str:
 
 
 # Outer frames every sample of the main thread has: they own nothing.
-OUTER = ("app/__main__.py", "uvicorn/main.py", "uvicorn/server.py", "uvicorn/_compat.py", "<frozen runpy>")
+OUTER = (
+    "app/__main__.py",
+    "app/cli.py",
+    "uvicorn/main.py",
+    "uvicorn/server.py",
+    "uvicorn/_compat.py",
+    "<frozen runpy>",
+)
 
 
 def categorise(frames: list[str]) -> str:
