@@ -182,3 +182,50 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     err = _cli_error(capsys, "evaluate", "--data", str(bad), "--artifact", str(tmp_path / "none"), "--quiet")
     assert "manifest file not found" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_preset_sets_the_defaults_and_options_beside_it_win() -> None:
+    from training.__main__ import PRESETS, build_parser, preset_in
+
+    for name, values in PRESETS.items():
+        argv = ["train", "--data", "e.csv", "--out", "a", "--preset", name, "--lr", "0.5", "--no-tied"]
+        args = build_parser(preset_in(argv)).parse_args(argv)
+        assert args.preset == name and args.lr == 0.5 and args.tied is False  # given: they win
+        for key, value in values.items():
+            if key not in ("lr", "tied"):
+                assert getattr(args, key) == value, (name, key)
+    plain = build_parser(None).parse_args(["train", "--data", "e.csv", "--out", "a"])
+    assert (plain.loss, plain.embedding_dim, plain.residual) == ("ce", 256, False)  # no preset: defaults
+
+
+def test_train_with_a_preset_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    rows = ["user_id,action,timestamp"]
+    for user in range(40):
+        for step in range(int(rng.integers(4, 10))):
+            rows.append(f"u{user},a{int(rng.integers(0, 30))},{1_700_000_000 + 60 * step}")
+    data = tmp_path / "events.csv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "artifact"
+    trained = _cli(
+        capsys, "train", "--data", str(data), "--out", str(out), "--preset", "full-ranking",
+        "--epochs", "1", "--embedding-dim", "8", "--hidden-dim", "8", "--window", "8", "--quiet",
+    )  # fmt: skip
+    manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    model = manifest["model"]
+    assert (model["tied"], model["residual"], model["input_dropout"], model["dropout"]) == (
+        True,
+        True,
+        0.5,
+        0.1,
+    )
+    assert (model["embedding_dim"], model["hidden_dim"], manifest["training"]["epochs_run"]) == (8, 8, 1)
+    assert (
+        manifest["training"]["learning_rate"] == 0.01
+        and trained["model_version"] == manifest["model_version"]
+    )
+
+
+def test_unknown_preset_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _cli_error(capsys, "train", "--data", "e.csv", "--out", "a", "--preset", "fastest")
+    assert "--preset" in err and "full-ranking" in err
