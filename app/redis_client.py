@@ -100,6 +100,7 @@ async def bounded(call: Callable[[], Awaitable[V]], seconds: float | None) -> V:
         done, _ = await asyncio.wait([task], timeout=seconds)
     except BaseException:  # the caller was cancelled: so is its call
         task.cancel()
+        task.add_done_callback(_retrieve)
         raise
     if not done:
         task.cancel()
@@ -183,7 +184,16 @@ class DirectCommands:
         _cancel_when_abandoned(task, [f for _, f in calls])
 
     async def _send(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """One write, one read per call; resolve each caller's future with its reply or its error reply."""
+        """One write, one read per call; resolve each caller's future with its reply or its error reply.
+        Cancelled anywhere (shutdown, all callers gone), even during a retry's backoff: every caller still
+        waiting gets an error at once."""
+        try:
+            await self._tries(calls)
+        except BaseException as e:
+            _fail([f for _, f in calls], RedisConnectionError(f"Redis call abandoned: {e!r}"))
+            raise
+
+    async def _tries(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         for attempt in range(self._retries + 1):
             conn = self._idle.pop() if self._idle else self._new()
             replies: list[Any] = []
@@ -212,11 +222,8 @@ class DirectCommands:
                     await self._drop(idle)
                 await asyncio.sleep(min(0.01 * (attempt + 1), BACKOFF_CAP_SECONDS))
                 continue
-            except (
-                BaseException
-            ) as e:  # cancelled mid-reply (shutdown), say: the connection's state is unknown
+            except BaseException:  # cancelled mid-reply (shutdown), say: the connection's state is unknown (_send fails the callers)
                 await self._drop(conn)
-                _fail([f for _, f in calls], RedisConnectionError(f"Redis call abandoned: {e!r}"))
                 raise
             self._idle.append(conn)
             self.pipelines += 1

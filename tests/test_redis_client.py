@@ -4,6 +4,7 @@ still gets its own reply, its own error reply and the retry on a dropped connect
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -171,3 +172,51 @@ async def test_bounded_holds_even_when_the_call_ignores_its_cancellation() -> No
         await bounded(stubborn, 0.05)
     release.set()
     assert await bounded(lambda: asyncio.sleep(0, "fast"), 1.0) == "fast"
+
+
+@pytest.mark.parametrize("pipeline_max", [1, 64])
+async def test_close_during_a_retry_backoff_fails_the_waiting_caller(pipeline_max: int) -> None:
+    """A call retrying against a refused port (between two tries when close() comes) gets an error at once,
+    not at its deadline."""
+    connection = connect(
+        f"redis://127.0.0.1:{free_port()}/0",
+        max_connections=2,
+        timeout_seconds=0.5,
+        retries=50,
+        max_pipeline=pipeline_max,
+    )
+    direct = _direct(connection)
+    call = asyncio.ensure_future(direct.execute("PING"))
+    await asyncio.sleep(0.05)  # refused connects: a sender is retrying
+    assert direct.in_flight and not call.done()
+    await connection.close()
+    done, _ = await asyncio.wait([call], timeout=1.0)
+    assert done, "the caller is still waiting after close()"
+    with pytest.raises(redis.exceptions.ConnectionError):
+        call.result()
+
+
+async def test_bounded_reads_the_outcome_of_a_call_whose_caller_was_cancelled() -> None:
+    """A cancelled caller's abandoned call that fails later: its error is read (asyncio logs nothing)."""
+    loop = asyncio.get_running_loop()
+    unread: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: unread.append(context))
+
+    async def fails_after_cancellation() -> None:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            pass  # swallowed, as redis-py's wait_for can
+        await asyncio.sleep(0.01)
+        raise ConnectionError("Redis went away")
+
+    caller = asyncio.ensure_future(bounded(fails_after_cancellation, 5.0))
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.1)
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not unread, unread
