@@ -600,7 +600,8 @@ class WindowStore:
         try:
             return await self._run_script(sha, keys, args)
         except NoScriptError:  # Redis restarted, failed over or flushed its scripts
-            await self.client.script_load(SCRIPTS[sha])
+            # redis-py's own call: in a task of its own, so the caller's deadline holds (see bounded)
+            await bounded(partial(self.client.script_load, SCRIPTS[sha]), self._call_timeout)
             return await self._run_script(sha, keys, args)
 
     def _run_script(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
