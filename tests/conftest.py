@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -9,10 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from app.redis_server import EmbeddedRedis
+from app.redis_server import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def stopped_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of its own, for a test that stops it, to be stopped with SIGSTOP (always continued and stopped afterwards)."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        yield server
+    finally:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

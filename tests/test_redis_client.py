@@ -7,8 +7,7 @@ import asyncio
 import gc
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -110,18 +109,6 @@ async def test_pipeline_max_one_sends_each_call_on_its_own(redis_url: str) -> No
         assert (direct.pipelines, direct.pipelined) == (6, 6)
     finally:
         await connection.close()
-
-
-@pytest.fixture
-def stopped_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of its own, to be stopped with SIGSTOP (always continued and stopped afterwards)."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
-    try:
-        yield server
-    finally:
-        assert server.process is not None
-        os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
 
 
 async def test_a_pipeline_whose_callers_all_gave_up_is_cancelled_and_drops_its_connection(

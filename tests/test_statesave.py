@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -66,18 +64,6 @@ async def test_a_failed_save_is_counted_and_logged(caplog: pytest.LogCaptureFixt
         assert "incremental state not stored" in caplog.text and "'u'" not in caplog.text  # no user id logged
     finally:
         await conn.close()
-
-
-@pytest.fixture
-def stopped_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of its own, to be stopped with SIGSTOP (always continued and stopped afterwards)."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
-    try:
-        yield server
-    finally:
-        assert server.process is not None
-        os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
 
 
 async def test_settle_all_waits_for_both_pending_writes_of_the_user_and_gives_up_on_a_hung_redis(

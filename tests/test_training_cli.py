@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.manifest import MANIFEST_FILE, MODEL_FILE, PAD_TOKEN, REPORT_FILE, UNK_TOKEN, read_manifest
-from training.__main__ import main
+from tests.training_cli import cli, cli_error
 from training.checkpoint import CHECKPOINT_FILE
 from training.predict import encode_sequences, predict
 from training.report import HR_PLOT, LOSS_PLOT
@@ -18,20 +18,6 @@ from training.runtime import open_session, run
 from training.vocab import Vocabulary
 
 METRICS = {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10, 20)} | {"accuracy", "macro_f1"}
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
-    assert main(list(argv)) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> None:
@@ -88,7 +74,7 @@ def test_item_artifact_has_a_realistic_vocabulary(item_artifact: Path) -> None:
 def test_evaluate_reproduces_the_manifest_metrics(
     behavior_artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _cli(
+    out = cli(
         capsys,
         "evaluate",
         "--data",
@@ -137,7 +123,7 @@ def test_train_gru_on_jsonl_with_time_split_then_evaluate(
     data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     out_dir = tmp_path / "artifact"
     common = ["--data", str(data), "--user-col", "uid", "--action-col", "kind,cat", "--time-col", "when"]
-    trained = _cli(
+    trained = cli(
         capsys,
         "train",
         *common,
@@ -160,7 +146,7 @@ def test_train_gru_on_jsonl_with_time_split_then_evaluate(
     manifest = read_manifest(out_dir)
     assert manifest.cell == "gru" and manifest.training.split == "time" and "view:0" in manifest.vocabulary
     assert trained["model_version"] == manifest.model_version
-    evaluated = _cli(
+    evaluated = cli(
         capsys, "evaluate", *common, "--artifact", str(out_dir), "--protocol", "sampled", "--quiet"
     )
     assert evaluated["split"] == "time" and evaluated["protocol"] == "sampled"
@@ -168,7 +154,7 @@ def test_train_gru_on_jsonl_with_time_split_then_evaluate(
 
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = _cli_error(
+    err = cli_error(
         capsys, "train", "--data", "examples/taobao_sample.csv", "--out", str(tmp_path / "x"), "--quiet"
     )
     assert (
@@ -177,9 +163,9 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     )
     bad = tmp_path / "bad.tsv"
     bad.write_text("user_id\taction\ttimestamp\nu\tpv\t1511848894\nu\tpv\t2017-02-30\n", encoding="utf-8")
-    err = _cli_error(capsys, "train", "--data", str(bad), "--out", str(tmp_path / "x"), "--quiet")
+    err = cli_error(capsys, "train", "--data", str(bad), "--out", str(tmp_path / "x"), "--quiet")
     assert f"{bad}: line 3: column 'timestamp': cannot read '2017-02-30'" in err
-    err = _cli_error(capsys, "evaluate", "--data", str(bad), "--artifact", str(tmp_path / "none"), "--quiet")
+    err = cli_error(capsys, "evaluate", "--data", str(bad), "--artifact", str(tmp_path / "none"), "--quiet")
     assert "manifest file not found" in err
     assert not (tmp_path / "x").exists()
 
@@ -207,7 +193,7 @@ def test_train_with_a_preset_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     data = tmp_path / "events.csv"
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "artifact"
-    trained = _cli(
+    trained = cli(
         capsys, "train", "--data", str(data), "--out", str(out), "--preset", "full-ranking",
         "--epochs", "1", "--embedding-dim", "8", "--hidden-dim", "8", "--window", "8", "--quiet",
     )  # fmt: skip
@@ -229,5 +215,5 @@ def test_train_with_a_preset_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_unknown_preset_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
-    err = _cli_error(capsys, "train", "--data", "e.csv", "--out", "a", "--preset", "fastest")
+    err = cli_error(capsys, "train", "--data", "e.csv", "--out", "a", "--preset", "fastest")
     assert "--preset" in err and "full-ranking" in err

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +20,7 @@ from app.manifest import MANIFEST_FILE, MODEL_FILE, STEP_FILE, read_manifest
 from app.model import load_model
 from tests.app_client import running_app
 from tests.conftest import EXAMPLES
+from tests.training_cli import cli, cli_error
 from training.__main__ import main
 from training.errors import ParityError
 from training.predict import predict
@@ -36,20 +35,6 @@ from training.quantize import (
 )
 
 T0 = 1_700_000_000.0
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    assert main(list(argv)) == 0
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
-
-
-def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _sha16(path: Path) -> str:
@@ -169,20 +154,18 @@ def test_a_failed_gate_writes_nothing(item_artifact: Path, tmp_path: Path) -> No
 def test_quantize_errors_name_what_is_wrong(
     capsys: pytest.CaptureFixture[str], item_artifact: Path, int8_item: Path, tmp_path: Path
 ) -> None:
-    err = _cli_error(capsys, "quantize", "--artifact", str(int8_item), "--out", str(tmp_path / "again"))
+    err = cli_error(capsys, "quantize", "--artifact", str(int8_item), "--out", str(tmp_path / "again"))
     assert "already quantized" in err and MANIFEST_FILE in err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep")
-    err = _cli_error(capsys, "quantize", "--artifact", str(item_artifact), "--out", str(busy))
+    err = cli_error(capsys, "quantize", "--artifact", str(item_artifact), "--out", str(busy))
     assert "--out" in err and "not an empty directory" in err
-    err = _cli_error(
-        capsys, "quantize", "--artifact", str(tmp_path / "missing"), "--out", str(tmp_path / "o")
-    )
+    err = cli_error(capsys, "quantize", "--artifact", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert "manifest file not found" in err
-    err = _cli_error(capsys, "train", "--data", "x.csv", "--out", str(tmp_path / "t"), "--quantize", "fp4")
+    err = cli_error(capsys, "train", "--data", "x.csv", "--out", str(tmp_path / "t"), "--quantize", "fp4")
     assert "--quantize" in err and "invalid choice" in err and "int8" in err
-    err = _cli_error(capsys, "quantize", "--artifact", str(item_artifact), "--out", "o", "--scheme", "int4")
+    err = cli_error(capsys, "quantize", "--artifact", str(item_artifact), "--out", "o", "--scheme", "int4")
     assert "--scheme" in err and "invalid choice" in err
     with pytest.raises(QuantizeError, match="no output layer"):
         quantize_graph(int8_item / MODEL_FILE, tmp_path / "twice.onnx", read_manifest(int8_item).vocab_size)
@@ -192,7 +175,7 @@ def test_train_quantize_int8_exports_behind_the_gate(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "trained"
-    result = _cli(
+    result = cli(
         capsys,
         "train",
         "--data",
