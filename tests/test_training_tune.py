@@ -17,6 +17,7 @@ from tests.test_training_train import _cyclic_split
 from training.config import ModelConfig, SearchSpace, TrainConfig, TuneOptions
 from training.errors import TrainingError
 from training.model import NextActionModel
+from training.presets import PRESETS, tune_starts
 from training.protocols import evaluate_cases, sample_negatives
 from training.tune import BUDGET, parse_space, tune_search
 
@@ -55,7 +56,11 @@ def test_tune_records_three_trials_and_exports_the_best(tmp_path: Path) -> None:
     trials = tuning["trials"]
     assert len(trials) == 3 or (tuning["stopped"] == BUDGET and 1 <= len(trials) < 3)
     for t in trials:
-        assert set(t["params"]) == {"loss", "dim", "input_dropout", "dropout", "lr", "batch_size", "tied"}
+        assert set(t["params"]) == {
+            "loss", "dim", "input_dropout", "dropout", "lr", "batch_size", "tied", "sampler", "residual",
+            "negatives",
+        }  # fmt: skip
+        assert t["origin"] == "search"  # the default (E256) and the presets (E64) lie outside dims [4, 8]
         assert 4 <= t["params"]["dim"] <= 8 and t["params"]["batch_size"] in (16, 32)
         assert 1 <= t["epochs"] <= 2 and t["seconds"] > 0 and t["state"] in ("complete", "pruned", "budget")
         assert 0 <= t["value"] <= 1
@@ -88,12 +93,33 @@ def test_the_budget_stops_the_search_after_the_first_epoch() -> None:
     assert trial.state == BUDGET and trial.epochs == 1 and result.best == trial
 
 
+def test_the_search_starts_from_the_default_and_the_presets_in_its_space() -> None:
+    assert [name for name, _ in tune_starts(SearchSpace())] == ["default", *PRESETS]
+    assert tune_starts(parse_space('{"dims": [4, 8]}')) == []
+    starts = dict(tune_starts(parse_space('{"losses": ["sampled"]}')))  # the default's full softmax is out
+    assert list(starts) == list(PRESETS)
+    full = starts["full-ranking"]
+    assert (full["loss"], full["sampler"], full["residual"], full["negatives"], full["dim"]) == (
+        "sampled", "popularity", True, 2000, 64
+    )  # fmt: skip
+
+    split = _cyclic_split()
+    space = parse_space('{"losses": ["sampled"], "dims": [16, 64], "batch_sizes": [8, 64]}')
+    options = TuneOptions(budget=600, trials=3, space=space)
+    result = tune_search(split, 10, {"window": 10}, TrainConfig(epochs=1, quiet=True), options)
+    assert [t.origin for t in result.trials] == [*PRESETS, "search"]
+    assert [t.params for t in result.trials[:2]] == [starts[name] for name in PRESETS]
+    assert all(16 <= t.params["dim"] <= 64 and t.params["loss"] == "sampled" for t in result.trials)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ('{"dim": [4, 8]}', "unknown keys ['dim']"),
         ('{"lr": [0.1, 0.01]}', "lr must be"),
         ('{"losses": ["mse"]}', "losses must be"),
+        ('{"samplers": ["zipf"]}', "samplers must be"),
+        ('{"negatives": [0]}', "negatives must be"),
         ("[4, 8", "not JSON"),
     ],
 )

@@ -16,46 +16,9 @@ from typing import Any
 from app.manifest import ManifestError, read_manifest
 from training.config import DataOptions, ModelConfig, TrainConfig, TuneOptions
 from training.errors import TrainingError
+from training.presets import PRESETS
 
 _M, _T, _TUNE = ModelConfig(vocab_size=3), TrainConfig(), TuneOptions()
-
-#: Measured configurations (docs/model-quality.md, "Presets"): `--preset NAME` makes these the defaults of
-#: `train`, so any option given on the command line still wins. Keys are argparse destinations.
-PRESETS: dict[str, dict[str, Any]] = {
-    # popularity-sampled negatives with logQ, the residual path, tied E64: the one configuration measured
-    # ahead of every baseline on Beauty under both protocols (with the refit)
-    "full-ranking": {
-        "loss": "sampled",
-        "loss_sampler": "popularity",
-        "logq": True,
-        "loss_negatives": 2000,
-        "residual": True,
-        "embedding_dim": 64,
-        "hidden_dim": 64,
-        "tied": True,
-        "input_dropout": 0.5,
-        "dropout": 0.1,
-        "lr": 0.01,
-        "epochs": 40,
-        "patience": 5,
-        "lr_patience": 2,
-    },
-    # uniform shared negatives, tied E64: the highest sampled-protocol figures on Beauty, Sports and Toys
-    "sampled-protocol": {
-        "loss": "sampled",
-        "loss_sampler": "uniform",
-        "loss_negatives": 1000,
-        "embedding_dim": 64,
-        "hidden_dim": 64,
-        "tied": True,
-        "input_dropout": 0.5,
-        "dropout": 0.1,
-        "lr": 0.01,
-        "epochs": 25,
-        "patience": 10,
-        "lr_patience": 3,
-    },
-}
 
 
 def preset_in(argv: list[str]) -> str | None:
@@ -198,7 +161,8 @@ def _add_search_options(t: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help='--tune: narrow the search, e.g. \'{"dims": [32, 128], "losses": ["sampled"]}\' (keys: losses, '
-        "dims, input_dropout, dropout, lr, batch_sizes, tied; default: the whole space)",
+        "dims, input_dropout, dropout, lr, batch_sizes, tied, samplers, residual, negatives; default: the whole "
+        "space; the default configuration and the presets that lie in it are the first trials)",
     )
 
 

@@ -94,7 +94,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SearchSpace:
     """What `--tune` searches: one dimension for the embedding and the hidden state, log-uniform between
-    `dims`; uniform dropouts; a log-uniform learning rate; the listed losses, batch sizes and tying."""
+    `dims`; uniform dropouts; a log-uniform learning rate; the listed losses, batch sizes, tying, negative
+    samplers, residual paths and negative counts (the last three matter only to the sampled losses)."""
 
     losses: tuple[Loss, ...] = ("ce", "sampled")
     dims: tuple[int, int] = (32, 256)
@@ -103,6 +104,9 @@ class SearchSpace:
     lr: tuple[float, float] = (1e-3, 3e-2)
     batch_sizes: tuple[int, ...] = (32, 64, 128, 256)
     tied: tuple[bool, ...] = (True, False)
+    samplers: tuple[Sampler, ...] = ("uniform", "popularity")
+    residual: tuple[bool, ...] = (False, True)
+    negatives: tuple[int, ...] = (1000, 2000)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """`--tune`: an Optuna search (seeded TPE sampler, median pruner on the per-epoch validation metric) over the
-loss, the dimension, the dropouts, the learning rate, the batch size and tying, within a wall-clock budget.
+loss, the dimension, the dropouts, the learning rate, the batch size, tying, the negative sampler, the residual
+path and the number of negatives, within a wall-clock budget. Its first trials are the default configuration
+and every preset (training/presets.py) that lies in the search space, so the search starts from what was
+measured best on the dev data sets and cannot end below the best of those on validation (budget allowing).
 
 Trials are scored on the validation split only (never the test split), under the run's validation protocol
 (`--protocol full|sampled`), by the best epoch's `--tune-metric`. The pipeline then trains the best
@@ -22,6 +25,7 @@ from tqdm import tqdm
 from training import distributed
 from training.config import ModelConfig, SearchSpace, TrainConfig, TuneOptions
 from training.errors import TrainingError
+from training.presets import tune_starts
 from training.splits import Split
 from training.train import EpochLog, fit
 
@@ -42,6 +46,7 @@ class TrialRecord:
     best_epoch: int
     seconds: float
     state: str
+    origin: str = "search"  # "search": drawn by the sampler; else the default or preset it started from
 
 
 @dataclass
@@ -100,6 +105,12 @@ def parse_space(text: str | None) -> SearchSpace:
         raise TrainingError(f"--tune-space: losses must be among ce, sampled, bce, got {list(space.losses)}")
     if not space.batch_sizes or min(space.batch_sizes) < 1 or not space.tied:
         raise TrainingError("--tune-space: batch_sizes must be >= 1 and tied non-empty")
+    if not space.samplers or not set(space.samplers) <= {"uniform", "popularity"}:
+        raise TrainingError(
+            f"--tune-space: samplers must be among uniform, popularity, got {list(space.samplers)}"
+        )
+    if not space.residual or not space.negatives or min(space.negatives) < 1:
+        raise TrainingError("--tune-space: negatives must be >= 1 and residual non-empty")
     return space
 
 
@@ -113,6 +124,9 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         "lr": trial.suggest_float("lr", *space.lr, log=True),
         "batch_size": trial.suggest_categorical("batch_size", list(space.batch_sizes)),
         "tied": trial.suggest_categorical("tied", list(space.tied)),
+        "sampler": trial.suggest_categorical("sampler", list(space.samplers)),
+        "residual": trial.suggest_categorical("residual", list(space.residual)),
+        "negatives": trial.suggest_categorical("negatives", list(space.negatives)),
     }
 
 
@@ -126,9 +140,15 @@ def apply(
         "input_dropout": params["input_dropout"],
         "dropout": params["dropout"],
         "tied": params["tied"],
+        "residual": params["residual"],
     }
     config = dataclasses.replace(
-        config, loss=params["loss"], lr=params["lr"], batch_size=params["batch_size"]
+        config,
+        loss=params["loss"],
+        lr=params["lr"],
+        batch_size=params["batch_size"],
+        loss_sampler=params["sampler"],
+        loss_negatives=params["negatives"],
     )
     return model_args, config
 
@@ -153,6 +173,9 @@ def tune_search(
         sampler=optuna.samplers.TPESampler(seed=config.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     )
+    starts = tune_starts(options.space)
+    for _, params in starts:
+        study.enqueue_trial(params)  # asked first, in this order
     result = TuneResult(options.metric, config.val_protocol, options.budget, options.trials)
     trial_config = dataclasses.replace(config, quiet=True, stop_metric=options.metric, ensemble=1)
     started = time.monotonic()
@@ -183,16 +206,18 @@ def tune_search(
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, value if math.isfinite(value) else 0.0)
+        origin = starts[number][0] if number < len(starts) else "search"
         record = TrialRecord(
-            number, params, value, len(run.epochs), run.best_epoch, time.monotonic() - t0, state
+            number, params, value, len(run.epochs), run.best_epoch, time.monotonic() - t0, state, origin
         )
         result.trials.append(record)
         best = result.best
         bar.update(1)
         bar.set_postfix(best=f"{best.value:.4f}" if best else "-")
         log.info(
-            "trial %d: %s %.4f after %d epochs (%.0f s, %s); best %s; %s",
+            "trial %d (%s): %s %.4f after %d epochs (%.0f s, %s); best %s; %s",
             number,
+            origin,
             options.metric,
             value,
             len(run.epochs),

@@ -14,7 +14,9 @@ from training.tune import BUDGET, PRUNED, TuneResult
 
 TUNING_PLOT = "tuning.png"
 TUNING_JSON = "tuning.json"
-_PARAMS = ("loss", "dim", "input_dropout", "dropout", "lr", "batch_size", "tied")
+_PARAMS = (
+    "loss", "dim", "input_dropout", "dropout", "lr", "batch_size", "tied", "sampler", "residual", "negatives"
+)  # fmt: skip
 
 
 def plot_trials(tuning: TuneResult, path: Path) -> Path:
@@ -71,7 +73,8 @@ def tuning_section(tuning: TuneResult, out_dir: Path) -> list[str]:
         (
             f"Optuna search (TPE sampler seeded with the run's seed, median pruner on the per-epoch validation "
             f"metric), scored by validation {tuning.metric} under the {tuning.protocol} protocol (validation "
-            f"split only). It took {tuning.seconds:.0f} s; {ended}."
+            f"split only). Its first trials are the default configuration and the presets that lie in the "
+            f"search space (column *from*); the sampler draws the rest. It took {tuning.seconds:.0f} s; {ended}."
             + (
                 f" The best, trial {best.number}, was then trained as usual (above) and exported."
                 if best
@@ -83,16 +86,18 @@ def tuning_section(tuning: TuneResult, out_dir: Path) -> list[str]:
         "",
         f"Every trial is also in `{TUNING_JSON}`.",
         "",
-        "| trial | "
+        "| trial | from | "
         + " | ".join(_PARAMS)
         + f" | val {tuning.metric} | epochs | best epoch | seconds | state |",
-        "|---:|" + "---:|" * len(_PARAMS) + "---:|---:|---:|---:|---|",
+        "|---:|---|" + "---:|" * len(_PARAMS) + "---:|---:|---:|---:|---|",
     ]
     for t in tuning.trials:
         cells = [_cell(t.params.get(p)) for p in _PARAMS]
         mark = "**" if best is not None and t.number == best.number else ""
         lines.append(
-            f"| {mark}{t.number}{mark} | " + " | ".join(cells) + f" | {t.value:.4f} | {t.epochs} | "
+            f"| {mark}{t.number}{mark} | {t.origin} | "
+            + " | ".join(cells)
+            + f" | {t.value:.4f} | {t.epochs} | "
             f"{t.best_epoch} | {t.seconds:.1f} | {t.state} |"
         )
     return [*lines, ""]
