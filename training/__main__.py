@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,14 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
         "behind its own looser gate (docs/training.md, Int8 output layer) (default: %(default)s)",
     )
     o.add_argument(
+        "--knn-blend",
+        default=_T.knn_blend,
+        metavar="off|auto|BETA",
+        help="mix item-kNN's probabilities into the model's in the exported graph: (1 - beta) * model + beta * "
+        "item-kNN; auto chooses beta in 0, 0.1, .., 1 on the validation split (docs/model-quality.md, kNN "
+        "blend) (default: %(default)s)",
+    )
+    o.add_argument(
         "--lr-decay",
         type=float,
         default=_T.lr_decay,
@@ -419,7 +428,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             val_protocol=args.protocol,
             ensemble=args.ensemble,
             quantize=args.quantize,
+            knn_blend=_knn_blend(args.knn_blend),
         )
+        if config.knn_blend != "off" and not args.history_bias:
+            raise TrainingError(
+                "--knn-blend needs the window in step.onnx, which only --history-bias models take: "
+                "drop --no-history-bias, or --knn-blend off"
+            )
         if args.tune_space is not None and not args.tune:
             raise TrainingError("--tune-space applies to --tune, which is not given")
         tune = None
@@ -444,6 +459,19 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         progress=not args.quiet,
         exclude_history=args.exclude_history,
     )
+
+
+def _knn_blend(text: str) -> str:
+    """--knn-blend's value checked: off, auto, or a number within [0, 1] (written back as that number)."""
+    if text in ("off", "auto"):
+        return text
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = math.nan
+    if not 0.0 <= beta <= 1.0:
+        raise TrainingError(f"--knn-blend {text!r}: expected off, auto or a number within [0, 1]")
+    return repr(beta)
 
 
 def main(argv: list[str] | None = None) -> int:

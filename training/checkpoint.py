@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from training.config import ModelConfig
-from training.ensemble import AnyModel, EnsembleModel, members
+from training.ensemble import AnyModel, EnsembleModel, members, recurrent
 from training.errors import ArtifactError
+from training.knn_blend import KnnBlend, KnnPrior
 from training.model import NextActionModel
 from training.vocab import Vocabulary
 
@@ -23,15 +24,23 @@ CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(path: Path, model: AnyModel, vocabulary: Vocabulary) -> Path:
     """Write {"format", "config", "state_dict", "vocabulary"} to `path`, and for an ensemble "members" (K):
-    then the state_dict is the ensemble's (members.0.embedding.weight, ...) and `config` each member's."""
+    then the state_dict is the ensemble's (members.0.embedding.weight, ...) and `config` each member's. A
+    `--knn-blend` model adds "knn_blend" (beta and the prior's table sizes); its state_dict holds the inner
+    model's (model.embedding.weight, ...) and the prior's tables (prior.neighbours, ...)."""
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(model.config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "vocabulary": list(vocabulary.tokens),
     }
-    if isinstance(model, EnsembleModel):
+    if isinstance(recurrent(model), EnsembleModel):
         payload["members"] = len(members(model))
+    if isinstance(model, KnnBlend):  # the prior's tables are in the state_dict (prior.neighbours, ...)
+        payload["knn_blend"] = {
+            "beta": model.beta,
+            "neighbours": int(model.prior.neighbours.shape[1]),
+            "recent": int(model.prior.weights.shape[0]),
+        }
     torch.save(payload, path)
     return path
 
@@ -57,6 +66,10 @@ def load_checkpoint(path: Path) -> tuple[AnyModel, Vocabulary]:
             if k is None
             else EnsembleModel([NextActionModel(config) for _ in range(int(k))])
         )
+        blend = payload.get("knn_blend")
+        if blend is not None:
+            prior = KnnPrior(config.vocab_size, int(blend["neighbours"]), int(blend["recent"]))
+            model = KnnBlend(model, prior, float(blend["beta"]))
         model.load_state_dict(payload["state_dict"])
         vocabulary = Vocabulary(payload["vocabulary"])
     except (KeyError, TypeError, RuntimeError) as e:

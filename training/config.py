@@ -89,6 +89,9 @@ class TrainConfig:
         1  # members trained with seeds seed .. seed + ensemble - 1, averaged in one exported graph
     )
     quantize: str = "none"  # int8: the output layer of model.onnx/step.onnx in int8 (training/quantize.py)
+    knn_blend: str = (
+        "off"  # off, auto (beta chosen on validation) or a beta in [0, 1] (training/knn_blend.py)
+    )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
+from training.knn_blend import KnnBlend
 from training.model import NextActionModel
 
 
@@ -43,12 +44,18 @@ class EnsembleModel(nn.Module):
         return torch.log(self(action_ids, lengths))  # (B, V)
 
 
-AnyModel = NextActionModel | EnsembleModel
+AnyModel = NextActionModel | EnsembleModel | KnnBlend
+
+
+def recurrent(model: AnyModel) -> NextActionModel | EnsembleModel:
+    """The recurrent part of `model`: itself, or a `--knn-blend` model's inner model."""
+    return model.model if isinstance(model, KnnBlend) else model  # type: ignore[return-value]
 
 
 def members(model: AnyModel) -> list[NextActionModel]:
     """The single models that make up `model` (itself, for a single model)."""
-    return list(model.members) if isinstance(model, EnsembleModel) else [model]  # type: ignore[arg-type]
+    inner = recurrent(model)
+    return list(inner.members) if isinstance(inner, EnsembleModel) else [inner]  # type: ignore[arg-type]
 
 
 def state_width(model: AnyModel) -> int:

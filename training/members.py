@@ -37,6 +37,7 @@ class Fitted:
 
     model: AnyModel
     first: TrainResult
+    selection: AnyModel | None = None  # the model(s) before the refit: what validation may score honestly
     members: list[MemberSummary] = field(default_factory=list)
     ensemble_validation: dict[str, float] = field(default_factory=dict)  # the members' mean, on validation
     refit_epochs: int = 0
@@ -85,6 +86,9 @@ def fit_members(split: Split, final_split: Split, model_config: ModelConfig, con
         selected.append(result)
         finals.append(model)
     assert fitted is not None  # config.ensemble >= 1
+    fitted.selection = (
+        selected[0].model if config.ensemble == 1 else EnsembleModel([r.model for r in selected])
+    )
     if config.ensemble > 1:
         fitted.model = EnsembleModel(finals).eval()
         cases = split.cases("validation")

@@ -31,6 +31,7 @@ from training.splits import Split, make_boundaries
 from training.vocab import Vocabulary
 
 if TYPE_CHECKING:
+    from training.knn_blend import KnnBlend
     from training.members import Fitted
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,15 @@ def _train(
     baseline_validation = validation_baselines(
         split, len(vocabulary), model_config.window, config.val_protocol
     )
+    blend = None
+    if config.knn_blend != "off":
+        model, blend = _blend(fitted, split, final_split, model_config, config)
+        fitted.model = model
 
     test = final_split.cases("test")
     scorers = {
         "model": model_scorer(model, model_config.window),
+        **({"recurrent": model_scorer(model.model, model_config.window)} if blend is not None else {}),
         **baseline_scorers(final_split, len(vocabulary), model_config.window),
     }
     evaluation = evaluate_cases(
@@ -235,6 +241,7 @@ def _train(
         baseline_validation=baseline_validation,
         fitted=fitted,
         tuning=tuning,
+        blend=blend,
     )
     write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
     step = None
@@ -271,7 +278,48 @@ def _train(
         **({"quantization": quantization.model_dump()} if quantization is not None else {}),
         **({"ensemble": ensemble_summary(fitted)} if config.ensemble > 1 else {}),
         **({"tuning": tuning.to_json()} if tuning is not None else {}),
+        **({"knn_blend": blend} if blend is not None else {}),
     }
+
+
+def _blend(
+    fitted: Fitted, split: Split, final_split: Split, model_config: ModelConfig, config: TrainConfig
+) -> tuple[KnnBlend, dict[str, Any]]:
+    """`--knn-blend`: beta (given, or chosen on the validation split with the models selected before the
+    refit and a kNN fitted on the training events), then the served blend: the final model with a kNN fitted
+    on every event before the test targets. Returns the blend and its summary (beta, each beta's figures)."""
+    from training.knn_blend import KnnBlend, KnnPrior, choose_beta
+    from training.train import validation_candidates
+
+    vocab_size, window = model_config.vocab_size, model_config.window
+    table: list[dict[str, float]] = []
+    if config.knn_blend == "auto":
+        cases = split.cases("validation")
+        if not len(cases) or fitted.selection is None:
+            raise TrainingError(
+                "--knn-blend auto chooses beta on the validation split, and the log has no validation cases: "
+                "give a fixed --knn-blend BETA"
+            )
+        prior = KnnPrior.fit(split.train_sequences(), vocab_size, window)
+        candidates = validation_candidates(split, cases, vocab_size, config)
+        beta, table = choose_beta(fitted.selection, prior, split, cases, config.stop_metric, candidates)
+        log.info(
+            "knn blend: beta %.1f chosen on validation %s (%s protocol)",
+            beta,
+            config.stop_metric,
+            config.val_protocol,
+        )
+    else:
+        beta = float(config.knn_blend)
+    prior = KnnPrior.fit(final_split.train_sequences(), vocab_size, window)
+    summary: dict[str, Any] = {
+        "beta": beta,
+        "chosen": config.knn_blend == "auto",
+        "metric": config.stop_metric,
+        "protocol": config.val_protocol,
+        "validation": table,
+    }
+    return KnnBlend(fitted.model, prior, beta).eval(), summary
 
 
 def ensemble_summary(fitted: Fitted) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 LOSS_PLOT = "loss.png"
 HR_PLOT = "val_hr10.png"
-SCORERS = ("model", "popularity", "markov", "item-knn")
+SCORERS = ("model", "recurrent", "popularity", "markov", "item-knn")  # recurrent: a --knn-blend's own model
 PROTOCOL_NOTES = {
     "full": "the target ranked among all actions",
     "full-exclude-history": "the target ranked among all actions except those in the user's window (the "
@@ -124,9 +124,38 @@ def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
     ]
     for name in names:
         values = [per_scorer[s].get(name, float("nan")) for s in scorers]
-        base = [v for s, v in zip(scorers, values, strict=True) if s != "model"]
+        base = [v for s, v in zip(scorers, values, strict=True) if s not in ("model", "recurrent")]
         delta = per_scorer.get("model", {}).get(name, float("nan")) - max(base, default=float("nan"))
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {delta:+.4f} |")
+    return lines
+
+
+def _blend_section(blend: Mapping[str, Any]) -> list[str]:
+    """The `--knn-blend` section: the beta served, how it was chosen, and each beta's validation figures."""
+    beta = blend["beta"]
+    how = (
+        f"chosen on the validation split ({blend['protocol']} protocol, {blend['metric']}) with the model "
+        "selected before the refit and an item-kNN fitted on the training events"
+        if blend["chosen"]
+        else "given on the command line"
+    )
+    lines = [
+        "## kNN blend",
+        "",
+        (
+            f"model.onnx returns (1 - beta) x the recurrent model's probabilities + beta x item-kNN's, with "
+            f"beta = {beta:g} ({how}). The item-kNN inside the graph is fitted on every event before the test "
+            "targets and keeps each action's 100 most similar actions. In the test tables, *model* is the "
+            "blend and *recurrent* the recurrent model alone."
+        ),
+        "",
+    ]
+    if blend["validation"]:
+        lines += ["| beta | val HR@10 | val NDCG@10 |", "|---:|---:|---:|"]
+        for row in blend["validation"]:
+            mark = "**" if row["beta"] == beta else ""
+            lines.append(f"| {mark}{row['beta']:g}{mark} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} |")
+        lines.append("")
     return lines
 
 
@@ -145,6 +174,7 @@ def write_report(
     baseline_validation: Mapping[str, Mapping[str, float]] | None = None,
     fitted: Fitted | None = None,
     tuning: TuneResult | None = None,
+    blend: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`.
 
@@ -193,6 +223,7 @@ def write_report(
         "",
         *(_ensemble_section(fitted, epochs) if fitted is not None and len(fitted.members) > 1 else []),
         *(_tuning_section(tuning, out_dir) if tuning is not None else []),
+        *(_blend_section(blend) if blend is not None else []),
     ]
     for protocol, per_scorer in manifest.metrics.items():
         note = PROTOCOL_NOTES.get(protocol, protocol).format(negatives=evaluation.mean_negatives or 0.0)

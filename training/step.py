@@ -33,6 +33,7 @@ from app.manifest import MODEL_FILE, PAD_ID, STEP_FILE, StepSpec, read_manifest,
 from training.checkpoint import load_checkpoint
 from training.ensemble import AnyModel, members, state_width
 from training.errors import ParityError
+from training.knn_blend import BlendStep, KnnBlend
 from training.model import NextActionModel
 from training.runtime import open_session
 
@@ -94,9 +95,10 @@ class EnsembleStepModel(nn.Module):
 
 
 def step_module(model: AnyModel) -> nn.Module:
-    """The step graph's module: a single model's StepModel, or the ensemble's."""
+    """The step graph's module: a single model's StepModel, or the ensemble's; a blend's mixes in its prior."""
     parts = members(model)
-    return StepModel(parts[0]) if len(parts) == 1 else EnsembleStepModel(parts)
+    step = StepModel(parts[0]) if len(parts) == 1 else EnsembleStepModel(parts)
+    return BlendStep(step, model.prior, model.beta) if isinstance(model, KnnBlend) else step
 
 
 def step_spec(model: AnyModel, sha256: str, parity: float) -> StepSpec:

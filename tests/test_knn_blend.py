@@ -1,0 +1,161 @@
+"""`--knn-blend`: item-kNN as a distribution inside the exported graphs, beta chosen on validation, and the
+service serving the mixture from model.onnx and step.onnx alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.manifest import MODEL_FILE, PAD_ID, UNK_ID, read_manifest
+from tests.conftest import EXAMPLES, train_artifact
+from tests.test_incremental_state import _assert_same, _stream, _twins
+from tests.training_cli import cli_error
+from training.baselines import ItemKNN
+from training.checkpoint import load_checkpoint
+from training.config import DataOptions, ModelConfig
+from training.events import EventLog
+from training.knn_blend import BETAS, KnnBlend, KnnPrior, choose_beta
+from training.model import NextActionModel
+from training.pipeline import prepare
+from training.protocols import evaluate_cases
+from training.runtime import open_session
+from training.splits import Split, leave_one_out
+from training.train import validate
+from training.vocab import Vocabulary
+
+BETA = 0.4
+
+
+def _random_split(users: int = 60, vocab: int = 40, seed: int = 0) -> Split:
+    """Users walking a sparse random transition graph: item-kNN and a model both have something to find."""
+    rng = np.random.default_rng(seed)
+    nxt = rng.integers(2, vocab, size=(vocab, 3))  # three likely successors per action
+    seqs = []
+    for _ in range(users):
+        s = [int(rng.integers(2, vocab))]
+        for _ in range(int(rng.integers(4, 14))):
+            s.append(int(nxt[s[-1], rng.integers(3)]) if rng.random() < 0.8 else int(rng.integers(2, vocab)))
+        seqs.append(s)
+    log = EventLog.from_sequences([[str(a) for a in s] for s in seqs])
+    return Split(leave_one_out(log), [np.array(s, dtype=np.int64) for s in seqs])
+
+
+def test_the_prior_is_the_item_knn_baseline_as_a_distribution() -> None:
+    split = _random_split()
+    train = split.train_sequences()
+    knn, prior = ItemKNN(train, 40, 10), KnnPrior.fit(train, 40, 10)
+    assert int(np.diff(knn.row_start).max()) <= prior.neighbours.shape[1]  # nothing cut: exactly the baseline
+    rng = np.random.default_rng(1)
+    ids = rng.integers(UNK_ID, 40, size=(6, 14))  # (B, T), UNK included
+    lengths = np.array([14, 13, 1, 0, 5, 30])  # a full row, short ones, an empty one, one beyond T
+    ids[np.arange(14)[None, :] >= np.minimum(lengths, 14)[:, None]] = PAD_ID
+    got = prior(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()  # (B, V)
+    want = knn([row[: min(n, 14)] for row, n in zip(ids, lengths, strict=True)])  # (B, V)
+    want /= want.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert np.all(got[:, [PAD_ID, UNK_ID]] == 0) and np.allclose(got.sum(axis=1), 1.0)
+    assert not np.allclose(got[0], got[2]) and np.allclose(got[3], knn.backoff / knn.backoff.sum())
+
+
+def test_choose_beta_scores_every_mixture_on_validation() -> None:
+    split = _random_split()
+    cases = split.cases("validation")
+    torch.manual_seed(0)
+    model = NextActionModel(ModelConfig(vocab_size=40, embedding_dim=6, hidden_dim=8, window=10)).eval()
+    prior = KnnPrior.fit(split.train_sequences(), 40, 10)
+    beta, table = choose_beta(model, prior, split, cases, "ndcg@10")
+    assert [row["beta"] for row in table] == list(BETAS)
+    _, alone = validate(model, split, cases)  # beta 0: the model's own validation figures
+    assert table[0]["hr@10"] == pytest.approx(alone["hr@10"]) and table[0]["ndcg@10"] == pytest.approx(
+        alone["ndcg@10"]
+    )
+    knn = evaluate_cases(split, cases, {"k": ItemKNN(split.train_sequences(), 40, 10)}, 40, ("full",), 10, 0)
+    assert table[-1]["hr@10"] == pytest.approx(knn.metrics["full"]["k"]["hr@10"])  # beta 1: item-kNN's
+    best = max(row["ndcg@10"] for row in table)
+    assert best > table[0]["ndcg@10"]  # an untrained model: kNN helps
+    assert beta == min(row["beta"] for row in table if row["ndcg@10"] == best)  # ties keep more model
+
+
+@pytest.fixture(scope="module")
+def blend_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("knn-blend")
+    return train_artifact(
+        out, EXAMPLES / "beauty_sample.csv", "--action-col", "item_id", "--threads", "1", "--epochs", "1",
+        "--window", "10", "--embedding-dim", "8", "--hidden-dim", "8", "--loss", "sampled",
+        "--loss-negatives", "50", "--knn-blend", str(BETA),
+    )  # fmt: skip
+
+
+def test_the_exported_graph_is_the_mixture_of_the_refit_model_and_a_knn_of_every_event(
+    blend_artifact: Path,
+) -> None:
+    model, _ = load_checkpoint(blend_artifact)
+    assert isinstance(model, KnnBlend) and model.beta == BETA
+    manifest = read_manifest(blend_artifact)
+    assert manifest.step is not None and manifest.step.history == "history"  # both gates passed
+    _, split, _ = prepare(
+        DataOptions(path=EXAMPLES / "beauty_sample.csv", action_cols=("item_id",)),
+        Vocabulary(manifest.vocabulary),
+    )
+    fitted = KnnPrior.fit(split.with_validation_as_training().train_sequences(), manifest.vocab_size, 10)
+    for name in ("neighbours", "similarity", "backoff"):  # the served kNN saw training + validation events
+        assert torch.equal(getattr(model.prior, name), getattr(fitted, name)), name
+    rng = np.random.default_rng(3)
+    ids = rng.integers(2, manifest.vocab_size, size=(5, 10))
+    lengths = np.array([10, 7, 3, 1, 0])
+    ids[np.arange(10)[None, :] >= lengths[:, None]] = PAD_ID
+    (got,) = open_session(blend_artifact / MODEL_FILE).run(None, {"action_ids": ids, "lengths": lengths})
+    ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
+    with torch.inference_mode():
+        want = (1 - BETA) * model.model(ids_t, lengths_t) + BETA * fitted(ids_t, lengths_t)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    report = (blend_artifact / "report.md").read_text()
+    assert "## kNN blend" in report and f"beta = {BETA:g} (given on the command line)" in report
+    assert "| metric | model | recurrent | popularity | markov | item-knn |" in report
+    metrics = manifest.metrics["full"]
+    assert set(metrics) == {"model", "recurrent", "popularity", "markov", "item-knn"}
+    assert metrics["model"] != metrics["recurrent"]
+
+
+@pytest.mark.anyio
+async def test_the_service_serves_the_blend_from_either_graph(blend_artifact: Path, redis_url: str) -> None:
+    m = read_manifest(blend_artifact)
+    stream = _stream(m.vocabulary, 14, seed=6)
+    batches = [[e] for e in stream[:-3]] + [stream[-3:]]  # past the window of 10, then a batch of 3
+    for on, off in await _twins(blend_artifact, redis_url, batches):
+        _assert_same(on, off)
+
+
+def test_auto_chooses_beta_on_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.training_cli import cli
+
+    out = cli(
+        capsys, "train", "--data", str(EXAMPLES / "beauty_sample.csv"), "--action-col", "item_id",
+        "--out", str(tmp_path / "a"), "--quiet", "--threads", "1", "--epochs", "1", "--window", "10",
+        "--embedding-dim", "8", "--hidden-dim", "8", "--loss", "sampled", "--loss-negatives", "50",
+        "--no-refit", "--no-step", "--knn-blend", "auto",
+    )  # fmt: skip
+    blend = out["knn_blend"]
+    assert blend["chosen"] and blend["metric"] == "ndcg@10" and len(blend["validation"]) == len(BETAS)
+    best = max(row["ndcg@10"] for row in blend["validation"])
+    assert blend["beta"] == min(row["beta"] for row in blend["validation"] if row["ndcg@10"] == best)
+    assert json.loads(json.dumps(out["metrics"]))["full"]["recurrent"]  # the model alone is reported too
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--knn-blend", "1.5"], "--knn-blend '1.5': expected off, auto or a number within [0, 1]"),
+        (["--knn-blend", "some"], "--knn-blend 'some'"),
+        (["--knn-blend", "auto", "--no-history-bias"], "--knn-blend needs the window in step.onnx"),
+    ],
+)
+def test_bad_knn_blend_options_name_the_problem(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = cli_error(capsys, "train", "--data", str(tmp_path / "missing.csv"), "--out", "x", *extra)
+    assert message in err
