@@ -3,7 +3,6 @@ service serving the mixture from model.onnx and step.onnx alike."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,10 @@ def test_auto_chooses_beta_on_validation(tmp_path: Path, capsys: pytest.CaptureF
     assert blend["chosen"] and blend["metric"] == "ndcg@10" and len(blend["validation"]) == len(BETAS)
     best = max(row["ndcg@10"] for row in blend["validation"])
     assert blend["beta"] == min(row["beta"] for row in blend["validation"] if row["ndcg@10"] == best)
-    assert json.loads(json.dumps(out["metrics"]))["full"]["recurrent"]  # the model alone is reported too
+    assert blend["exported"] == (blend["beta"] > 0)
+    assert ("recurrent" in out["metrics"]["full"]) == (blend["beta"] > 0)  # beside a blend: the model alone
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## kNN blend" in report and f"beta = {blend['beta']:g}" in report
 
 
 @pytest.mark.parametrize(

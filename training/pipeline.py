@@ -31,7 +31,7 @@ from training.splits import Split, make_boundaries
 from training.vocab import Vocabulary
 
 if TYPE_CHECKING:
-    from training.knn_blend import KnnBlend
+    from training.ensemble import AnyModel
     from training.members import Fitted
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def _train(
     tune: TuneOptions | None = None,
 ) -> dict[str, Any] | None:
     from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
+    from training.ensemble import recurrent
     from training.export import export_model, model_version
     from training.members import fit_members
     from training.predict import model_scorer
@@ -165,11 +166,12 @@ def _train(
     if config.knn_blend != "off":
         model, blend = _blend(fitted, split, final_split, model_config, config)
         fitted.model = model
+    inner = recurrent(model)
 
     test = final_split.cases("test")
     scorers = {
         "model": model_scorer(model, model_config.window),
-        **({"recurrent": model_scorer(model.model, model_config.window)} if blend is not None else {}),
+        **({"recurrent": model_scorer(inner, model_config.window)} if inner is not model else {}),
         **baseline_scorers(final_split, len(vocabulary), model_config.window),
     }
     evaluation = evaluate_cases(
@@ -284,10 +286,11 @@ def _train(
 
 def _blend(
     fitted: Fitted, split: Split, final_split: Split, model_config: ModelConfig, config: TrainConfig
-) -> tuple[KnnBlend, dict[str, Any]]:
+) -> tuple[AnyModel, dict[str, Any]]:
     """`--knn-blend`: beta (given, or chosen on the validation split with the models selected before the
     refit and a kNN fitted on the training events), then the served blend: the final model with a kNN fitted
-    on every event before the test targets. Returns the blend and its summary (beta, each beta's figures)."""
+    on every event before the test targets. Returns the blend (the final model itself when beta is 0) and its
+    summary (beta, each beta's figures)."""
     from training.knn_blend import KnnBlend, KnnPrior, choose_beta
     from training.train import validation_candidates
 
@@ -311,14 +314,17 @@ def _blend(
         )
     else:
         beta = float(config.knn_blend)
-    prior = KnnPrior.fit(final_split.train_sequences(), vocab_size, window)
     summary: dict[str, Any] = {
         "beta": beta,
         "chosen": config.knn_blend == "auto",
+        "exported": beta > 0,
         "metric": config.stop_metric,
         "protocol": config.val_protocol,
         "validation": table,
     }
+    if beta == 0:  # the model alone: nothing of the kNN goes into the graphs
+        return fitted.model, summary
+    prior = KnnPrior.fit(final_split.train_sequences(), vocab_size, window)
     return KnnBlend(fitted.model, prior, beta).eval(), summary
 
 

@@ -133,6 +133,15 @@ def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
 def _blend_section(blend: Mapping[str, Any]) -> list[str]:
     """The `--knn-blend` section: the beta served, how it was chosen, and each beta's validation figures."""
     beta = blend["beta"]
+    if not beta:
+        served = (
+            "beta = 0 was chosen, so the exported graphs are the recurrent model alone (no kNN table in them)"
+        )
+    else:
+        served = (
+            f"model.onnx returns (1 - beta) x the recurrent model's probabilities + beta x item-kNN's, with "
+            f"beta = {beta:g}"
+        )
     how = (
         f"chosen on the validation split ({blend['protocol']} protocol, {blend['metric']}) with the model "
         "selected before the refit and an item-kNN fitted on the training events"
@@ -143,10 +152,14 @@ def _blend_section(blend: Mapping[str, Any]) -> list[str]:
         "## kNN blend",
         "",
         (
-            f"model.onnx returns (1 - beta) x the recurrent model's probabilities + beta x item-kNN's, with "
-            f"beta = {beta:g} ({how}). The item-kNN inside the graph is fitted on every event before the test "
-            "targets and keeps each action's 100 most similar actions. In the test tables, *model* is the "
-            "blend and *recurrent* the recurrent model alone."
+            f"{served} ({how})."
+            + (
+                " The item-kNN inside the graph is fitted on every event before the test targets and keeps "
+                "each action's 100 most similar actions. In the test tables, *model* is the blend and "
+                "*recurrent* the recurrent model alone."
+                if beta
+                else ""
+            )
         ),
         "",
     ]
