@@ -313,7 +313,8 @@ def _top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
-def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
+def session_options(intra_op_threads: int) -> Any:
+    """The SessionOptions every serving session gets (benchmarks build theirs here too, to profile the same)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -323,6 +324,13 @@ def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    return options
+
+
+def _session(model_path: Path, device: Device, intra_op_threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = session_options(intra_op_threads)
     available = ort.get_available_providers()
     if device == "cuda" and CUDA not in available:
         raise ModelLoadError(
