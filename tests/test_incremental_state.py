@@ -14,8 +14,8 @@ import pytest
 import redis
 import torch
 
-from app.manifest import MANIFEST_FILE, STEP_FILE, read_manifest
-from app.model import load_model
+from app.manifest import MANIFEST_FILE, PAD_ID, STEP_FILE, read_manifest
+from app.model import StepRequest, load_model
 from app.redis_client import connect
 from app.windows import NewEvent, WindowStore
 from tests.app_client import running_app
@@ -23,7 +23,7 @@ from tests.artifact_edits import copy_artifact
 from tests.conftest import EXAMPLES, train_artifact
 from training.checkpoint import load_checkpoint
 from training.errors import ParityError
-from training.step import check_step_parity, export_step, export_step_onnx
+from training.step import add_history, check_step_parity, export_step, export_step_onnx
 
 pytestmark = pytest.mark.anyio
 TOL = 1e-5
@@ -101,6 +101,53 @@ def test_gate_refuses_a_step_graph_that_forgets_the_window(behavior_artifact: Pa
     broken = export_step_onnx(model, tmp_path / STEP_FILE)
     with pytest.raises(ParityError, match="disagree"):
         check_step_parity(behavior_artifact, broken)
+
+
+def test_step_graph_adds_the_history_bias_on_the_window_not_a_vocabulary_one_hot(
+    behavior_artifact: Path,
+) -> None:
+    """The step graph's history bias: the same numbers as the model's (B, V) one-hot, with no (B, V) one-hot."""
+    import onnx
+
+    model, _ = load_checkpoint(behavior_artifact)
+    assert model.history_bias is not None
+    v = model.config.vocab_size
+    logits = torch.randn(3, v)  # (B, V)
+    logits[:, PAD_ID] = float("-inf")
+    history = torch.tensor([[2, 3, 2, 0, 0], [v - 1, v - 1, v - 1, v - 1, v - 1], [0, 0, 0, 0, 0]])  # (B, T)
+    with torch.no_grad():
+        want = model._add_history(logits, history, history != PAD_ID)
+        got = add_history(logits, history, model.history_bias)
+    assert torch.equal(got, want)  # repeated actions biased once, padding and empty windows untouched
+    assert not torch.equal(got, logits)
+    ops = {n.op_type for n in onnx.load(str(behavior_artifact / STEP_FILE)).graph.node}
+    assert "GatherElements" in ops and "ConstantOfShape" not in ops
+
+
+def test_advance_on_a_mixed_batch_matches_the_full_window(behavior_artifact: Path) -> None:
+    """One micro-batch with an empty window, stored states stepping 1 and 2 events, and a rebuild: each row as
+    model.onnx scores its whole window, each state the one its window leaves behind."""
+    model = load_model(behavior_artifact, device="cpu", incremental=True)
+    rng = np.random.default_rng(3)
+    windows = [[str(a) for a in rng.choice(model.manifest.vocabulary[2:], size=n)] for n in (0, 9, 12, 5)]
+    (_, s1), (_, s2) = model.advance([StepRequest(windows[1][:-1], 3), StepRequest(windows[2][:-2], 3)])
+    requests = [
+        StepRequest(windows[0], 3),
+        StepRequest(windows[1], 3, s1, 1, model.version),
+        StepRequest(windows[2], 3, s2, 2, model.version),
+        StepRequest(windows[3], 3, s1, 1, "another-version"),  # not this model's state: rebuilt
+    ]
+    got = model.advance(requests)
+    want = model.predict([(w, 3) for w in windows])
+    for (pred, blob), full, window in zip(got, want, windows, strict=True):
+        assert (blob is None) == (not window)
+        assert dict(zip(pred.actions, pred.probabilities, strict=True)) == pytest.approx(
+            dict(zip(full.actions, full.probabilities, strict=True)), abs=TOL
+        )
+    alone = model.advance([StepRequest(windows[3], 3)])[0][1]  # a rebuild's state alone vs in the mixed batch
+    assert alone is not None and np.allclose(
+        np.frombuffer(alone, np.float32), np.frombuffer(got[3][1] or b"", np.float32), atol=1e-6
+    )
 
 
 # --- training side: export and gate -------------------------------------------------------------------------
