@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=200, help="--profile: calls per cell")
     p.add_argument("--gap-ms", type=float, default=10.0, help="--profile: idle before each cold call")
     p.add_argument(
+        "--caches",
+        type=lambda s: tuple(x for x in s.split(",") if x in ("warm", "cold")),
+        default=("warm", "cold"),
+        help="--profile: warm,cold (default both)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench" / "results" / "model_profile",
@@ -259,7 +265,7 @@ def profile_main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     threads = args.ort_threads if args.ort_threads is not None else args.threads
     result = model_profile.profile(
-        args.artifact_dir, args.batch_sizes or [1, 8, 20, 64], threads, args.calls, args.gap_ms
+        args.artifact_dir, args.batch_sizes or [1, 8, 20, 64], threads, args.calls, args.gap_ms, args.caches
     )
     command = " ".join(["python", "bench/model_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result["command"] = command

@@ -213,9 +213,14 @@ def handoff(model: Any, requests: list[Any], calls: int, gap_s: float) -> dict[s
 
 
 def profile(
-    artifact_dir: Path, batch_sizes: list[int], threads: int, calls: int, gap_ms: float
+    artifact_dir: Path,
+    batch_sizes: list[int],
+    threads: int,
+    calls: int,
+    gap_ms: float,
+    caches: tuple[str, ...] = ("warm", "cold"),
 ) -> dict[str, Any]:
-    """All three views, warm and cold, for each batch size."""
+    """All three views, warm and/or cold, for each batch size."""
     import onnxruntime as ort
 
     from app.model import load_model
@@ -228,7 +233,8 @@ def profile(
     rows = []
     for batch in batch_sizes:
         requests = _requests(model, histories[:batch])
-        for cache, gap in (("warm", 0.0), ("cold", gap_ms / 1000)):
+        for cache in caches:
+            gap = gap_ms / 1000 if cache == "cold" else 0.0
             row: dict[str, Any] = {"batch": batch, "cache": cache}
             row["stages_ms"] = stages(model, requests, calls, gap)
             row |= ops(model, requests, threads, calls, gap)
