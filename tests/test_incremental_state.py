@@ -124,6 +124,39 @@ def test_step_graph_adds_the_history_bias_on_the_window_not_a_vocabulary_one_hot
     assert "GatherElements" in ops and "ConstantOfShape" not in ops
 
 
+def test_a_step_graph_with_the_one_hot_history_bias_still_serves(
+    behavior_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step graphs exported before the window-side history bias (a (B, V) one-hot) load and give the same."""
+    import onnx
+
+    import training.step
+
+    def one_hot(logits: torch.Tensor, history: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The exporter as it was: NextActionModel._add_history's (B, V) one-hot."""
+        seen = history != PAD_ID
+        onehot = torch.zeros_like(logits).scatter(1, history * seen, seen.to(logits.dtype))  # (B, V)
+        return logits + bias * onehot
+
+    monkeypatch.setattr(training.step, "add_history", one_hot)
+    old = export_step(copy_artifact(behavior_artifact, tmp_path / "old"))
+    assert old.parity_max_abs_diff <= TOL
+    assert "ConstantOfShape" in {n.op_type for n in onnx.load(str(tmp_path / "old" / STEP_FILE)).graph.node}
+    then, now = (load_model(a, device="cpu", incremental=True) for a in (tmp_path / "old", behavior_artifact))
+    assert then.version == now.version
+    rng = np.random.default_rng(5)
+    windows = [[str(a) for a in rng.choice(now.manifest.vocabulary[2:], size=n)] for n in (1, 7, 20)]
+    for a, b in zip(
+        then.advance([StepRequest(w, 4) for w in windows]),
+        now.advance([StepRequest(w, 4) for w in windows]),
+        strict=True,
+    ):
+        assert a[0].actions == b[0].actions and a[0].probabilities == pytest.approx(
+            b[0].probabilities, abs=1e-6
+        )
+        assert a[1] == b[1]  # the same state bytes: old and new graphs step the same recurrence
+
+
 def test_advance_on_a_mixed_batch_matches_the_full_window(behavior_artifact: Path) -> None:
     """One micro-batch with an empty window, stored states stepping 1 and 2 events, and a rebuild: each row as
     model.onnx scores its whole window, each state the one its window leaves behind."""
