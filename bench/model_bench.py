@@ -1,6 +1,11 @@
 """Model-level micro-benchmark: ONNX Runtime (as the service loads it) vs PyTorch eager, same weights.
 
     python bench/model_bench.py --artifact-dir artifacts/beauty [--device cpu|cuda] [--json out.json]
+    python bench/model_bench.py --artifact-dir artifacts/beauty256 --profile   # one call taken apart
+
+`--profile` (bench/model_profile.py): the service's incremental inference call per stage (encode, step
+graph, feed glue, top-k decode), ONNX Runtime's per-operator profile of step.onnx, and the micro-batcher's
+hand-off, warm and cold (--gap-ms of idle before each call); writes bench/results/model_profile.{json,md}.
 
 For every window length T and batch size B: full windows of random known action ids (B, T), timed
 over repeated calls (bounded by --budget-s per cell and --max-reps), median and p90 per call.
@@ -203,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact-dir", type=Path, default=ROOT / "artifacts" / "beauty")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
+    p.add_argument(
+        "--batch-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="(default 1,8,64,256; with --profile 1,8,20,64)",
+    )
     p.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50])
     p.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell and runtime")
     p.add_argument("--max-reps", type=int, default=200)
@@ -218,7 +227,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (overrides --threads)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--profile", action="store_true", help="take one inference call apart (see above)")
+    p.add_argument("--calls", type=int, default=200, help="--profile: calls per cell")
+    p.add_argument("--gap-ms", type=float, default=10.0, help="--profile: idle before each cold call")
+    p.add_argument(
+        "--caches",
+        type=lambda s: tuple(x for x in s.split(",") if x in ("warm", "cold")),
+        default=("warm", "cold"),
+        help="--profile: warm,cold (default both)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results" / "model_profile",
+        help="--profile: results path",
+    )
     args = p.parse_args(argv)
+    if args.profile:
+        return profile_main(args, argv)
+    args.batch_sizes = args.batch_sizes or [1, 8, 64, 256]
     from app.model import ModelLoadError
 
     try:
@@ -230,6 +257,23 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+    return 0
+
+
+def profile_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from bench import model_profile
+
+    threads = args.ort_threads if args.ort_threads is not None else args.threads
+    result = model_profile.profile(
+        args.artifact_dir, args.batch_sizes or [1, 8, 20, 64], threads, args.calls, args.gap_ms, args.caches
+    )
+    command = " ".join(["python", "bench/model_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = command
+    text = model_profile.markdown(result, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.candidate import Models
-from app.model import ServingModel, load_model
+from app.model import ServingModel, _top_k, load_model
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,18 @@ def test_top_k_is_sorted_capped_and_never_special(item_model: ServingModel) -> N
     assert top.actions == full.actions[:10]  # argpartition picks the same as a full sort
     row = np.array([0, 0, 0.25, 0.25, 0.5, 0.0], dtype=np.float32)  # ties broken by id
     assert item_model.top_k(row.copy(), 3) == ([vocab[4], vocab[2], vocab[3]], [0.5, 0.25, 0.25])
+
+
+def test_top_k_of_a_large_batch_is_each_rows_own_top_k() -> None:
+    """Batches above the rows-per-pass bound are taken in slices: every row still gets its exact top k."""
+    rng = np.random.default_rng(1)
+    probs = rng.random((70, 300)).astype(np.float32)  # (B, V): more rows than one pass takes
+    probs[:, 40:45] = probs[:, 200:205] = 0.999  # ties across columns, broken by the smaller column
+    probs[69] = 0.5  # a row that is all ties
+    cols, values = _top_k(probs.copy(), 12)
+    for row, got_cols, got_values in zip(probs, cols, values, strict=True):
+        want = np.lexsort((np.arange(len(row)), -row))[:12]  # value descending, then column
+        assert got_cols.tolist() == want.tolist() and got_values.tolist() == row[want].tolist()
 
 
 def test_the_cpu_device_and_the_holder(behavior_artifact: Path, item_model: ServingModel) -> None:

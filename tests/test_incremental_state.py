@@ -14,8 +14,8 @@ import pytest
 import redis
 import torch
 
-from app.manifest import MANIFEST_FILE, STEP_FILE, read_manifest
-from app.model import load_model
+from app.manifest import MANIFEST_FILE, PAD_ID, STEP_FILE, read_manifest
+from app.model import StepRequest, load_model
 from app.redis_client import connect
 from app.windows import NewEvent, WindowStore
 from tests.app_client import running_app
@@ -23,7 +23,7 @@ from tests.artifact_edits import copy_artifact
 from tests.conftest import EXAMPLES, train_artifact
 from training.checkpoint import load_checkpoint
 from training.errors import ParityError
-from training.step import check_step_parity, export_step, export_step_onnx
+from training.step import add_history, check_step_parity, export_step, export_step_onnx
 
 pytestmark = pytest.mark.anyio
 TOL = 1e-5
@@ -101,6 +101,86 @@ def test_gate_refuses_a_step_graph_that_forgets_the_window(behavior_artifact: Pa
     broken = export_step_onnx(model, tmp_path / STEP_FILE)
     with pytest.raises(ParityError, match="disagree"):
         check_step_parity(behavior_artifact, broken)
+
+
+def test_step_graph_adds_the_history_bias_on_the_window_not_a_vocabulary_one_hot(
+    behavior_artifact: Path,
+) -> None:
+    """The step graph's history bias: the same numbers as the model's (B, V) one-hot, with no (B, V) one-hot."""
+    import onnx
+
+    model, _ = load_checkpoint(behavior_artifact)
+    assert model.history_bias is not None
+    v = model.config.vocab_size
+    logits = torch.randn(3, v)  # (B, V)
+    logits[:, PAD_ID] = float("-inf")
+    history = torch.tensor([[2, 3, 2, 0, 0], [v - 1, v - 1, v - 1, v - 1, v - 1], [0, 0, 0, 0, 0]])  # (B, T)
+    with torch.no_grad():
+        want = model._add_history(logits, history, history != PAD_ID)
+        got = add_history(logits, history, model.history_bias)
+    assert torch.equal(got, want)  # repeated actions biased once, padding and empty windows untouched
+    assert not torch.equal(got, logits)
+    ops = {n.op_type for n in onnx.load(str(behavior_artifact / STEP_FILE)).graph.node}
+    assert "GatherElements" in ops and "ConstantOfShape" not in ops
+
+
+def test_a_step_graph_with_the_one_hot_history_bias_still_serves(
+    behavior_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step graphs exported before the window-side history bias (a (B, V) one-hot) load and give the same."""
+    import onnx
+
+    import training.step
+
+    def one_hot(logits: torch.Tensor, history: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The exporter as it was: NextActionModel._add_history's (B, V) one-hot."""
+        seen = history != PAD_ID
+        onehot = torch.zeros_like(logits).scatter(1, history * seen, seen.to(logits.dtype))  # (B, V)
+        return logits + bias * onehot
+
+    monkeypatch.setattr(training.step, "add_history", one_hot)
+    old = export_step(copy_artifact(behavior_artifact, tmp_path / "old"))
+    assert old.parity_max_abs_diff <= TOL
+    assert "ConstantOfShape" in {n.op_type for n in onnx.load(str(tmp_path / "old" / STEP_FILE)).graph.node}
+    then, now = (load_model(a, device="cpu", incremental=True) for a in (tmp_path / "old", behavior_artifact))
+    assert then.version == now.version
+    rng = np.random.default_rng(5)
+    windows = [[str(a) for a in rng.choice(now.manifest.vocabulary[2:], size=n)] for n in (1, 7, 20)]
+    for a, b in zip(
+        then.advance([StepRequest(w, 4) for w in windows]),
+        now.advance([StepRequest(w, 4) for w in windows]),
+        strict=True,
+    ):
+        assert a[0].actions == b[0].actions and a[0].probabilities == pytest.approx(
+            b[0].probabilities, abs=1e-6
+        )
+        assert a[1] == b[1]  # the same state bytes: old and new graphs step the same recurrence
+
+
+def test_advance_on_a_mixed_batch_matches_the_full_window(behavior_artifact: Path) -> None:
+    """One micro-batch with an empty window, stored states stepping 1 and 2 events, and a rebuild: each row as
+    model.onnx scores its whole window, each state the one its window leaves behind."""
+    model = load_model(behavior_artifact, device="cpu", incremental=True)
+    rng = np.random.default_rng(3)
+    windows = [[str(a) for a in rng.choice(model.manifest.vocabulary[2:], size=n)] for n in (0, 9, 12, 5)]
+    (_, s1), (_, s2) = model.advance([StepRequest(windows[1][:-1], 3), StepRequest(windows[2][:-2], 3)])
+    requests = [
+        StepRequest(windows[0], 3),
+        StepRequest(windows[1], 3, s1, 1, model.version),
+        StepRequest(windows[2], 3, s2, 2, model.version),
+        StepRequest(windows[3], 3, s1, 1, "another-version"),  # not this model's state: rebuilt
+    ]
+    got = model.advance(requests)
+    want = model.predict([(w, 3) for w in windows])
+    for (pred, blob), full, window in zip(got, want, windows, strict=True):
+        assert (blob is None) == (not window)
+        assert dict(zip(pred.actions, pred.probabilities, strict=True)) == pytest.approx(
+            dict(zip(full.actions, full.probabilities, strict=True)), abs=TOL
+        )
+    alone = model.advance([StepRequest(windows[3], 3)])[0][1]  # a rebuild's state alone vs in the mixed batch
+    assert alone is not None and np.allclose(
+        np.frombuffer(alone, np.float32), np.frombuffer(got[3][1] or b"", np.float32), atol=1e-6
+    )
 
 
 # --- training side: export and gate -------------------------------------------------------------------------

@@ -61,10 +61,23 @@ class StepModel(nn.Module):
         last = m.head_input(out[:, -1], x[:, -1])  # (B, H): the same head input as model.onnx
         logits = m.logits(last)  # (B, V)
         if m.history_bias is not None:  # the window's action set, scored as model.onnx scores it
-            history = rest[-1]  # (B, T), right-padded with PAD
-            logits = m._add_history(logits, history, history != PAD_ID)  # (B, V)
+            logits = add_history(logits, rest[-1], m.history_bias)  # (B, V)
         probs = torch.softmax(logits, dim=-1)  # (B, V)
         return (probs, h_out, c_out) if self.lstm else (probs, h_out)
+
+
+def add_history(logits: torch.Tensor, history: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) + bias once on each action in history (B, T), right-padded with PAD; the same numbers as
+    NextActionModel._add_history, computed on the (B, T) window rather than over (B, V).
+
+    _add_history builds a (B, V) one-hot (zeros, scatter, multiply, add: four passes over the vocabulary, a
+    quarter of the step graph at batch 64); here the window's own logits are gathered, the bias added, and
+    written back (a repeated action writes the same value twice; PAD positions write PAD's logit back
+    unchanged). logits + bias * 1.0 and + bias * 0.0 are exactly logits + bias and logits: parity is exact.
+    """
+    seen = (history != PAD_ID).to(logits.dtype)  # (B, T)
+    biased = logits.gather(1, history) + bias * seen  # (B, T)
+    return logits.scatter(1, history, biased)  # (B, V)
 
 
 class EnsembleStepModel(nn.Module):
