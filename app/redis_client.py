@@ -211,6 +211,21 @@ class DirectCommands:
 
     async def execute(self, *args: Any) -> Any:
         """Send one command (with whatever else is issued in this loop iteration) and return its reply."""
+        return await self._enqueue(args)  # only the reply: a caller's deadline holds whatever its pipeline does
+
+    async def execute_all(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """`execute` for many commands at once, without a coroutine each: every command's reply in order, or its
+        error in its place (its error reply, or the connection's error after the last try), never raised."""
+        futures = [self._enqueue(args) for args in commands]
+        try:
+            await asyncio.wait(futures)
+        except BaseException:  # the caller gave up: so do its calls (an abandoned pipeline is then cancelled)
+            for future in futures:
+                future.cancel()
+            raise
+        return [f.exception() or f.result() for f in futures]
+
+    def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         if self._closed:
             raise RedisConnectionError("the Redis client is closed")
         loop = asyncio.get_running_loop()
@@ -221,7 +236,7 @@ class DirectCommands:
             if not self._pending:  # the first call of this turn: flush once the turn's callers are in
                 loop.call_soon(self._flush)
             self._pending.append((args, future))
-        return await future  # only the reply: a caller's deadline holds whatever its pipeline does
+        return future
 
     def _flush(self) -> None:
         calls = [(args, f) for args, f in self._pending if not f.done()]  # skip callers that gave up
