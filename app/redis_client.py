@@ -166,7 +166,7 @@ class DirectCommands:
     redis-py's client spends more CPU per command on its pool, retry and telemetry wrappers than on
     sending and parsing (134 vs 60 us per EVALSHA, measured); the service's scripts go through here instead.
     Packing and parsing are done here too (`_pack`, a hiredis reader per connection, one bound per try instead
-    of a timer per reply): 4.9 instead of 12.8 us of client CPU per call (bench/redis_client_cost.py).
+    of a timer per reply): 5.1 instead of 13.2 us of client CPU per call (bench/redis_client_cost.py).
 
     Calls are coalesced: every `execute` issued in one event-loop iteration (a micro-batch's appends and
     state saves, say) is sent as one pipeline on one connection, at most `max_pipeline` per write, and each
