@@ -211,7 +211,8 @@ class DirectCommands:
 
     async def execute(self, *args: Any) -> Any:
         """Send one command (with whatever else is issued in this loop iteration) and return its reply."""
-        return await self._enqueue(args)  # only the reply: a caller's deadline holds whatever its pipeline does
+        # only the reply is awaited: a caller's deadline holds whatever its pipeline does
+        return await self._enqueue(args)
 
     async def execute_all(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """`execute` for many commands at once, without a coroutine each: every command's reply in order, or its
