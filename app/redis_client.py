@@ -135,7 +135,8 @@ class _Link:
 
     async def exchange(self, payload: bytes, count: int, timeout: float | None) -> list[Any]:
         """Write `payload` (`count` commands) and read their `count` replies, all within `timeout` seconds.
-        An error reply is returned in its place (NoScriptError, ResponseError...), not raised."""
+        An error reply is returned in its place (NoScriptError, ResponseError...), not raised, unless redis-py
+        counts it as a connection error (BusyLoadingError: Redis is loading its data): then the try fails."""
         conn = self.conn
         if not conn.is_connected:
             await conn.connect()  # redis-py's connect and handshake, bounded by its own timeouts
@@ -153,6 +154,8 @@ class _Link:
                         if not data:
                             raise RedisConnectionError("Connection closed by server.")
                         parser.feed(data)
+                    elif isinstance(reply, RedisConnectionError):  # LOADING, say: raised, as redis-py does
+                        raise reply
                     else:
                         replies.append(reply)
         except TimeoutError as e:
