@@ -50,8 +50,8 @@ class Services:
     async def append(self, user_id: str, events: list[NewEvent]) -> AppendResult:
         """Store the events without predicting (live quality still scores the first new one)."""
         served = self.models.served
-        if self.prediction_log is not None:
-            await self.prediction_log.settle(user_id)
+        if self.prediction_log is not None:  # the predictions may ride on a pending state save
+            await settle_all(user_id, self.prediction_log, self.state_saver)
         stored = await self.store.append(user_id, events, self.capacity)
         if self.quality is not None:
             score_event(self.quality, stored.last, events, served.by_version)
@@ -71,9 +71,9 @@ class Services:
         """
         served = self.models.served  # one snapshot for the whole request
         model, role = served.for_user(user_id)
-        incremental = self.step_batcher is not None and model.step is not None
         # the user's pending writes from the previous request, both at once (at most SETTLE_SECONDS in all)
-        await settle_all(user_id, self.prediction_log, self.state_saver if incremental else None)
+        await settle_all(user_id, self.prediction_log, self.state_saver)
+        remembered = False  # live quality's predictions stored (with the state)
         if self.step_batcher is None or model.step is None:
             timings.mark("redis_start")
             stored = await self.store.append(user_id, events, self.capacity)
@@ -89,15 +89,34 @@ class Services:
             else:
                 request = StepRequest(stored.actions, k, got.state, stored.accepted, model.version, filters)
                 prediction, state = await timings.submit(self.step_batcher, request)
-                if state is not None and self.state_saver is not None:  # behind the answer
-                    self.state_saver.save(user_id, got.seq, prediction.model_version, state)
+                if state is not None and self.state_saver is not None:  # behind the answer, with the
+                    # predictions live quality keeps for this window: one script call for both
+                    records = self._own_records(stored, model, prediction, served)
+                    saved = self.state_saver.save(user_id, got.seq, prediction.model_version, state, records)
+                    remembered = saved and records is not None
                 elif state is not None:
                     await self.store.save_state(user_id, got.seq, prediction.model_version, state)
         if self.quality is not None and self.prediction_log is not None:
             score_event(self.quality, stored.last, events, served.by_version)
-            if stored.accepted and prediction.ranked is not None:
+            if stored.accepted and prediction.ranked is not None and not remembered:
                 self._remember(user_id, stored, model, prediction, served)
         return stored, prediction, role
+
+    def _own_records(
+        self, stored: AppendResult, model: ServingModel, prediction: Prediction, served: Served
+    ) -> bytes | None:
+        """Live quality's records of this prediction when they can go with the state save (no shadow candidate
+        to wait for), else None."""
+        if (
+            self.quality is None
+            or self.prediction_log is None
+            or not stored.accepted
+            or prediction.ranked is None
+            or prediction.model_version != model.version
+            or served.shadow is not None
+        ):
+            return None
+        return pack([(model.version, prediction.ranked, model.vocab_size)])
 
     def _remember(
         self, user_id: str, stored: AppendResult, model: ServingModel, prediction: Prediction, served: Served

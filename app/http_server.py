@@ -1,5 +1,6 @@
 """uvicorn's httptools protocol with the limits it lacks: head size and line count, head and body timeouts,
-open connections per process, and JSON bodies for the errors it answers itself.
+open connections per process, and JSON bodies for the errors it answers itself; and each response's head and
+body in one write (`OneWrite`).
 
 uvicorn reads a request head without a size limit and without a time limit when httptools parses it (its
 h11_max_incomplete_event_size applies to h11 only, and nothing times out a slow head or body), so these
@@ -25,7 +26,7 @@ from typing import Any
 import httptools
 import orjson
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from app.settings import get_settings
@@ -54,6 +55,46 @@ def error_bytes(status: int, code: str, message: str, headers: tuple[tuple[bytes
     ]
     lines += [name + b": " + value + b"\r\n" for name, value in headers]
     return b"".join([*lines, b"\r\n", body])
+
+
+class OneWrite:
+    """A request's transport that sends the response head together with the body's first bytes.
+
+    uvicorn writes the head when the application sends `http.response.start` and the body at the next message:
+    two writes, so two system calls and, over TCP with Nagle off, two segments for the client to receive. A
+    response whose length is known (Content-Length: every JSON answer of the service) goes out in one write
+    here. Chunked responses (streams) and answers to HEAD (no body follows) are written as uvicorn writes them.
+    """
+
+    __slots__ = ("_cycle", "_head", "_seen_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head: bytes | None = None  # the response head, held until the body's first write
+        self._seen_head = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif not self._seen_head and self._cycle.response_started:  # this write is the response head
+            self._seen_head = True
+            if self._cycle.chunked_encoding is False and self._cycle.scope["method"] != "HEAD":
+                self._head = data
+                return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:  # the application failed between head and body: as uvicorn would, send it
+            self._transport.write(self._head)
+            self._head = None
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -167,7 +208,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         self._in_head = False
         self._head_bytes = 0
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not previous:  # a new request (its task has not run yet)
+            self.cycle.transport = OneWrite(self.transport, self.cycle)  # type: ignore[assignment]
         self._arm(self.body_timeout, self._body_timed_out)
 
     def on_message_complete(self) -> None:

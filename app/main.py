@@ -154,6 +154,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 key_prefix=settings.key_prefix,
                 algorithm=settings.rate_limit_algorithm,
                 timeout_seconds=settings.redis_timeout_seconds,
+                direct=redis.direct,
             )
 
         def install(new: ServingModel) -> None:

@@ -36,7 +36,15 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.ids import new_id
-from app.windows import AppendResult, NewEvent, StatefulAppend, StoredEvent, WindowStore
+from app.windows import (
+    AppendResult,
+    NewEvent,
+    StatefulAppend,
+    StateWrite,
+    StoredEvent,
+    StoreError,
+    WindowStore,
+)
 
 log = logging.getLogger("nextact.access")
 
@@ -522,6 +530,10 @@ class MeteredWindowStore(WindowStore):
     async def save_state(self, user_id: str, seq: int, model_version: str, state: bytes) -> bool:
         with self.metrics.redis_op("save_state"):
             return await super().save_state(user_id, seq, model_version, state)
+
+    async def save_states(self, items: Sequence[StateWrite]) -> list[bool | StoreError]:
+        with self.metrics.redis_op("save_state"):  # one observation per write of a turn's saves
+            return await super().save_states(items)
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         with self.metrics.redis_op("read"):

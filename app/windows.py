@@ -49,7 +49,8 @@ back to the old sorted set until then, packing it on the fly; DELETE erases both
 Live quality rides on the same script: it also returns the predictions stored for the window as it was
 before this append, when the append's earliest new event is the next one after that window (not late, not
 only duplicates, no other event in between). The service scores that event against them and, after
-predicting, stores the new predictions with SAVE_PREDICTION_LUA, compare-and-set on the arrival counter.
+predicting, stores the new predictions with SAVE_PREDICTION_LUA, compare-and-set on the arrival counter (with
+incremental state, in the same SAVE_STATE_LUA call as the new state: one script call behind the answer).
 
 With incremental state, APPEND_STATE_LUA does the same and also returns the stored state when it is usable
 for this append: written for the caller's model version, covering every event that arrived before this append
@@ -327,12 +328,18 @@ return {accepted, duplicates, window, seq, last_prediction(accepted, before, in_
 )
 
 # KEYS[1] packed window, KEYS[2] state hash. ARGV[1] arrival counter the state covers, ARGV[2] model version,
-# ARGV[3] state bytes, ARGV[4] ttl. Writes only if no event arrived since; returns 1 if written, else 0.
+# ARGV[3] state bytes, ARGV[4] ttl, optionally ARGV[5] live quality's prediction records for the same window
+# (what SAVE_PREDICTION_LUA writes, in the same call). Writes only if no event arrived since; returns 1 if
+# written, else 0.
 SAVE_STATE_LUA = (
     _PACKED_LUA
     + """
 if arrivals(KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[2], 'v', ARGV[2], 'n', ARGV[1], 'x', ARGV[3])
+if ARGV[5] then
+  redis.call('HSET', KEYS[2], 'v', ARGV[2], 'n', ARGV[1], 'x', ARGV[3], 'pn', ARGV[1], 'p', ARGV[5])
+else
+  redis.call('HSET', KEYS[2], 'v', ARGV[2], 'n', ARGV[1], 'x', ARGV[3])
+end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return 1
 """
@@ -449,6 +456,18 @@ class LastPrediction:
 
 SCORED, NOTHING_NEW, LATE, NO_PREDICTION = range(4)
 _NONE = LastPrediction(NO_PREDICTION, -1, b"")
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """A user's new incremental state, covering arrivals up to `seq`, and live quality's predictions made from
+    the same window (app/quality.py's records) when they are stored with it."""
+
+    user_id: str
+    seq: int
+    model_version: str
+    state: bytes
+    predictions: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -679,6 +698,57 @@ class WindowStore:
         args = [seq, model_version, state, self.ttl_seconds]
         reply = await self._guard("state", lambda: self._evalsha(SAVE_STATE_SHA, keys, args), user_id)
         return bool(int(reply))
+
+    async def save_states(self, items: Sequence[StateWrite]) -> list[bool | StoreError]:
+        """save_state for many users, sent together (one round trip on a single server, with whatever else is
+        sent in this loop turn), each with its user's prediction records when given (one script call for both).
+
+        Each user's outcome in order: True stored, False stale (another event arrived first), or the StoreError
+        Redis answered for that user. StoreUnavailable when Redis does not answer.
+        """
+        calls = []
+        for w in items:
+            keys = (self.keys(w.user_id)[0], self.state_key(w.user_id))
+            args: list[Any] = [w.seq, w.model_version, w.state, self.ttl_seconds]
+            if w.predictions is not None:
+                args.append(w.predictions)
+            calls.append((keys, args))
+        replies = await self._guard("state", lambda: self._evalsha_each(SAVE_STATE_SHA, calls))
+        out: list[bool | StoreError] = []
+        for w, reply in zip(items, replies, strict=True):
+            if isinstance(reply, BaseException):
+                why = f"{type(reply).__name__}: {reply}"
+                out.append(
+                    StoreError(
+                        f"Redis refused state for user {w.user_id!r}: {why}", f"Redis refused state: {why}"
+                    )
+                )
+            else:
+                out.append(bool(int(reply)))
+        return out
+
+    async def _evalsha_each(
+        self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Each call's reply, or its error reply in its place; raises when Redis did not answer."""
+        replies = await self._send_each(sha, calls)
+        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if again:  # Redis restarted, failed over or flushed its scripts: load it, send those calls again
+            await bounded(partial(self.client.script_load, SCRIPTS[sha]), self._call_timeout)
+            for i, reply in zip(again, await self._send_each(sha, [calls[i] for i in again]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, BaseException) and (
+                is_transient(reply) or not isinstance(reply, RedisError)
+            ):
+                raise reply  # no answer (after every try), or a cluster's refusal: the whole write failed
+        return replies
+
+    async def _send_each(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        if self._direct is None:  # a cluster: redis-py's client, one call per user's slot, concurrently
+            sent = [self.client.evalsha(sha, len(k), *k, *a) for k, a in calls]
+            return list(await asyncio.gather(*sent, return_exceptions=True))
+        return await self._direct.execute_all([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
 
     async def actions(self, user_id: str, capacity: int) -> list[str]:
         """The newest `capacity` actions of the window, oldest first (read-only: the TTL is not refreshed)."""

@@ -147,6 +147,7 @@ def report(
     load: dict[str, Any],
     args: argparse.Namespace,
     elapsed: float,
+    redis_cpu: float | None = None,
 ) -> str:
     requests = max(1, round(load["requests"] * (1 + args.warmup / args.duration)))  # warm-up was sampled too
     cpu: dict[str, float] = {}
@@ -170,7 +171,12 @@ def report(
             f"(non-blocking, idle excluded); {load['rps']:.0f} req/s answered, p50 {load['latency_ms']['p50']} ms, "
             f"p99 {load['latency_ms']['p99']} ms. Server process CPU {total_cpu:.1f} s = "
             f"**{total_cpu * 1000 / requests:.3f} ms per request**. "
-            f"Machine load average at the end: {[round(x, 2) for x in os.getloadavg()]}."
+            + (
+                f"Redis CPU {redis_cpu * 1000 / requests:.3f} ms per request (its process, /proc). "
+                if redis_cpu is not None
+                else ""
+            )
+            + f"Machine load average at the end: {[round(x, 2) for x in os.getloadavg()]}."
         ),
         "",
         "## CPU time by thread (/proc; the only view that sees ONNX Runtime's native worker threads)",
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(server, port, probe(templates, "probe"))
         # uvicorn may run the app in the process it was started as (1 worker): that is the one to sample
         before = thread_cpu(server.pid)
+        assert redis.process is not None
+        redis_before = sum(thread_cpu(redis.process.pid).values())
         cpu0 = time.monotonic()
         spy = subprocess.Popen(
             [
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         load = loadgen(port, templates, work / "load.json", args.mode, args, "prof-", args.rate)
         after = thread_cpu(server.pid)
+        redis_cpu = sum(thread_cpu(redis.process.pid).values()) - redis_before
         elapsed = time.monotonic() - cpu0
         _, err = spy.communicate(timeout=60)
         if spy.returncode != 0 or not raw.is_file():
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
         redis.stop()
-    text = report(summarise_stacks(raw), before, after, load, args, elapsed)
+    text = report(summarise_stacks(raw), before, after, load, args, elapsed, redis_cpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     shutil.rmtree(work, ignore_errors=True)

@@ -180,3 +180,34 @@ async def test_live_quality_off_stores_nothing(behavior_artifact: Path, redis_ur
     # the hash may hold incremental state's fields (on by default), never live quality's
     stored = redis.Redis.from_url(redis_url).hgetall("nextact:{q}:s")
     assert not stored.keys() & {b"pn", b"p"}
+
+
+async def test_with_incremental_state_the_predictions_ride_on_the_state_save(
+    item_artifact: Path, redis_url: str
+) -> None:
+    model = load_model(item_artifact, device="cpu")
+    offline = Offline(model, model.manifest.window)
+    plain = redis.Redis.from_url(redis_url)
+    vocab = [a for a in ("B000050B6B", "B00004TMFE", "B0000530HU") if model.knows(a)] or ["unknown-item"]
+
+    def evalsha_calls() -> int:
+        return int(plain.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async with running_app(item_artifact, redis_url) as (app, client):
+        services = app.state.services
+        assert services.step_batcher is not None and services.state_saver is not None  # on by default
+        before = evalsha_calls()
+        for n in range(6):
+            action = vocab[n % len(vocab)]
+            r = await client.post(
+                "/v1/users/ride/events", json={"action": action, "timestamp": n, "event_id": f"r{n}"}
+            )
+            assert r.status_code == 200, r.text
+            offline.post("ride", action, n, f"r{n}")
+        await services.state_saver.drain()
+        calls = evalsha_calls() - before
+        live = (await client.get("/v1/model")).json()["live_metrics"]
+    plain.close()
+    # every event after the first is scored against the predictions stored with the previous state
+    assert live["events_scored"] == offline.scored == 5
+    assert calls == 2 * 6  # per event: the append, and one state save carrying the predictions

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app.ratelimit import RateLimiter, enforce_rate_limit
-from app.redis_server import free_port
+from app.redis_client import connect
+from app.redis_server import EmbeddedRedis, free_port
 from app.security import ApiKeyAuth, require_api_key
 from tests.app_client import running_app
 
@@ -173,3 +176,35 @@ async def test_app_rate_limit_is_off_by_default_and_429s_when_set(
         assert "nextact_rate_limited_total 2.0" in metrics
         window = await client.get("/v1/users/u/events", headers=two)
         assert window.json()["events"] == []  # the refused post stored nothing
+
+
+async def test_the_direct_path_keeps_the_budget_survives_a_script_flush_and_fails_open(
+    redis_url: str, stopped_redis: EmbeddedRedis
+) -> None:
+    conn = connect(redis_url, max_connections=4, timeout_seconds=2, retries=1)
+    assert conn.direct is not None
+    try:
+        limiter = RateLimiter(conn.client, limit=3, window_seconds=DAY, algorithm="fixed", direct=conn.direct)
+        before = conn.direct.pipelined
+        assert await _hits(limiter, "direct:1", 2) == [True, True]
+        assert conn.direct.pipelined - before == 2  # the calls went the direct way
+        await conn.client.script_flush()  # NOSCRIPT: loaded again, then counted once
+        assert [(await limiter.check("direct:1")).allowed for _ in range(2)] == [True, False]
+        results = await asyncio.gather(*(limiter.check("direct:burst") for _ in range(20)))
+        assert sum(r.allowed for r in results) == 3  # issued together (one pipeline): still the budget
+    finally:
+        await conn.close()
+    hung = connect(stopped_redis.url, max_connections=4, timeout_seconds=0.3, retries=2)
+    try:
+        assert stopped_redis.process is not None
+        os.kill(stopped_redis.process.pid, signal.SIGSTOP)
+        try:
+            limiter = RateLimiter(
+                hung.client, limit=1, window_seconds=60, timeout_seconds=0.3, direct=hung.direct
+            )
+            responses = await asyncio.wait_for(_statuses(_app(limiter, ApiKeyAuth(())), 2), timeout=10)
+            assert [r.status_code for r in responses] == [200, 200]  # one timeout each, then let through
+        finally:
+            os.kill(stopped_redis.process.pid, signal.SIGCONT)
+    finally:
+        await hung.close()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 
 from app.redis_client import DirectCommands, RedisConnection, bounded, connect
 from app.redis_server import EmbeddedRedis, free_port
@@ -207,3 +207,15 @@ async def test_bounded_reads_the_outcome_of_a_call_whose_caller_was_cancelled() 
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert not unread, unread
+
+
+async def test_an_error_reply_redis_py_counts_as_a_connection_error_fails_the_try_and_is_retried(
+    conn: RedisConnection,
+) -> None:
+    direct = _direct(conn)
+    loading = "return redis.error_reply('LOADING Redis is loading the dataset in memory')"
+    before = direct.pipelines
+    with pytest.raises(BusyLoadingError):  # raised after every try, never handed back as a reply
+        await direct.execute("EVAL", loading, 0)
+    assert direct.pipelines == before  # no try counted as answered
+    assert await direct.execute("EVAL", "return ARGV[1]", 0, "fine") == b"fine"  # a fresh connection works

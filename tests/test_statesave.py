@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 
 from app.observability import Metrics
@@ -97,4 +98,61 @@ async def test_settle_all_waits_for_both_pending_writes_of_the_user_and_gives_up
         await log.drain()
         assert saver.pending_for("u") is None and log.pending_for("u") is None
     finally:
+        await conn.close()
+
+
+async def test_one_turns_saves_go_in_one_write_each_with_its_users_predictions(redis_url: str) -> None:
+    conn = connect(redis_url, 8, 2.0, 1)
+    assert conn.direct is not None
+    store = WindowStore(conn.client, "ssp", 100, conn.address, direct=conn.direct)
+    await store.load_script()
+    metrics = Metrics()
+    saver = StateSaver(store, metrics)
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        seqs = {}
+        for u in ("a", "b", "c", "d"):
+            seqs[u] = (await store.append_with_state(u, [NewEvent("e1", "x", 1.0)], 5, "v")).seq
+        before = conn.direct.pipelines
+        assert saver.save("a", seqs["a"], "v", b"A", b"PA")  # state and predictions, one call
+        assert saver.save("b", seqs["b"], "v", b"B")  # state alone
+        assert saver.save("c", seqs["c"] - 1, "v", b"old", b"PC")  # stale: neither is written
+        assert saver.save("d", seqs["d"], "v", b"D", b"PD")
+        assert saver.pending == 4
+        await saver.drain()
+        assert conn.direct.pipelines - before == 1  # the four saves of this turn: one round trip
+        assert (_count(metrics, "stored"), _count(metrics, "stale"), saver.pending) == (3, 1, 0)
+        a = plain.hgetall(store.state_key("a"))
+        assert (a[b"x"], a[b"p"], int(a[b"pn"]), int(a[b"n"])) == (b"A", b"PA", seqs["a"], seqs["a"])
+        assert (
+            b"p" not in plain.hgetall(store.state_key("b")) and plain.hget(store.state_key("b"), "x") == b"B"
+        )
+        assert not {b"x", b"p"} & set(plain.hgetall(store.state_key("c")))
+        assert plain.hget(store.state_key("d"), "p") == b"PD"
+        # the predictions stored with the state score the next event, as SAVE_PREDICTION_LUA's would
+        nxt = await store.append_with_state("a", [NewEvent("e2", "y", 2.0)], 5, "v")
+        assert (nxt.result.last.records, nxt.state) == (b"PA", b"A")
+    finally:
+        plain.close()
+        await conn.close()
+
+
+async def test_saves_survive_a_flushed_script_cache_and_report_each_users_refusal(redis_url: str) -> None:
+    conn = connect(redis_url, 8, 2.0, 1)
+    store = WindowStore(conn.client, "ssf", 100, conn.address, direct=conn.direct)
+    await store.load_script()
+    metrics = Metrics()
+    saver = StateSaver(store, metrics)
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        seq = (await store.append_with_state("u", [NewEvent("e1", "x", 1.0)], 5, "v")).seq
+        plain.set(store.keys("w")[0], "not a packed window")  # this user's save is refused (WRONGTYPE)
+        plain.script_flush()  # every call of the write gets NOSCRIPT: loaded again, sent again
+        saver.save("u", seq, "v", b"S")
+        saver.save("w", 1, "v", b"W")
+        await saver.drain()
+        assert (_count(metrics, "stored"), _count(metrics, "failed")) == (1, 1)
+        assert plain.hget(store.state_key("u"), "x") == b"S"
+    finally:
+        plain.close()
         await conn.close()
