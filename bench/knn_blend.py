@@ -144,9 +144,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(6, 3.6), dpi=100)
     ax = fig.add_subplot()
     betas = [r["beta"] for r in result["validation"]]
-    ax.plot(betas, [r["ndcg@10"] for r in result["validation"]], marker="o", label="validation")
+    if not result[
+        "beta_given"
+    ]:  # a given beta came from elsewhere: this artifact's validation did not choose
+        ax.plot(betas, [r["ndcg@10"] for r in result["validation"]], marker="o", label="validation")
     ax.plot(betas, [r["ndcg@10"] for r in result["test_full"]], marker="o", label="test")
-    ax.axvline(result["beta"], color="grey", linestyle=":", label=f"chosen beta {result['beta']:g}")
+    how = "given" if result["beta_given"] else "chosen"
+    ax.axvline(result["beta"], color="grey", linestyle=":", label=f"{how} beta {result['beta']:g}")
     ax.set(xlabel="beta (share of item-kNN)", ylabel="NDCG@10 (full ranking)", title="kNN blend")
     ax.grid(alpha=0.3)
     ax.legend()
