@@ -97,3 +97,22 @@ async def test_a_head_held_when_the_application_fails_is_sent_before_closing() -
     await cycle.send(_start([(b"content-length", b"7")]))
     cycle.transport.close()  # what uvicorn does when the application raises after starting the response
     assert len(real.writes) == 1 and real.writes[0].startswith(b"HTTP/1.1 200") and real.closed
+
+
+async def test_a_request_cycle_is_freed_by_reference_counting_alone() -> None:
+    """The cycle holds OneWrite as its transport; OneWrite must not hold the cycle strongly, or every request
+    leaves a reference cycle to the garbage collector (collections of 25 to 45 ms under load)."""
+    import gc
+    import weakref
+
+    cycle, real = _cycle()
+    await cycle.send(_start([(b"content-length", b"2")]))
+    await cycle.send({"type": "http.response.body", "body": b"{}"})
+    assert real.writes == [real.writes[0]] and real.writes[0].endswith(b"\r\n\r\n{}")
+    gone = weakref.ref(cycle)
+    gc.disable()
+    try:
+        del cycle
+        assert gone() is None  # freed at once, without a collection
+    finally:
+        gc.enable()
