@@ -119,6 +119,7 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 _NOT_YET = object()  # hiredis.Reader.gets(): no complete reply buffered yet
+_PUSH: type = getattr(hiredis, "PushNotification", ())  # a RESP3 push frame, as the reader returns it
 
 
 class _Link:
@@ -156,6 +157,8 @@ class _Link:
                         parser.feed(data)
                     elif isinstance(reply, RedisConnectionError):  # LOADING, say: raised, as redis-py does
                         raise reply
+                    elif isinstance(reply, _PUSH):  # RESP3 out-of-band (invalidations, maintenance notices):
+                        continue  # not a reply to any command; counting it would shift every later reply
                     else:
                         replies.append(reply)
         except TimeoutError as e:

@@ -40,6 +40,7 @@ def run(
     from app.manifest import read_manifest
     from training.checkpoint import load_checkpoint
     from training.config import EVAL_SEED, DataOptions
+    from training.ensemble import recurrent
     from training.knn_blend import KnnPrior, choose_beta
     from training.pipeline import prepare
     from training.protocols import sample_negatives
@@ -50,6 +51,7 @@ def run(
     started, load = time.perf_counter(), os.getloadavg()
     manifest = read_manifest(artifact)
     model, _ = load_checkpoint(artifact)
+    model = recurrent(model)  # a blended artifact: its own model (the bench mixes the kNN in itself)
     window, vocab_size = manifest.window, manifest.vocab_size
     _, split, _ = prepare(DataOptions(path=data, action_cols=(action_col,)), Vocabulary(manifest.vocabulary))
     val = split.cases("validation")

@@ -12,7 +12,7 @@ import torch
 from app.manifest import MODEL_FILE, PAD_ID, UNK_ID, read_manifest
 from tests.conftest import EXAMPLES, train_artifact
 from tests.test_incremental_state import _assert_same, _stream, _twins
-from tests.training_cli import cli_error
+from tests.training_cli import cli, cli_error
 from training.baselines import ItemKNN
 from training.checkpoint import load_checkpoint
 from training.config import DataOptions, ModelConfig
@@ -130,8 +130,6 @@ async def test_the_service_serves_the_blend_from_either_graph(blend_artifact: Pa
 
 
 def test_auto_chooses_beta_on_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.training_cli import cli
-
     out = cli(
         capsys, "train", "--data", str(EXAMPLES / "beauty_sample.csv"), "--action-col", "item_id",
         "--out", str(tmp_path / "a"), "--quiet", "--threads", "1", "--epochs", "1", "--window", "10",
@@ -161,3 +159,36 @@ def test_bad_knn_blend_options_name_the_problem(
 ) -> None:
     err = cli_error(capsys, "train", "--data", str(tmp_path / "missing.csv"), "--out", "x", *extra)
     assert message in err
+
+
+def test_auto_without_validation_cases_exports_the_model_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "pairs.csv"  # every user has 2 events: nothing to validate on
+    log.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{(u + k) % 12},{1000 + k}\n" for u in range(40) for k in range(2)
+    ))  # fmt: skip
+    out = cli(
+        capsys, "train", "--data", str(log), "--action-col", "item_id", "--out", str(tmp_path / "a"),
+        "--quiet", "--threads", "1", "--epochs", "1", "--embedding-dim", "4", "--hidden-dim", "4",
+        "--no-step", "--knn-blend", "auto",
+    )  # fmt: skip
+    blend = out["knn_blend"]
+    assert (blend["beta"], blend["chosen"], blend["exported"], blend["mode"]) == (0.0, False, False, "auto")
+    assert "auto, with no validation cases to choose it on" in (tmp_path / "a" / "report.md").read_text()
+    model, _ = load_checkpoint(tmp_path / "a")
+    assert not isinstance(model, KnnBlend)
+
+
+def test_int8_quantizes_the_recurrent_output_layer_of_a_blend(blend_artifact: Path, tmp_path: Path) -> None:
+    from training.quantize import quantize_artifact
+
+    spec = quantize_artifact(blend_artifact, tmp_path / "int8")  # behind its own gate against the float graph
+    assert spec.scheme == "int8" and spec.top10_overlap >= 0.9
+    m = read_manifest(tmp_path / "int8")
+    assert m.quantization is not None and m.step is not None
+    ids = np.array([[5, 9, 3, 0]], dtype=np.int64)
+    (p,) = open_session(tmp_path / "int8" / MODEL_FILE).run(
+        None, {"action_ids": ids, "lengths": np.array([3])}
+    )
+    assert abs(float(p.sum()) - 1.0) < 1e-5 and p[0, PAD_ID] == p[0, UNK_ID] == 0

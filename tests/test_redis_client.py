@@ -219,3 +219,25 @@ async def test_an_error_reply_redis_py_counts_as_a_connection_error_fails_the_tr
         await direct.execute("EVAL", loading, 0)
     assert direct.pipelines == before  # no try counted as answered
     assert await direct.execute("EVAL", "return ARGV[1]", 0, "fine") == b"fine"  # a fresh connection works
+
+
+async def test_a_push_frame_on_a_direct_link_is_not_taken_for_a_reply(redis_url: str) -> None:
+    """RESP3 pushes (client-side caching invalidations, a managed Redis's maintenance notices) arrive between
+    replies; each caller must still get its own reply."""
+    connection = connect(redis_url, max_connections=1, timeout_seconds=2, retries=0)
+    plain = redis.Redis.from_url(redis_url)
+    plain.set("push:k", "v1")
+    try:
+        direct = connection.direct
+        assert direct is not None
+        if await direct.execute("HELLO", "3") is None:  # pragma: no cover - every supported server speaks RESP3
+            pytest.skip("no RESP3")
+        assert await direct.execute("CLIENT", "TRACKING", "ON") == b"OK"
+        assert await direct.execute("GET", "push:k") == b"v1"  # now tracked: a change pushes an invalidation
+        plain.set("push:k", "v2")
+        await asyncio.sleep(0.1)  # the push is in the link's buffer before the next replies
+        assert await direct.execute("ECHO", "first") == b"first"
+        assert await direct.execute("ECHO", "second") == b"second"
+    finally:
+        plain.close()
+        await connection.close()

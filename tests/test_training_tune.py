@@ -120,6 +120,7 @@ def test_the_search_starts_from_the_default_and_the_presets_in_its_space() -> No
         ('{"losses": ["mse"]}', "losses must be"),
         ('{"samplers": ["zipf"]}', "samplers must be"),
         ('{"negatives": [0]}', "negatives must be"),
+        ('{"residual": true}', "residual must be a list of choices"),
         ("[4, 8", "not JSON"),
     ],
 )

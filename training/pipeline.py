@@ -153,6 +153,12 @@ def _train(
         config = dataclasses.replace(config, stop_metric=tune.metric)  # early stopping as in the trials
         log.info("tuning: best trial %d, %s", tuning.best.number, tuning.best.params)
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
+    if config.knn_blend != "off" and len(vocabulary) > KNN_BLEND_MAX_VOCAB:
+        raise TrainingError(
+            f"--knn-blend: {len(vocabulary):,} actions would add {len(vocabulary) * 800 / 1e9:.1f} GB of neighbour "
+            f"tables to each graph (800 bytes per action; at most {KNN_BLEND_MAX_VOCAB:,} actions): train with "
+            "--knn-blend off"
+        )
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
     final_split = split.with_validation_as_training()
     fitted = fit_members(split, final_split, model_config, config)
@@ -284,6 +290,9 @@ def _train(
     }
 
 
+KNN_BLEND_MAX_VOCAB = 1_000_000  # 0.8 GB of neighbour tables per graph; protobuf's limit is 2 GB
+
+
 def _blend(
     fitted: Fitted, split: Split, final_split: Split, model_config: ModelConfig, config: TrainConfig
 ) -> tuple[AnyModel, dict[str, Any]]:
@@ -296,13 +305,14 @@ def _blend(
 
     vocab_size, window = model_config.vocab_size, model_config.window
     table: list[dict[str, float]] = []
-    if config.knn_blend == "auto":
-        cases = split.cases("validation")
-        if not len(cases) or fitted.selection is None:
-            raise TrainingError(
-                "--knn-blend auto chooses beta on the validation split, and the log has no validation cases: "
-                "give a fixed --knn-blend BETA"
-            )
+    cases = split.cases("validation")
+    if config.knn_blend == "auto" and (not len(cases) or fitted.selection is None):
+        log.warning(
+            "--knn-blend auto chooses beta on the validation split, and the log has no validation cases (no "
+            "user has 3 events): the model is exported alone; give a fixed --knn-blend BETA to blend anyway"
+        )
+        beta = 0.0
+    elif config.knn_blend == "auto":
         prior = KnnPrior.fit(split.train_sequences(), vocab_size, window)
         candidates = validation_candidates(split, cases, vocab_size, config)
         beta, table = choose_beta(fitted.selection, prior, split, cases, config.stop_metric, candidates)
@@ -316,7 +326,8 @@ def _blend(
         beta = float(config.knn_blend)
     summary: dict[str, Any] = {
         "beta": beta,
-        "chosen": config.knn_blend == "auto",
+        "chosen": bool(table),  # False: given, or auto without validation cases to choose on
+        "mode": config.knn_blend,
         "exported": beta > 0,
         "metric": config.stop_metric,
         "protocol": config.val_protocol,

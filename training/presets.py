@@ -97,6 +97,6 @@ def in_space(params: dict[str, Any], space: SearchSpace) -> bool:
 
 def tune_starts(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     """(name, parameters) of the configurations `--tune` tries first: the default, then every preset, each
-    only where it lies in `space`. The search then cannot end below the best of them on validation."""
+    only where it lies in `space` (the searched parameters only: epochs, patience and the blend are the run's)."""
     named = [("default", _as_trial({}))] + [(name, _as_trial(v)) for name, v in PRESETS.items()]
     return [(name, p) for name, p in named if p is not None and in_space(p, space)]

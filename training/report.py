@@ -146,6 +146,8 @@ def _blend_section(blend: Mapping[str, Any]) -> list[str]:
         f"chosen on the validation split ({blend['protocol']} protocol, {blend['metric']}) with the model "
         "selected before the refit and an item-kNN fitted on the training events"
         if blend["chosen"]
+        else "auto, with no validation cases to choose it on"
+        if blend.get("mode") == "auto"
         else "given on the command line"
     )
     lines = [

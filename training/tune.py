@@ -1,8 +1,9 @@
 """`--tune`: an Optuna search (seeded TPE sampler, median pruner on the per-epoch validation metric) over the
 loss, the dimension, the dropouts, the learning rate, the batch size, tying, the negative sampler, the residual
-path and the number of negatives, within a wall-clock budget. Its first trials are the default configuration
-and every preset (training/presets.py) that lies in the search space, so the search starts from what was
-measured best on the dev data sets and cannot end below the best of those on validation (budget allowing).
+path and the number of negatives, within a wall-clock budget. Its first trials are the searched parameters of
+the default configuration and of every preset (training/presets.py) that lie in the search space, so the
+search starts from what was measured best on the dev data sets (their epochs, patience and blend are the
+command line's, as for every trial).
 
 Trials are scored on the validation split only (never the test split), under the run's validation protocol
 (`--protocol full|sampled`), by the best epoch's `--tune-metric`. The pipeline then trains the best
@@ -94,6 +95,9 @@ def parse_space(text: str | None) -> SearchSpace:
     if not isinstance(given, dict) or not set(given) <= known:
         extra = sorted(set(given) - known) if isinstance(given, dict) else given
         raise TrainingError(f"--tune-space: unknown keys {extra}; known: {sorted(known)}")
+    for key in ("losses", "batch_sizes", "tied", "samplers", "residual", "negatives"):
+        if key in given and not isinstance(given[key], list):
+            raise TrainingError(f"--tune-space: {key} must be a list of choices, got {given[key]!r}")
     space = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     for name in ("dims", "input_dropout", "dropout", "lr"):
         low, high = getattr(space, name)
