@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis
@@ -13,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from app.observability import Metrics
 from app.quality import LiveQuality, PredictionLog
-from app.redis_client import connect
+from app.redis_client import RedisConnection, connect
 from app.redis_server import EmbeddedRedis, free_port
 from app.statesave import StateSaver, settle_all
 from app.windows import NewEvent, WindowStore
@@ -101,15 +103,27 @@ async def test_settle_all_waits_for_both_pending_writes_of_the_user_and_gives_up
         await conn.close()
 
 
-async def test_one_turns_saves_go_in_one_write_each_with_its_users_predictions(redis_url: str) -> None:
+@asynccontextmanager
+async def _direct_saver(
+    redis_url: str, prefix: str
+) -> AsyncIterator[tuple[RedisConnection, WindowStore, Metrics, StateSaver, redis.Redis]]:
+    """A state saver on a direct-path window store, its metrics, and a plain client to read Redis with."""
     conn = connect(redis_url, 8, 2.0, 1)
     assert conn.direct is not None
-    store = WindowStore(conn.client, "ssp", 100, conn.address, direct=conn.direct)
+    store = WindowStore(conn.client, prefix, 100, conn.address, direct=conn.direct)
     await store.load_script()
     metrics = Metrics()
-    saver = StateSaver(store, metrics)
     plain = redis.Redis.from_url(redis_url)
     try:
+        yield conn, store, metrics, StateSaver(store, metrics), plain
+    finally:
+        plain.close()
+        await conn.close()
+
+
+async def test_one_turns_saves_go_in_one_write_each_with_its_users_predictions(redis_url: str) -> None:
+    async with _direct_saver(redis_url, "ssp") as (conn, store, metrics, saver, plain):
+        assert conn.direct is not None
         seqs = {}
         for u in ("a", "b", "c", "d"):
             seqs[u] = (await store.append_with_state(u, [NewEvent("e1", "x", 1.0)], 5, "v")).seq
@@ -132,19 +146,10 @@ async def test_one_turns_saves_go_in_one_write_each_with_its_users_predictions(r
         # the predictions stored with the state score the next event, as SAVE_PREDICTION_LUA's would
         nxt = await store.append_with_state("a", [NewEvent("e2", "y", 2.0)], 5, "v")
         assert (nxt.result.last.records, nxt.state) == (b"PA", b"A")
-    finally:
-        plain.close()
-        await conn.close()
 
 
 async def test_saves_survive_a_flushed_script_cache_and_report_each_users_refusal(redis_url: str) -> None:
-    conn = connect(redis_url, 8, 2.0, 1)
-    store = WindowStore(conn.client, "ssf", 100, conn.address, direct=conn.direct)
-    await store.load_script()
-    metrics = Metrics()
-    saver = StateSaver(store, metrics)
-    plain = redis.Redis.from_url(redis_url)
-    try:
+    async with _direct_saver(redis_url, "ssf") as (_, store, metrics, saver, plain):
         seq = (await store.append_with_state("u", [NewEvent("e1", "x", 1.0)], 5, "v")).seq
         plain.set(store.keys("w")[0], "not a packed window")  # this user's save is refused (WRONGTYPE)
         plain.script_flush()  # every call of the write gets NOSCRIPT: loaded again, sent again
@@ -153,6 +158,3 @@ async def test_saves_survive_a_flushed_script_cache_and_report_each_users_refusa
         await saver.drain()
         assert (_count(metrics, "stored"), _count(metrics, "failed")) == (1, 1)
         assert plain.hget(store.state_key("u"), "x") == b"S"
-    finally:
-        plain.close()
-        await conn.close()

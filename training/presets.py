@@ -9,6 +9,16 @@ from training.config import ModelConfig, SearchSpace, TrainConfig
 
 #: Measured configurations (docs/model-quality.md, "Presets"): `--preset NAME` makes these the defaults of
 #: `train`, so any option given on the command line still wins. Keys are argparse destinations.
+# what both presets share: a small tied model, dropout on the input embeddings more than on the states
+_TIED_E64: dict[str, Any] = {
+    "embedding_dim": 64,
+    "hidden_dim": 64,
+    "tied": True,
+    "input_dropout": 0.5,
+    "dropout": 0.1,
+    "lr": 0.01,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # popularity-sampled negatives with logQ, the residual path, tied E64, and the item-kNN blend with beta
     # chosen on validation: ahead of every baseline under both protocols on Beauty, Sports and Toys
@@ -18,12 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logq": True,
         "loss_negatives": 2000,
         "residual": True,
-        "embedding_dim": 64,
-        "hidden_dim": 64,
-        "tied": True,
-        "input_dropout": 0.5,
-        "dropout": 0.1,
-        "lr": 0.01,
+        **_TIED_E64,
         "epochs": 40,
         "patience": 5,
         "lr_patience": 2,
@@ -34,12 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss": "sampled",
         "loss_sampler": "uniform",
         "loss_negatives": 1000,
-        "embedding_dim": 64,
-        "hidden_dim": 64,
-        "tied": True,
-        "input_dropout": 0.5,
-        "dropout": 0.1,
-        "lr": 0.01,
+        **_TIED_E64,
         "epochs": 25,
         "patience": 10,
         "lr_patience": 3,
@@ -51,10 +51,7 @@ def _as_trial(values: dict[str, Any]) -> dict[str, Any] | None:
     """A configuration (argparse destinations over the defaults) as `--tune` parameters; None when its
     embedding and hidden sizes differ (the search ties them)."""
     model, train = ModelConfig(vocab_size=3), TrainConfig()
-
-    def get(key: str, default: Any) -> Any:
-        return values.get(key, default)
-
+    get = values.get
     dim = get("embedding_dim", model.embedding_dim)
     if dim != get("hidden_dim", model.hidden_dim):
         return None
