@@ -56,7 +56,10 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batches = 0  # model calls made
         self.batched = 0  # requests they served (batched / batches = mean batch size)
-        self.last_call = (0.0, 0.0)  # perf_counter start and end of the latest model call (stage timings)
+        # the latest model call (stage timings): perf_counter when the loop handed it off, when the inference
+        # thread started and ended it, when the loop had the result back; and the thread's CPU seconds in it
+        self.last_call = (0.0, 0.0, 0.0, 0.0, 0.0)
+        self._thread_span = (0.0, 0.0, 0.0)
         self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -94,17 +97,25 @@ class Batcher(Generic[T, R]):
     async def _call(self, items: list[T]) -> Sequence[R]:
         start = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, items)
         except Exception as e:
             raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
         if len(results) != len(items):
             raise BatchError(f"inference returned {len(results)} results for a batch of {len(items)}")
         # read by each caller as it resumes: they resume before the next call can end (FIFO callbacks)
-        self.last_call = (start, time.perf_counter())
+        began, ended, cpu = self._thread_span
+        self.last_call = (start, began, ended, time.perf_counter(), cpu)
         self.batches += 1
         self.batched += len(items)
         if self._on_batch is not None:
             self._on_batch(len(items), time.perf_counter() - start)
+        return results
+
+    def _timed_run(self, items: list[T]) -> Sequence[R]:
+        """self._run(items) in the inference thread, stamped (read by the loop once the call's future is done)."""
+        began, cpu = time.perf_counter(), time.thread_time()
+        results = self._run(items)
+        self._thread_span = (began, time.perf_counter(), time.thread_time() - cpu)
         return results
 
     async def _work(self) -> None:

@@ -10,9 +10,13 @@ Stages of a POST /v1/users/{id}/events (each in ms, in order):
   to_handler   ASGI call -> the route's dependencies run (body read, routing, auth, rate limit)
   prologue     dependencies -> the Redis call starts (body validation, checks, building the events)
   redis        the append script's round trip
-  batch_wait   submitted to the batcher -> its ONNX Runtime call starts (queueing for a batch slot)
-  inference    the ONNX Runtime call of the batch that served the request (in the inference thread)
-  wakeup       that call ended -> the request's coroutine runs again (thread hand-off, loop queueing)
+  batch_wait   submitted to the batcher -> its batch is handed to the inference thread (queueing for a slot)
+  handoff      handed off -> the inference thread starts the call (the thread's wake-up)
+  inference    the model call of the batch that served the request, in the inference thread (wall time)
+  infer_cpu    that call's CPU time in the inference thread (inference - infer_cpu: waiting for a core or
+               the GIL)
+  return       the call ended -> the event loop has its result (call_soon_threadsafe, loop queueing)
+  wakeup       the loop has the result -> the request's coroutine runs again (loop queueing)
   respond      prediction in hand -> the last response byte handed to the server (shape, encode, send)
   total        ASGI call -> last response byte
 """
@@ -33,7 +37,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching import Batcher
 
-STAGES = ("to_handler", "prologue", "redis", "batch_wait", "inference", "wakeup", "respond", "total")
+STAGES = (
+    "to_handler",
+    "prologue",
+    "redis",
+    "batch_wait",
+    "handoff",
+    "inference",
+    "infer_cpu",
+    "return",
+    "wakeup",
+    "respond",
+    "total",
+)
 KEEP = 200_000  # samples kept per series: a few minutes at the service's throughput, a few MB
 LAG_PROBE_S = 0.005
 DEBUG_PATH = "/debug/timings"
@@ -65,7 +81,8 @@ async def submit(batcher: Batcher[T, R], item: T) -> R:
     rec.setdefault("submit", time.perf_counter())
     result = await batcher.submit(item)
     rec["resumed"] = time.perf_counter()
-    rec["infer_start"], rec["infer_end"] = batcher.last_call  # the call that served this request
+    # the call that served this request
+    rec["handed"], rec["infer_start"], rec["infer_end"], rec["returned"], rec["infer_cpu"] = batcher.last_call
     return result
 
 
@@ -111,15 +128,19 @@ class StageTimings:
             ("to_handler", "asgi", "deps"),
             ("prologue", "deps", "redis_start"),
             ("redis", "redis_start", "redis_end"),
-            ("batch_wait", "submit", "infer_start"),
+            ("batch_wait", "submit", "handed"),
+            ("handoff", "handed", "infer_start"),
             ("inference", "infer_start", "infer_end"),
-            ("wakeup", "infer_end", "resumed"),
+            ("return", "infer_end", "returned"),
+            ("wakeup", "returned", "resumed"),
             ("respond", "resumed", "sent"),
             ("total", "asgi", "sent"),
         )
         for stage, a, b in spans:
             if a in rec and b in rec:
                 self.stages[stage].append(rec[b] - rec[a])
+        if "infer_cpu" in rec:
+            self.stages["infer_cpu"].append(rec["infer_cpu"])
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

@@ -53,7 +53,19 @@ from bench.run import (
     request_templates,
 )
 
-STAGES = ("to_handler", "prologue", "redis", "batch_wait", "inference", "wakeup", "respond", "total")
+STAGES = (
+    "to_handler",
+    "prologue",
+    "redis",
+    "batch_wait",
+    "handoff",
+    "inference",
+    "infer_cpu",
+    "return",
+    "wakeup",
+    "respond",
+    "total",
+)
 
 
 def breakdown(port: int, reset: bool) -> dict[str, Any]:
