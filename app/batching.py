@@ -10,6 +10,12 @@ Policy, per batch:
 
 While a batch runs, new requests queue up, so under load batches grow by themselves and the wait rarely
 applies. max_size == 1 turns batching off: every request is its own call in the same thread.
+
+Inline calls (inline_max_s > 0): a request that finds the batcher idle - nothing queued, no call running,
+and none ended in the last 2x the latest call's duration - runs at once on the event loop's own thread,
+provided that latest call took at most inline_max_s. At light load that saves the two thread hand-offs
+(loop -> inference thread -> loop) and their wake-ups; the loop is blocked for one short model call while
+it runs. Under load the batcher is rarely idle that long, so requests keep going to the inference thread.
 """
 
 from __future__ import annotations
@@ -46,11 +52,20 @@ class Batcher(Generic[T, R]):
         max_wait_s: float = 0.0015,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "nextact-infer",
+        inline_max_s: float = 0.0,
     ) -> None:
-        if max_size < 1 or max_wait_s < 0:
-            raise ValueError(f"batcher needs max_size >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        if max_size < 1 or max_wait_s < 0 or inline_max_s < 0:
+            raise ValueError(
+                "batcher needs max_size >= 1, max_wait_s >= 0 and inline_max_s >= 0, "
+                f"got {max_size}, {max_wait_s}, {inline_max_s}"
+            )
         self.max_size = max_size
         self.max_wait_s = max_wait_s
+        self.inline_max_s = inline_max_s
+        self.inlined = 0  # calls made on the loop's thread (counted in batches too)
+        self._running = False  # a call is in the inference thread
+        self._last_end = 0.0  # perf_counter when the latest call ended
+        self._last_cost = 0.0  # its duration (s)
         self._run = run
         self._on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -69,6 +84,8 @@ class Batcher(Generic[T, R]):
         """Queue one item and wait for its own result (or its batch's BatchError)."""
         if self._closed:
             raise BatcherClosed("the inference batcher is shut down")
+        if self._inline_now():
+            return self._call_inline(item)
         if self.max_size == 1:
             return (await self._call([item]))[0]
         if self._worker is None:
@@ -94,22 +111,53 @@ class Batcher(Generic[T, R]):
         self._queue.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
+    def _inline_now(self) -> bool:
+        if not self.inline_max_s or self._running or self._queue or self._last_cost > self.inline_max_s:
+            return False
+        return time.perf_counter() - self._last_end >= 2 * self._last_cost
+
+    def _call_inline(self, item: T) -> R:
+        """One request's model call on the loop's thread (the batcher is idle: see _inline_now)."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            results = self._run([item])
+        except Exception as e:
+            self._last_end, self._last_cost = time.perf_counter(), 0.0
+            error = BatchError(f"inference failed for a batch of 1: {type(e).__name__}: {e}")
+            log.error("%s", error)
+            raise error from e
+        ended = time.perf_counter()
+        self.inlined += 1
+        self._account(1, results, (start, start, ended, ended, time.thread_time() - cpu))
+        return results[0]
+
     async def _call(self, items: list[T]) -> Sequence[R]:
         start = time.perf_counter()
+        self._running = True
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, items)
         except Exception as e:
+            self._last_end, self._last_cost = time.perf_counter(), 0.0
             raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
-        if len(results) != len(items):
-            raise BatchError(f"inference returned {len(results)} results for a batch of {len(items)}")
-        # read by each caller as it resumes: they resume before the next call can end (FIFO callbacks)
+        finally:
+            self._running = False
         began, ended, cpu = self._thread_span
-        self.last_call = (start, began, ended, time.perf_counter(), cpu)
-        self.batches += 1
-        self.batched += len(items)
-        if self._on_batch is not None:
-            self._on_batch(len(items), time.perf_counter() - start)
+        self._account(len(items), results, (start, began, ended, time.perf_counter(), cpu))
         return results
+
+    def _account(
+        self, n: int, results: Sequence[R], stamps: tuple[float, float, float, float, float]
+    ) -> None:
+        if len(results) != n:
+            raise BatchError(f"inference returned {len(results)} results for a batch of {n}")
+        # read by each caller as it resumes: they resume before the next call can end (FIFO callbacks)
+        self.last_call = stamps
+        start, began, ended, returned, _ = stamps
+        self._last_end, self._last_cost = returned, ended - began
+        self.batches += 1
+        self.batched += n
+        if self._on_batch is not None:
+            self._on_batch(n, returned - start)
 
     def _timed_run(self, items: list[T]) -> Sequence[R]:
         """self._run(items) in the inference thread, stamped (read by the loop once the call's future is done)."""

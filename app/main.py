@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -52,6 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
+        stack.callback(sys.setswitchinterval, sys.getswitchinterval())  # process-wide: put back on exit
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)
         if app.state.stage_timings is not None:  # NEXTACT_STAGE_TIMINGS: GC callback and loop-lag probe
             await stack.enter_async_context(app.state.stage_timings.running())
         if (
@@ -127,6 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=metrics.observe_batch,
+            inline_max_s=settings.batch_inline_max_ms / 1000,
         )
         stack.push_async_callback(batcher.close)
         step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
@@ -142,6 +146,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 max_wait_s=settings.batch_max_wait_ms / 1000,
                 on_batch=metrics.observe_batch,
                 name="nextact-step",
+                inline_max_s=settings.batch_inline_max_ms / 1000,
             )
             stack.push_async_callback(step_batcher.close)
             state_saver = StateSaver(store, metrics)

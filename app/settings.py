@@ -112,6 +112,20 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         1.5, ge=0, description="Longest a prediction waits for others to join its batch."
     )
+    batch_inline_max_ms: float = Field(
+        0.0,
+        ge=0,
+        description="A prediction that finds the batcher idle (nothing queued or running, none in the last 2x "
+        "the latest call's time) runs on the event loop's thread at once, without the two thread hand-offs, "
+        "when the latest model call took at most this long. 0: always hand off to the inference thread.",
+    )
+    switch_interval_ms: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval (sys.setswitchinterval): the longest the inference thread "
+        "waits for the interpreter lock while the event loop's thread runs Python code. 5 is Python's default.",
+    )
 
     incremental_state: bool = Field(
         True,

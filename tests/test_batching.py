@@ -197,3 +197,41 @@ async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
     finally:
         await batcher.close()
     assert run.batches == [[1], [3]]
+
+
+async def test_inline_calls_run_on_the_loop_thread_only_when_the_batcher_is_idle() -> None:
+    run = Recorder(block_s=0.02)
+    batcher = Batcher(run, max_size=64, max_wait_s=0.001, inline_max_s=0.1, name="nextact-test")
+    loop_thread = threading.current_thread().name
+    try:
+        assert await batcher.submit(1) == 2  # idle: on this thread, at once
+        assert run.threads == {loop_thread} and batcher.inlined == 1
+        await asyncio.sleep(0.05)  # idle for more than twice the last call (20 ms)
+        # a burst: the first finds the batcher idle and blocks the loop for its call; the others arrive after
+        # it, within 2x its duration, so they queue for the inference thread and are coalesced there
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(2, 8)))
+        assert results == [2 * i for i in range(2, 8)]
+        assert batcher.inlined == 2
+        assert [2] in run.batches and [3, 4, 5, 6, 7] in run.batches
+        assert any(name.startswith("nextact-test") for name in run.threads)
+        with pytest.raises(BatchError, match="ValueError: negative item"):
+            await asyncio.sleep(0.05)
+            await batcher.submit(-1)  # inline too: the caller gets the BatchError
+        assert await batcher.submit(9) == 18  # the batcher carries on (inline: a failed call costs nothing)
+        assert run.threads == {loop_thread} | {n for n in run.threads if n.startswith("nextact-test")}
+    finally:
+        await batcher.close()
+    assert (batcher.inlined, batcher.batches, len(run.batches)) == (3, 4, 5)  # the failed call isn't counted
+
+
+async def test_no_inline_calls_after_a_slow_model_call() -> None:
+    run = Recorder(block_s=0.03)
+    batcher = Batcher(run, max_size=64, max_wait_s=0.001, inline_max_s=0.01, name="nextact-test")
+    try:
+        assert await batcher.submit(1) == 2  # the first call: no cost known yet, inline
+        await asyncio.sleep(0.1)
+        assert await batcher.submit(2) == 4  # the last call took 30 ms > 10 ms: the inference thread
+    finally:
+        await batcher.close()
+    assert batcher.inlined == 1
+    assert run.batches == [[1], [2]]

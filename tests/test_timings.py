@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,39 @@ async def test_stage_timings_are_off_by_default(behavior_artifact: Path, redis_u
         assert (await client.get(DEBUG_PATH)).status_code == 404
         posted = await client.post("/v1/users/untimed/events", json={"action": "cart", "timestamp": 100})
         assert posted.status_code == 200, posted.text
+
+
+async def test_inline_calls_serve_the_same_answers_without_thread_hand_offs(
+    behavior_artifact: Path, redis_url: str
+) -> None:
+    """NEXTACT_BATCH_INLINE_MAX_MS: an idle service scores on the loop's thread (no hand-off, no return stage),
+    with the same answers as the inference thread gives; NEXTACT_SWITCH_INTERVAL_MS is set and put back."""
+    default_interval = sys.getswitchinterval()
+    answers: list[list[dict[str, object]]] = []
+    for inline_ms, interval_ms, prefix in ((0.0, 5.0, "thread"), (1000.0, 1.0, "inline")):
+        async with running_app(
+            behavior_artifact,
+            redis_url,
+            stage_timings=True,
+            batch_inline_max_ms=inline_ms,
+            switch_interval_ms=interval_ms,
+            key_prefix=f"timings-{prefix}",
+        ) as (_, client):
+            assert sys.getswitchinterval() == pytest.approx(interval_ms / 1000)
+            await client.get(DEBUG_PATH, params={"reset": "true"})
+            got = []
+            for i, action in enumerate(("pv", "cart", "pv", "fav")):
+                posted = await client.post(
+                    "/v1/users/u-inline/events", json={"action": action, "timestamp": i}
+                )
+                assert posted.status_code == 200, posted.text
+                got.append(posted.json()["predictions"])
+                await asyncio.sleep(0.05)  # idle between requests
+            stages = (await client.get(DEBUG_PATH)).json()["stages_ms"]
+            answers.append(got)
+            if inline_ms:  # every call ran on the loop's thread: nothing handed off, nothing to return
+                assert stages["handoff"]["max"] == 0 and stages["return"]["max"] == 0, stages
+            else:
+                assert stages["handoff"]["max"] > 0, stages
+        assert sys.getswitchinterval() == default_interval
+    assert answers[0] == answers[1]
