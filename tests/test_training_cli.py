@@ -13,7 +13,7 @@ from app.manifest import MANIFEST_FILE, MODEL_FILE, PAD_TOKEN, REPORT_FILE, UNK_
 from tests.training_cli import cli, cli_error
 from training.checkpoint import CHECKPOINT_FILE
 from training.predict import encode_sequences, predict
-from training.report import HR_PLOT, LOSS_PLOT
+from training.report import HR_PLOT, LOSS_PLOT, small_vocabulary_note
 from training.runtime import open_session, run
 from training.vocab import Vocabulary
 
@@ -53,6 +53,20 @@ def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> Non
     # the baselines' validation figures, which the validation curves draw as reference lines
     assert "Baselines on the same validation targets" in report and "markov HR@10 " in report
     assert (behavior_artifact / LOSS_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_says_what_four_actions_cannot_measure(behavior_artifact: Path) -> None:
+    # 4 behaviours: HR@5 and beyond are 1 for every scorer, and each user did most of the 4, so the sampled
+    # protocol has a negative or two per case instead of 100; the report says both where it shows the figures
+    manifest = read_manifest(behavior_artifact)
+    assert all(manifest.metrics["full"][s]["hr@5"] == 1.0 for s in ("model", "popularity", "item-knn"))
+    report = (behavior_artifact / REPORT_FILE).read_text()
+    full = report.split("## Test metrics, full protocol")[1].split("## Test metrics")[0]
+    sampled = report.split("## Test metrics, sampled protocol")[1].split("## Training curves")[0]
+    assert "With 4 actions, HR@k is 1 for every scorer once k >= 4" in full
+    assert "not the 100 asked for: the log has 4 actions" in sampled and "not comparable" not in full
+    assert small_vocabulary_note("sampled", 7_462, 100.0, 100) == ""  # a real catalogue: nothing to say
+    assert small_vocabulary_note("full", 7_462, None, 100) == ""
 
 
 def test_onnx_runtime_matches_training_predict_on_action_strings(behavior_artifact: Path) -> None:

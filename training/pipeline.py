@@ -250,6 +250,7 @@ def _train(
         fitted=fitted,
         tuning=tuning,
         blend=blend,
+        negatives=config.negatives,
     )
     write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
     step = None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from app.manifest import REPORT_FILE, Manifest
+from app.manifest import REPORT_FILE, UNK_ID, Manifest
 from training.metrics import KS
 from training.protocols import Evaluation
 from training.train import EpochLog
@@ -130,6 +130,27 @@ def _metrics_table(per_scorer: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def small_vocabulary_note(
+    protocol: str, vocab_size: int, mean_negatives: float | None, negatives: int
+) -> str:
+    """What a protocol's figures cannot mean on a log with few actions (e.g. 4 behaviours), or ''.
+
+    With A actions, HR@k is 1 for every scorer once k >= A: every candidate is in the top k. The sampled
+    protocol draws from the actions each user never did: with fewer than `negatives` of them, each case ranks
+    the target against the few there are, so its figures are not those of the usual 100-negative protocol."""
+    actions = vocab_size - (UNK_ID + 1)
+    note = ""
+    if protocol == "sampled" and mean_negatives is not None and mean_negatives < negatives:
+        note += (
+            f" Only {mean_negatives:.4g} negatives per case on average, not the {negatives} asked for: the log "
+            f"has {actions:,} actions and its users did most of them, so these figures are not comparable with "
+            "the usual sampled protocol; read the full protocol."
+        )
+    if actions <= max(KS):
+        note += f" With {actions:,} actions, HR@k is 1 for every scorer once k >= {actions}: read HR@1, NDCG, MRR."
+    return note
+
+
 def _blend_section(blend: Mapping[str, Any]) -> list[str]:
     """The `--knn-blend` section: the beta served, how it was chosen, and each beta's validation figures."""
     beta = blend["beta"]
@@ -190,8 +211,12 @@ def write_report(
     fitted: Fitted | None = None,
     tuning: TuneResult | None = None,
     blend: Mapping[str, Any] | None = None,
+    negatives: int = 100,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`.
+
+    `negatives`: the sampled protocol's requested negatives per case (`--negatives`), to say when the log has
+    too few actions for it.
 
     `baseline_validation`: the baselines' validation metrics (fitted on the training events, like the model
     during selection), drawn as reference lines next to the model's validation curve.
@@ -249,6 +274,7 @@ def write_report(
                 f"{note.capitalize()}. Ties count against the scorer. Popularity, a first-order Markov chain "
                 "and item-kNN (co-occurrence within the window, cosine-normalised, recency-weighted history; "
                 "popularity breaks the ties of both) are fitted on every event before the test targets."
+                + small_vocabulary_note(protocol, manifest.vocab_size, evaluation.mean_negatives, negatives)
             ),
             "",
             *_metrics_table(per_scorer),
