@@ -43,6 +43,7 @@ from bench.harness import (
     write_json,
 )
 from bench.run import (
+    add_client_option,
     ensure_artifact,
     ensure_step,
     fmt,
@@ -90,7 +91,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"- model: {res['model']}; population {cfg['users']:,} users with full windows",
         f"- {cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; command: `{cfg['command']}`",
         "",
-        "Client view (loadgen.py; open loop counts from the scheduled send time):",
+        (
+            f"Client view (loadgen.py, engine {cfg.get('client', 'python')}; open loop counts from the "
+            "scheduled send time):"
+        ),
         "",
         "| phase | offered req/s | answered req/s | p50 | p90 | p99 ms | server CPU ms/req | mean batch |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results path without suffix (default bench/results/tail[_quick])"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_client_option(p)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
