@@ -8,7 +8,8 @@ a real Redis pre-filled like bench/run.py's. Phases: a closed loop at --connecti
 throughput), then open loops with Poisson arrivals (no coordinated omission) at half that throughput and at
 --low-rate req/s. Before each phase GET /debug/timings?reset=true empties the server's samples; after it the
 server's breakdown (app/timings.py: stages, GC pauses, loop lag) is fetched and written next to the client's
-latency. The server's samples include the load generator's warm-up requests.
+latency. The server's samples include the load generator's warm-up requests. `--client c` loads with the
+compiled engine of bench/loadgen.py (less CPU and less delay of its own; docs/performance.md).
 """
 
 from __future__ import annotations
