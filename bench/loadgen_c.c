@@ -186,7 +186,7 @@ static int parse_response(const char *b, size_t len, int *status, size_t *used, 
     }
     long long length = -1;
     int chunked = 0;
-    for (const char *line = memmem(b, head, "\r\n", 2) + 2; line < end;) {
+    for (const char *line = (const char *)memmem(b, head, "\r\n", 2) + 2; line < end;) {
         const char *eol = memmem(line, (size_t)(end + 2 - line), "\r\n", 2);
         const char *colon = memchr(line, ':', (size_t)(eol - line));
         if (colon) {
@@ -313,7 +313,10 @@ static void conn_send(Conn *c, uint64_t n, double due, double now) {
     c->due = due, c->sent_at = now, c->state = C_BUSY, c->rlen = 0;
     sent++;
     ssize_t k = send(c->fd, c->wbuf, c->wlen, MSG_NOSIGNAL);
-    if (k < 0 && errno != EAGAIN) return conn_fail(c, os_error(errno), now);
+    if (k < 0 && errno != EAGAIN) {
+        conn_fail(c, os_error(errno), now);
+        return;
+    }
     c->woff = k > 0 ? (size_t)k : 0;
     if (c->woff < c->wlen) watch(c, EPOLLIN | EPOLLOUT, EPOLL_CTL_MOD);
 }
@@ -375,7 +378,10 @@ static void conn_writable(Conn *c, double now) {
     }
     if (c->state != C_BUSY || c->woff >= c->wlen) return;
     ssize_t k = send(c->fd, c->wbuf + c->woff, c->wlen - c->woff, MSG_NOSIGNAL);
-    if (k < 0 && errno != EAGAIN) return conn_fail(c, os_error(errno), now);
+    if (k < 0 && errno != EAGAIN) {
+        conn_fail(c, os_error(errno), now);
+        return;
+    }
     if (k > 0) c->woff += (size_t)k;
     if (c->woff >= c->wlen) watch(c, EPOLLIN, EPOLL_CTL_MOD);
 }
@@ -456,6 +462,7 @@ int main(int argc, char **argv) {
         if (k == 0) die("%s", "cannot connect: timed out after 10 s");
         for (int e = 0; e < k; e++) {
             Conn *c = &conns[events[e].data.u32];
+            if (c->state != C_CONNECTING) continue; /* connected already: its bytes wait for the loop */
             conn_writable(c, now_s());
             if (c->state == C_DOWN) {
                 char msg[512];

@@ -113,7 +113,12 @@ def run(
         cmd += ["--drain", str(drain), "--timeout", str(timeout), "--max-requests", str(max_requests)]
         cmd += ["--raw", str(work / "raw.bin")]
         limit = warmup + duration + drain + timeout + 30
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=limit)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=limit)
+        except subprocess.TimeoutExpired as e:
+            raise EngineError(f"the C engine did not finish within {limit:.0f} s: {' '.join(cmd)}") from e
+        except OSError as e:
+            raise EngineError(f"cannot run the C engine {binary}: {e}") from e
         if done.returncode != 0:
             raise EngineError(done.stderr.strip() or f"the C engine exited with {done.returncode}")
         head = json.loads(done.stdout)
