@@ -531,9 +531,9 @@ int main(int argc, char **argv) {
     double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
                  ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) * 1e-6;
     FILE *raw = fopen(raw_path, "wb");
-    if (!raw || fwrite(lat, sizeof *lat, n_lat, raw) != n_lat ||
-        fwrite(lags, sizeof *lags, released, raw) != released || fwrite(sample, 1, sample_len, raw) != sample_len ||
-        fclose(raw) != 0)
+    if (!raw || (n_lat && fwrite(lat, sizeof *lat, n_lat, raw) != n_lat) ||
+        (released && fwrite(lags, sizeof *lags, released, raw) != released) ||
+        (sample_len && fwrite(sample, 1, sample_len, raw) != sample_len) || fclose(raw) != 0)
         die("cannot write %s", raw_path);
     printf("{\"cpu_s\": %.4f, \"sent\": %ld, \"latencies\": %zu, \"lags\": %zu, \"sample_status\": %d, "
            "\"sample_bytes\": %zu, \"statuses\": {",
