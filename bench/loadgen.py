@@ -90,7 +90,6 @@ class Stats:
     statuses: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     sample: str = ""
-
     sample_status: int = 0
 
     def record(self, due: float, done: float, status: int, body: bytes) -> None:
