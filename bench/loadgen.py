@@ -2,6 +2,12 @@
 
     python bench/loadgen.py --port 8000 --requests reqs.json --mode closed --connections 64 --duration 15
     python bench/loadgen.py --port 8000 --requests reqs.json --mode open --rate 2000 --duration 15
+    python bench/loadgen.py --port 8000 --requests reqs.json --mode open --rate 2000 --engine c
+
+engine: python (default) runs the loop below in this process (uvloop when installed); c runs the same
+        semantics in a compiled program (bench/loadgen_c.c, epoll, built with `cc -O2` on first use into
+        build/loadgen/), which costs the shared machine a fraction of the CPU and adds less of its own
+        delay to every latency (docs/performance.md, "Load generator engines"). Same output either way.
 
 closed: every connection sends its next request as soon as the previous answer arrives (throughput at saturation).
 open:   requests are due at Poisson (or uniform) arrival times at a fixed offered rate, whatever the server does;
@@ -26,6 +32,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 MAX_REQUESTS = 2_000_000  # hard bound on requests per run, whatever the duration
 
@@ -80,14 +90,20 @@ class Stats:
     statuses: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     sample: str = ""
+    sample_status: int = 0
 
     def record(self, due: float, done: float, status: int, body: bytes) -> None:
         if not (self.recording_from <= due and done <= self.recording_until):
             return
         self.latencies.append(done - due)
         self.statuses[status] = self.statuses.get(status, 0) + 1
-        if not self.sample or (status >= 400 and not self.sample.startswith("HTTP")):
-            self.sample = f"HTTP {status}: {body[:600].decode(errors='replace')}"
+        # the first answer, replaced once by the first error answer: the sample says what went wrong
+        if not self.sample_status or (status >= 400 and self.sample_status < 400):
+            self.set_sample(status, body)
+
+    def set_sample(self, status: int, body: bytes) -> None:
+        self.sample_status = status
+        self.sample = f"HTTP {status}: {body[:600].decode(errors='replace')}"
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -175,21 +191,40 @@ async def closed_loop(args: argparse.Namespace, tpl: Templates) -> dict:
     return summarise(stats, args.duration, offered=None)
 
 
+def due_offsets(args: argparse.Namespace) -> list[float]:
+    """Open loop: every request's due time in seconds from the start, fixed in advance and seeded (both engines
+    offer the same schedule): a Poisson process (exponential gaps) or evenly spaced."""
+    rng = random.Random(args.seed)
+    horizon = args.warmup + args.duration
+    n_total = min(args.max_requests, math.ceil(args.rate * horizon))
+    due, t = [], 0.0
+    for _ in range(n_total):
+        t += rng.expovariate(args.rate) if args.arrivals == "poisson" else 1.0 / args.rate
+        if t > horizon:
+            break
+        due.append(t)
+    return due
+
+
+def open_tail(out: dict, due: list[float], recording_from: float, lags: list[float], errors: int) -> dict:
+    """The open loop's extra keys: requests due in the window, the dispatch lag, what never completed."""
+    recorded_due = sum(1 for d in due if d >= recording_from)
+    out["due_in_window"] = recorded_due
+    lags = sorted(lags)
+    out["dispatch_lag_ms"] = {
+        q: round(percentile(lags, v) * 1000, 3) if lags else None for q, v in (("p50", 50), ("p99", 99))
+    }
+    # requests due in the window that never completed within the drain time count against the server
+    out["not_completed"] = max(0, recorded_due - out["requests"] - errors)
+    return out
+
+
 async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
     conns = await _connect_all(args.host, args.port, args.connections)
     queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
-    rng = random.Random(args.seed)
     t0 = time.perf_counter() + 0.05
     stats = Stats(t0 + args.warmup, t0 + args.warmup + args.duration + args.drain)
-    n_total = min(args.max_requests, math.ceil(args.rate * (args.warmup + args.duration)))
-    # due times, fixed in advance: Poisson process (exponential gaps) or evenly spaced
-    due, t = [], t0
-    for _ in range(n_total):
-        t += rng.expovariate(args.rate) if args.arrivals == "poisson" else 1.0 / args.rate
-        if t > t0 + args.warmup + args.duration:
-            break
-        due.append(t)
-    recorded_due = [d for d in due if d >= stats.recording_from]
+    due = [t0 + d for d in due_offsets(args)]
     stop_at = t0 + args.warmup + args.duration + args.drain
     lags: list[float] = []
 
@@ -234,14 +269,47 @@ async def open_loop(args: argparse.Namespace, tpl: Templates) -> dict:
         for c in conns:
             c.close()
     out = summarise(stats, args.duration, offered=args.rate)
-    out["due_in_window"] = len(recorded_due)
-    lags.sort()
-    out["dispatch_lag_ms"] = {
-        q: round(percentile(lags, v) * 1000, 3) if lags else None for q, v in (("p50", 50), ("p99", 99))
-    }
-    # requests due in the window that never completed within the drain time count against the server
-    out["not_completed"] = max(0, len(recorded_due) - out["requests"] - sum(stats.errors.values()))
+    return open_tail(out, due, stats.recording_from, lags, sum(stats.errors.values()))
+
+
+def c_engine(args: argparse.Namespace, tpl: Templates) -> dict:
+    """The same measurement by the compiled engine (bench/loadgen_c.c), summarised the same way."""
+    from bench import loadgen_c
+
+    open_mode = args.mode == "open"
+    due = due_offsets(args) if open_mode else []
+    run = loadgen_c.run(
+        host=args.host,
+        port=args.port,
+        mode=args.mode,
+        parts=tpl.parts,
+        id_len=tpl.id_len,
+        tag=tpl.tag,
+        due=due,
+        connections=args.connections,
+        warmup=args.warmup,
+        duration=args.duration,
+        drain=args.drain,
+        timeout=args.timeout,
+        max_requests=args.max_requests,
+    )
+    # times relative to the engine's start: only the recording window's start matters here
+    stats = Stats(args.warmup, args.warmup + args.duration, list(run.latencies), run.statuses, run.errors)
+    if run.sample_status:
+        stats.set_sample(run.sample_status, run.sample_body)
+    out = summarise(stats, args.duration, offered=args.rate if open_mode else None, cpu_s=run.cpu_s)
+    out["loadgen_loop_cpu_s"] = round(run.cpu_s, 3)  # the whole C process: it does nothing but the loop
+    # this process's CPU (start-up, templates, due times, summary) is outside the measured window: apart
+    out["loadgen_wrapper_cpu_s"] = round(cpu_seconds(), 2)
+    out["requests_sent"] = run.sent
+    if open_mode:
+        out = open_tail(out, due, args.warmup, list(run.lags), sum(run.errors.values()))
     return out
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -251,10 +319,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-def summarise(stats: Stats, duration: float, offered: float | None) -> dict:
+def summarise(stats: Stats, duration: float, offered: float | None, cpu_s: float | None = None) -> dict:
+    """The printed object; cpu_s: the load generator's CPU seconds (default: this process's)."""
     lat = sorted(stats.latencies)
     ok = sum(v for k, v in stats.statuses.items() if 200 <= k < 300)
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+    if cpu_s is None:
+        cpu_s = cpu_seconds()
     ms = lambda q: round(percentile(lat, q) * 1000, 3) if lat else None
     return {
         "requests": len(lat),
@@ -272,7 +342,7 @@ def summarise(stats: Stats, duration: float, offered: float | None) -> dict:
             "max": round(lat[-1] * 1000, 3) if lat else None,
             "mean": round(sum(lat) / len(lat) * 1000, 3) if lat else None,
         },
-        "loadgen_cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+        "loadgen_cpu_s": round(cpu_s, 2),
         "sample_response": stats.sample,
     }
 
@@ -294,17 +364,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="prefix of the unique ids (keeps runs from colliding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--engine",
+        choices=["python", "c"],
+        default="python",
+        help="python: this process (asyncio); c: the compiled engine, bench/loadgen_c.c (needs a C compiler)",
+    )
     args = p.parse_args(argv)
     args.max_requests = min(args.max_requests, MAX_REQUESTS)
     tpl = Templates.load(args.requests, f"{args.host}:{args.port}", args.tag)
-    run = closed_loop if args.mode == "closed" else open_loop
-    try:
-        import uvloop
+    if args.engine == "c":
+        from bench.loadgen_c import EngineError
 
-        measured = uvloop.run(run(args, tpl))
-    except ImportError:
-        measured = asyncio.run(run(args, tpl))
-    result = {"mode": args.mode, "connections": args.connections, "pid": os.getpid(), **measured}
+        try:
+            measured = c_engine(args, tpl)
+        except EngineError as e:
+            sys.stderr.write(f"loadgen.py --engine c: {e}\n")
+            return 2
+    else:
+        run = closed_loop if args.mode == "closed" else open_loop
+        start_cpu = cpu_seconds()
+        try:
+            import uvloop
+
+            measured = uvloop.run(run(args, tpl))
+        except ImportError:
+            measured = asyncio.run(run(args, tpl))
+        measured["loadgen_loop_cpu_s"] = round(cpu_seconds() - start_cpu, 3)
+    result = {
+        "mode": args.mode,
+        "connections": args.connections,
+        "pid": os.getpid(),
+        "engine": args.engine,
+        **measured,
+    }
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

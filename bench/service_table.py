@@ -211,7 +211,8 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         (
             f"- load average at start / end: {mach['load_average_at_start']} / {res['load_average_at_end']} "
-            "(the load generator and Redis share these CPUs with the servers)"
+            f"(the load generator, engine {cfg.get('client', 'python')}, and Redis share these CPUs with the "
+            "servers)"
         ),
         (
             f"- model: {m['cell'].upper()}, vocabulary {m['vocab']:,}, window {m['window']}, "

@@ -8,7 +8,8 @@ a real Redis pre-filled like bench/run.py's. Phases: a closed loop at --connecti
 throughput), then open loops with Poisson arrivals (no coordinated omission) at half that throughput and at
 --low-rate req/s. Before each phase GET /debug/timings?reset=true empties the server's samples; after it the
 server's breakdown (app/timings.py: stages, GC pauses, loop lag) is fetched and written next to the client's
-latency. The server's samples include the load generator's warm-up requests.
+latency. The server's samples include the load generator's warm-up requests. `--client c` loads with the
+compiled engine of bench/loadgen.py (less CPU and less delay of its own; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bench.harness import (
     write_json,
 )
 from bench.run import (
+    add_client_option,
     ensure_artifact,
     ensure_step,
     fmt,
@@ -90,7 +92,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"- model: {res['model']}; population {cfg['users']:,} users with full windows",
         f"- {cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; command: `{cfg['command']}`",
         "",
-        "Client view (loadgen.py; open loop counts from the scheduled send time):",
+        (
+            f"Client view (loadgen.py, engine {cfg.get('client', 'python')}; open loop counts from the "
+            "scheduled send time):"
+        ),
         "",
         "| phase | offered req/s | answered req/s | p50 | p90 | p99 ms | server CPU ms/req | mean batch |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results path without suffix (default bench/results/tail[_quick])"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_client_option(p)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
