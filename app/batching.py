@@ -12,8 +12,8 @@ While a batch runs, new requests queue up, so under load batches grow by themsel
 applies. max_size == 1 turns batching off: every request is its own call in the same thread.
 
 Inline calls (inline_max_s > 0): a request that finds the batcher idle - nothing queued, no call running,
-and none ended in the last 2x the latest call's duration - runs at once on the event loop's own thread,
-provided that latest call took at most inline_max_s. At light load that saves the two thread hand-offs
+no call ended and no request arrived in the last 2x the latest call's duration - runs at once on the event
+loop's own thread, provided that latest call took at most inline_max_s. At light load that saves the two thread hand-offs
 (loop -> inference thread -> loop) and their wake-ups; the loop is blocked for one short model call while
 it runs. Under load the batcher is rarely idle that long, so requests keep going to the inference thread.
 """
@@ -66,6 +66,7 @@ class Batcher(Generic[T, R]):
         self._running = False  # a call is in the inference thread
         self._last_end = 0.0  # perf_counter when the latest call ended
         self._last_cost = 0.0  # its duration (s)
+        self._last_submit = 0.0  # perf_counter of the latest request's arrival
         self._run = run
         self._on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -112,9 +113,14 @@ class Batcher(Generic[T, R]):
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
     def _inline_now(self) -> bool:
+        """Idle: nothing queued or running, and neither a call's end nor a request's arrival in the last 2x
+        the latest call's duration (so a busy loop - many arrivals, e.g. at saturation - never blocks on one)."""
+        now, arrived = time.perf_counter(), self._last_submit
+        self._last_submit = now
         if not self.inline_max_s or self._running or self._queue or self._last_cost > self.inline_max_s:
             return False
-        return time.perf_counter() - self._last_end >= 2 * self._last_cost
+        quiet = 2 * self._last_cost
+        return now - self._last_end >= quiet and now - arrived >= quiet
 
     def _call_inline(self, item: T) -> R:
         """One request's model call on the loop's thread (the batcher is idle: see _inline_now)."""

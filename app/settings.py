@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         1.5, ge=0, description="Longest a prediction waits for others to join its batch."
     )
     batch_inline_max_ms: float = Field(
-        0.0,
+        2.0,
         ge=0,
         description="A prediction that finds the batcher idle (nothing queued or running, none in the last 2x "
         "the latest call's time) runs on the event loop's thread at once, without the two thread hand-offs, "

@@ -64,7 +64,7 @@ async def test_inline_calls_serve_the_same_answers_without_thread_hand_offs(
     with the same answers as the inference thread gives; NEXTACT_SWITCH_INTERVAL_MS is set and put back."""
     default_interval = sys.getswitchinterval()
     answers: list[list[dict[str, object]]] = []
-    for inline_ms, interval_ms, prefix in ((0.0, 5.0, "thread"), (1000.0, 1.0, "inline")):
+    for inline_ms, interval_ms, prefix in ((0.0, 5.0, "thread"), (1000.0, 1.0, "inline")):  # off, then on
         async with running_app(
             behavior_artifact,
             redis_url,
