@@ -11,9 +11,11 @@ Policy, per batch:
 While a batch runs, new requests queue up, so under load batches grow by themselves and the wait rarely
 applies. max_size == 1 turns batching off: every request is its own call in the same thread.
 
-Inline calls (inline_max_s > 0): a request that finds the batcher idle - nothing queued, no call running,
-no call ended and no request arrived in the last 2x the latest call's duration - runs at once on the event
-loop's own thread, provided that latest call took at most inline_max_s. At light load that saves the two thread hand-offs
+Inline calls (inline_max_s > 0): a request that finds every batcher of its app idle (the batchers share an
+InlineGate: nothing queued, no call in an inference thread, no call ended and no request arrived in the last
+2x this batcher's latest call) runs at once on the event loop's own thread, provided that latest call took
+at most inline_max_s. The first call always goes to the inference thread (its cost is unknown until then),
+and a failed call never makes the next one look cheaper. At light load that saves the two thread hand-offs
 (loop -> inference thread -> loop) and their wake-ups; the loop is blocked for one short model call while
 it runs. Under load the batcher is rarely idle that long, so requests keep going to the inference thread.
 """
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,20 @@ class BatcherClosed(BatchError):
     """The batcher was shut down before this request ran."""
 
 
+Stamps = tuple[float, float, float, float, float]
+
+
+class InlineGate:
+    """Whether a request may run on the event loop's thread, shared by every batcher of one app (one loop):
+    an inline call blocks the loop, so it needs every batcher idle, not just its own."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0  # calls running in any of the batchers' inference threads
+        self.last_submit = 0.0  # perf_counter of the latest request to any of them
+        self.last_end = 0.0  # perf_counter when the latest call of any of them ended
+        self.members: list[Batcher[Any, Any]] = []
+
+
 class Batcher(Generic[T, R]):
     """Coalesces `submit(item)` calls into `run(items) -> results` calls made in a worker thread."""
 
@@ -53,6 +70,7 @@ class Batcher(Generic[T, R]):
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "nextact-infer",
         inline_max_s: float = 0.0,
+        gate: InlineGate | None = None,
     ) -> None:
         if max_size < 1 or max_wait_s < 0 or inline_max_s < 0:
             raise ValueError(
@@ -63,35 +81,38 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.inline_max_s = inline_max_s
         self.inlined = 0  # calls made on the loop's thread (counted in batches too)
-        self._running = False  # a call is in the inference thread
-        self._last_end = 0.0  # perf_counter when the latest call ended
-        self._last_cost = 0.0  # its duration (s)
-        self._last_submit = 0.0  # perf_counter of the latest request's arrival
+        self._gate = gate if gate is not None else InlineGate()
+        self._gate.members.append(self)
+        # the latest call's duration (s); unknown (never inline) until one has run in the inference thread
+        self._last_cost = math.inf
         self._run = run
         self._on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batches = 0  # model calls made
         self.batched = 0  # requests they served (batched / batches = mean batch size)
-        # the latest model call (stage timings): perf_counter when the loop handed it off, when the inference
-        # thread started and ended it, when the loop had the result back; and the thread's CPU seconds in it
-        self.last_call = (0.0, 0.0, 0.0, 0.0, 0.0)
-        self._thread_span = (0.0, 0.0, 0.0)
-        self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
+        self._queue: deque[tuple[T, asyncio.Future[tuple[R, Stamps]], float]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its own result (or its batch's BatchError)."""
+        return (await self.submit_timed(item))[0]
+
+    async def submit_timed(self, item: T) -> tuple[R, Stamps]:
+        """submit(item), with the stamps of the call that served it (perf_counter when the loop handed it
+        off, when the inference thread started and ended it, when the loop had the result back; and the
+        thread's CPU seconds in it): the stage timings. An inline call's hand-off and return are zero."""
         if self._closed:
             raise BatcherClosed("the inference batcher is shut down")
         if self._inline_now():
             return self._call_inline(item)
         if self.max_size == 1:
-            return (await self._call([item]))[0]
+            results, stamps = await self._call([item])
+            return results[0], stamps
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="nextact-batcher")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[R, Stamps]] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future, time.monotonic()))
         self._arrived.set()
         return await future
@@ -113,64 +134,80 @@ class Batcher(Generic[T, R]):
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
     def _inline_now(self) -> bool:
-        """Idle: nothing queued or running, and neither a call's end nor a request's arrival in the last 2x
-        the latest call's duration (so a busy loop - many arrivals, e.g. at saturation - never blocks on one)."""
-        now, arrived = time.perf_counter(), self._last_submit
-        self._last_submit = now
-        if not self.inline_max_s or self._running or self._queue or self._last_cost > self.inline_max_s:
+        """Records this arrival; True when every batcher of the gate is idle: nothing queued, nothing in an
+        inference thread, and neither a call's end nor a request's arrival in the last 2x this batcher's
+        latest call (so a busy loop - many arrivals, e.g. at saturation - never blocks on a model call)."""
+        gate = self._gate
+        now, arrived = time.perf_counter(), gate.last_submit
+        gate.last_submit = now
+        if not self.inline_max_s or gate.in_flight or self._last_cost > self.inline_max_s:
+            return False
+        if any(b._queue for b in gate.members):
             return False
         quiet = 2 * self._last_cost
-        return now - self._last_end >= quiet and now - arrived >= quiet
+        return now - gate.last_end >= quiet and now - arrived >= quiet
 
-    def _call_inline(self, item: T) -> R:
-        """One request's model call on the loop's thread (the batcher is idle: see _inline_now)."""
+    def _call_inline(self, item: T) -> tuple[R, Stamps]:
+        """One request's model call on the loop's thread (the batchers are idle: see _inline_now)."""
         start, cpu = time.perf_counter(), time.thread_time()
         try:
             results = self._run([item])
         except Exception as e:
-            self._last_end, self._last_cost = time.perf_counter(), 0.0
+            self._failed(start)
             error = BatchError(f"inference failed for a batch of 1: {type(e).__name__}: {e}")
             log.error("%s", error)
             raise error from e
         ended = time.perf_counter()
-        self.inlined += 1
-        self._account(1, results, (start, start, ended, ended, time.thread_time() - cpu))
-        return results[0]
-
-    async def _call(self, items: list[T]) -> Sequence[R]:
-        start = time.perf_counter()
-        self._running = True
+        stamps = (start, start, ended, ended, time.thread_time() - cpu)
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, items)
-        except Exception as e:
-            self._last_end, self._last_cost = time.perf_counter(), 0.0
-            raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
-        finally:
-            self._running = False
-        began, ended, cpu = self._thread_span
-        self._account(len(items), results, (start, began, ended, time.perf_counter(), cpu))
-        return results
+            self._account(1, results, stamps)
+        except BatchError as e:
+            log.error("%s", e)
+            raise
+        self.inlined += 1
+        return results[0], stamps
 
-    def _account(
-        self, n: int, results: Sequence[R], stamps: tuple[float, float, float, float, float]
-    ) -> None:
+    async def _call(self, items: list[T]) -> tuple[Sequence[R], Stamps]:
+        start = time.perf_counter()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, items)
+        self._gate.in_flight += 1  # until the thread is done, whether or not its caller still waits
+        future.add_done_callback(self._thread_done)
+        try:
+            results, (began, ended, cpu) = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed(start)
+            raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
+        stamps = (start, began, ended, time.perf_counter(), cpu)
+        self._account(len(items), results, stamps)
+        return results, stamps
+
+    def _thread_done(self, _: asyncio.Future[Any]) -> None:
+        self._gate.in_flight -= 1
+
+    def _failed(self, start: float) -> None:
+        """A failed call: its end counts, and it never makes the next call look cheaper."""
+        now = time.perf_counter()
+        self._gate.last_end = now
+        self._last_cost = max(self._last_cost, now - start)
+
+    def _account(self, n: int, results: Sequence[R], stamps: Stamps) -> None:
         if len(results) != n:
             raise BatchError(f"inference returned {len(results)} results for a batch of {n}")
-        # read by each caller as it resumes: they resume before the next call can end (FIFO callbacks)
-        self.last_call = stamps
         start, began, ended, returned, _ = stamps
-        self._last_end, self._last_cost = returned, ended - began
+        self._gate.last_end = returned
+        self._last_cost = ended - began
         self.batches += 1
         self.batched += n
         if self._on_batch is not None:
             self._on_batch(n, returned - start)
 
-    def _timed_run(self, items: list[T]) -> Sequence[R]:
-        """self._run(items) in the inference thread, stamped (read by the loop once the call's future is done)."""
+    def _timed_run(self, items: list[T]) -> tuple[Sequence[R], tuple[float, float, float]]:
+        """self._run(items) in the inference thread, with its start, end and thread CPU time."""
         began, cpu = time.perf_counter(), time.thread_time()
         results = self._run(items)
-        self._thread_span = (began, time.perf_counter(), time.thread_time() - cpu)
-        return results
+        return results, (began, time.perf_counter(), time.thread_time() - cpu)
 
     async def _work(self) -> None:
         queue = self._queue
@@ -186,7 +223,7 @@ class Batcher(Generic[T, R]):
                 continue
             futures = [future for _, future, _ in batch]
             try:
-                results = await self._call([item for item, _, _ in batch])
+                results, stamps = await self._call([item for item, _, _ in batch])
             except BatchError as e:
                 log.error("%s", e)
                 _fail(futures, e)
@@ -196,7 +233,7 @@ class Batcher(Generic[T, R]):
             else:
                 for future, result in zip(futures, results, strict=True):
                     if not future.done():
-                        future.set_result(result)
+                        future.set_result((result, stamps))
 
     async def _fill(self, deadline: float) -> None:
         """Wait until max_size are queued or the deadline passes."""
@@ -212,7 +249,7 @@ class Batcher(Generic[T, R]):
                 return
 
 
-def _fail(futures: list[asyncio.Future[R]], error: BatchError) -> None:
+def _fail(futures: list[asyncio.Future[Any]], error: BatchError) -> None:
     """Give each waiting caller its own copy of the error (one exception object must not be raised twice)."""
     for future in futures:
         if not future.done():

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
 from app import gctune, routes, timings
-from app.batching import Batcher
+from app.batching import Batcher, InlineGate
 from app.candidate import Models, PredictRequest, predict_mixed
 from app.deps import Services
 from app.docs_ui import install_docs
@@ -53,8 +53,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         metrics: Metrics = app.state.metrics
-        stack.callback(sys.setswitchinterval, sys.getswitchinterval())  # process-wide: put back on exit
-        sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        if settings.switch_interval_ms is not None:  # process-wide: put back on exit
+            stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(settings.switch_interval_ms / 1000)
         if app.state.stage_timings is not None:  # NEXTACT_STAGE_TIMINGS: GC callback and loop-lag probe
             await stack.enter_async_context(app.state.stage_timings.running())
         if (
@@ -125,12 +126,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except StoreUnavailable as e:  # serve anyway: /readyz says 503 and requests 503 until Redis is back
             log.warning("%s; starting without it", e)
 
+        gate = InlineGate()  # both batchers share the one event loop an inline call blocks
         batcher: Batcher[PredictRequest, Prediction] = Batcher(
             predict_mixed,
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=metrics.observe_batch,
             inline_max_s=settings.batch_inline_max_ms / 1000,
+            gate=gate,
         )
         stack.push_async_callback(batcher.close)
         step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
@@ -147,6 +150,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 on_batch=metrics.observe_batch,
                 name="nextact-step",
                 inline_max_s=settings.batch_inline_max_ms / 1000,
+                gate=gate,
             )
             stack.push_async_callback(step_batcher.close)
             state_saver = StateSaver(store, metrics)

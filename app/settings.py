@@ -115,16 +115,18 @@ class Settings(BaseSettings):
     batch_inline_max_ms: float = Field(
         2.0,
         ge=0,
-        description="A prediction that finds the batcher idle (nothing queued or running, none in the last 2x "
-        "the latest call's time) runs on the event loop's thread at once, without the two thread hand-offs, "
-        "when the latest model call took at most this long. 0: always hand off to the inference thread.",
+        description="A prediction that finds the service's batchers idle (nothing queued or running, no call "
+        "ended and no prediction asked for in the last 2x the latest call's time) runs on the event loop's "
+        "thread at once, without the two thread hand-offs, when the latest model call took at most this long "
+        "(the first call always goes to the inference thread). 0: always hand off to the inference thread.",
     )
-    switch_interval_ms: float = Field(
-        5.0,
+    switch_interval_ms: float | None = Field(
+        None,
         gt=0,
         le=100,
         description="Python's thread switch interval (sys.setswitchinterval): the longest the inference thread "
-        "waits for the interpreter lock while the event loop's thread runs Python code. 5 is Python's default.",
+        "waits for the interpreter lock while the event loop's thread runs Python code. Unset: Python's own "
+        "(5 ms), untouched.",
     )
 
     incremental_state: bool = Field(

@@ -79,10 +79,10 @@ async def submit(batcher: Batcher[T, R], item: T) -> R:
     if rec is None:
         return await batcher.submit(item)
     rec.setdefault("submit", time.perf_counter())
-    result = await batcher.submit(item)
+    result, stamps = await batcher.submit_timed(item)
     rec["resumed"] = time.perf_counter()
     # the call that served this request
-    rec["handed"], rec["infer_start"], rec["infer_end"], rec["returned"], rec["infer_cpu"] = batcher.last_call
+    rec["handed"], rec["infer_start"], rec["infer_end"], rec["returned"], rec["infer_cpu"] = stamps
     return result
 
 

@@ -192,10 +192,9 @@ def handoff(model: Any, requests: list[Any], calls: int, gap_s: float) -> dict[s
                 if gap_s:
                     await asyncio.sleep(gap_s)
                 start = time.perf_counter()
-                await batcher.submit(requests[0])
+                _, stamps = await batcher.submit_timed(requests[0])
                 totals.append(time.perf_counter() - start)
-                s, _, _, e, _ = batcher.last_call  # the loop's side: hand-off to result back
-                inner.append(e - s)
+                inner.append(stamps[3] - stamps[0])  # the loop's side: hand-off to result back
         finally:
             await batcher.close()
         return {

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app.timings import STAGES  # the server's own list: the table's columns
 from bench.harness import (
     RESULTS,
     BenchError,
@@ -53,20 +54,6 @@ from bench.run import (
     prefill,
     probe,
     request_templates,
-)
-
-STAGES = (
-    "to_handler",
-    "prologue",
-    "redis",
-    "batch_wait",
-    "handoff",
-    "inference",
-    "infer_cpu",
-    "return",
-    "wakeup",
-    "respond",
-    "total",
 )
 
 

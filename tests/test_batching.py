@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.batching import Batcher, BatcherClosed, BatchError
+from app.batching import Batcher, BatcherClosed, BatchError, InlineGate
 
 pytestmark = pytest.mark.anyio
 
@@ -200,38 +200,78 @@ async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
 
 
 async def test_inline_calls_run_on_the_loop_thread_only_when_the_batcher_is_idle() -> None:
-    run = Recorder(block_s=0.02)
+    run = Recorder(block_s=0.005)
     batcher = Batcher(run, max_size=64, max_wait_s=0.001, inline_max_s=0.1, name="nextact-test")
     loop_thread = threading.current_thread().name
     try:
-        assert await batcher.submit(1) == 2  # idle: on this thread, at once
-        assert run.threads == {loop_thread} and batcher.inlined == 1
-        await asyncio.sleep(0.05)  # idle for more than twice the last call (20 ms)
-        # a burst: the first finds the batcher idle and blocks the loop for its call; the others arrive after
-        # it, within 2x its duration, so they queue for the inference thread and are coalesced there
-        results = await asyncio.gather(*(batcher.submit(i) for i in range(2, 8)))
-        assert results == [2 * i for i in range(2, 8)]
+        assert await batcher.submit(1) == 2  # the first call's cost is unknown: the inference thread
+        assert batcher.inlined == 0 and loop_thread not in run.threads
+        await asyncio.sleep(0.05)  # idle for 10x the last call (5 ms)
+        assert await batcher.submit(2) == 4  # idle: on this thread, at once
+        assert batcher.inlined == 1 and loop_thread in run.threads
+        await asyncio.sleep(0.05)
+        # a burst: the first finds everything idle and blocks the loop for its call; the others arrive right
+        # after it, so they queue for the inference thread and are coalesced there
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(3, 9)))
+        assert results == [2 * i for i in range(3, 9)]
         assert batcher.inlined == 2
-        assert [2] in run.batches and [3, 4, 5, 6, 7] in run.batches
-        assert any(name.startswith("nextact-test") for name in run.threads)
+        assert [3] in run.batches and [4, 5, 6, 7, 8] in run.batches
+        await asyncio.sleep(0.05)
         with pytest.raises(BatchError, match="ValueError: negative item"):
-            await asyncio.sleep(0.05)
             await batcher.submit(-1)  # inline too: the caller gets the BatchError
-        assert await batcher.submit(9) == 18  # the batcher carries on (inline: a failed call costs nothing)
-        assert run.threads == {loop_thread} | {n for n in run.threads if n.startswith("nextact-test")}
+        await asyncio.sleep(0.05)
+        assert await batcher.submit(9) == 18  # the batcher carries on, inline again
     finally:
         await batcher.close()
-    assert (batcher.inlined, batcher.batches, len(run.batches)) == (3, 4, 5)  # the failed call isn't counted
+    # the failed call is in run.batches but not counted
+    assert (batcher.inlined, batcher.batches, len(run.batches)) == (3, 5, 6)
 
 
 async def test_no_inline_calls_after_a_slow_model_call() -> None:
     run = Recorder(block_s=0.03)
     batcher = Batcher(run, max_size=64, max_wait_s=0.001, inline_max_s=0.01, name="nextact-test")
     try:
-        assert await batcher.submit(1) == 2  # the first call: no cost known yet, inline
+        assert await batcher.submit(1) == 2
         await asyncio.sleep(0.1)
         assert await batcher.submit(2) == 4  # the last call took 30 ms > 10 ms: the inference thread
     finally:
         await batcher.close()
-    assert batcher.inlined == 1
-    assert run.batches == [[1], [2]]
+    assert batcher.inlined == 0
+    assert run.batches == [[1], [2]] and all(n.startswith("nextact-test") for n in run.threads)
+
+
+async def test_no_inline_call_while_another_batcher_of_the_app_is_in_its_thread() -> None:
+    gate = InlineGate()
+    slow, fast = Recorder(block_s=0.3), Recorder(block_s=0.001)
+    a = Batcher(slow, max_size=8, max_wait_s=0, inline_max_s=1.0, gate=gate, name="nextact-a")
+    b = Batcher(fast, max_size=8, max_wait_s=0, inline_max_s=1.0, gate=gate, name="nextact-b")
+    try:
+        assert await b.submit(1) == 2  # b's cost is known now (about 1 ms)
+        busy = asyncio.ensure_future(a.submit(1))  # a's first call: 300 ms in its thread
+        await asyncio.sleep(0.1)
+        assert await b.submit(2) == 4  # b is idle, but the loop's other batcher has a call running
+        assert b.inlined == 0
+        assert await busy == 2
+        await asyncio.sleep(0.05)
+        assert await b.submit(3) == 6 and b.inlined == 1  # everything idle now
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_call_left_by_a_cancelled_caller_still_blocks_inline_calls() -> None:
+    def run(items: list[int]) -> list[int]:
+        time.sleep(0.4 if 2 in items else 0.005)
+        return [2 * i for i in items]
+
+    batcher = Batcher(run, max_size=1, max_wait_s=0, inline_max_s=1.0, name="nextact-test")
+    try:
+        assert await batcher.submit(1) == 2  # the inference thread; its cost (5 ms) is known now
+        left = asyncio.ensure_future(batcher.submit(2))  # right after a call: the thread, for 400 ms
+        await asyncio.sleep(0.02)
+        left.cancel()
+        await asyncio.sleep(0.1)  # quiet for 20x the last call, but the cancelled call still runs
+        assert await batcher.submit(3) == 6
+        assert batcher.inlined == 0
+    finally:
+        await batcher.close()

@@ -85,8 +85,10 @@ async def test_inline_calls_serve_the_same_answers_without_thread_hand_offs(
                 await asyncio.sleep(0.05)  # idle between requests
             stages = (await client.get(DEBUG_PATH)).json()["stages_ms"]
             answers.append(got)
-            if inline_ms:  # every call ran on the loop's thread: nothing handed off, nothing to return
-                assert stages["handoff"]["max"] == 0 and stages["return"]["max"] == 0, stages
+            if inline_ms:  # the first call goes to the inference thread (its cost is unknown), then the
+                # other three run on the loop's thread: nothing handed off, nothing to return
+                assert stages["handoff"]["p50"] == 0 and stages["return"]["p50"] == 0, stages
+                assert stages["handoff"]["max"] > 0, stages
             else:
                 assert stages["handoff"]["max"] > 0, stages
         assert sys.getswitchinterval() == default_interval
