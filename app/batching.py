@@ -67,7 +67,7 @@ class Batcher(Generic[T, R]):
         run: Callable[[list[T]], Sequence[R]],
         max_size: int = 64,
         max_wait_s: float = 0.0015,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int, float, bool], None] | None = None,
         name: str = "nextact-infer",
         inline_max_s: float = 0.0,
         gate: InlineGate | None = None,
@@ -160,7 +160,7 @@ class Batcher(Generic[T, R]):
         ended = time.perf_counter()
         stamps = (start, start, ended, ended, time.thread_time() - cpu)
         try:
-            self._account(1, results, stamps)
+            self._account(1, results, stamps, inline=True)
         except BatchError as e:
             log.error("%s", e)
             raise
@@ -192,7 +192,7 @@ class Batcher(Generic[T, R]):
         self._gate.last_end = now
         self._last_cost = max(self._last_cost, now - start)
 
-    def _account(self, n: int, results: Sequence[R], stamps: Stamps) -> None:
+    def _account(self, n: int, results: Sequence[R], stamps: Stamps, inline: bool = False) -> None:
         if len(results) != n:
             raise BatchError(f"inference returned {len(results)} results for a batch of {n}")
         start, began, ended, returned, _ = stamps
@@ -201,7 +201,7 @@ class Batcher(Generic[T, R]):
         self.batches += 1
         self.batched += n
         if self._on_batch is not None:
-            self._on_batch(n, returned - start)
+            self._on_batch(n, returned - start, inline)
 
     def _timed_run(self, items: list[T]) -> tuple[Sequence[R], tuple[float, float, float]]:
         """self._run(items) in the inference thread, with its start, end and thread CPU time."""

@@ -164,6 +164,14 @@ class Metrics:
             registry=r,
             buckets=_BATCH_BUCKETS,
         )
+        self.inference_calls = Counter(
+            "inference_calls",
+            "ONNX Runtime calls by where they ran: thread (the inference thread) or loop (inline, on the event "
+            "loop's thread: an idle service's predictions, NEXTACT_BATCH_INLINE_MAX_MS).",
+            ["on"],
+            namespace=ns,
+            registry=r,
+        )
         self.redis_seconds = Histogram(
             "redis_duration_seconds",
             "Latency of Redis round trips by operation.",
@@ -299,9 +307,10 @@ class Metrics:
     def incremental_append(self, stepped: bool) -> None:
         self._incremental[stepped].inc()
 
-    def observe_batch(self, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, seconds: float, inline: bool = False) -> None:
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
+        self.inference_calls.labels(on="loop" if inline else "thread").inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for GET /metrics."""

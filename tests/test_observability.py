@@ -180,6 +180,9 @@ async def test_app_metrics_cover_requests_inference_redis_and_events(
     assert s[("nextact_events_duplicate_total", ())] == 3
     assert s[("nextact_unknown_actions_total", ())] == 2  # posted twice
     assert s[("nextact_inference_batch_size_count", ())] >= 1
+    calls = {on: s.get(("nextact_inference_calls_total", (("on", on),)), 0) for on in ("thread", "loop")}
+    assert calls["thread"] >= 1  # a batcher's first call always runs in its thread
+    assert calls["thread"] + calls["loop"] == s[("nextact_inference_batch_size_count", ())]
     assert s[("nextact_inference_duration_seconds_count", ())] >= 1
     assert s[("nextact_redis_duration_seconds_count", (("op", "append"),))] == 2
     assert s[("nextact_redis_duration_seconds_count", (("op", "read"),))] == 1
