@@ -172,6 +172,9 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self._calls = {
+            inline: self.inference_calls.labels(on="loop" if inline else "thread") for inline in (False, True)
+        }
         self.redis_seconds = Histogram(
             "redis_duration_seconds",
             "Latency of Redis round trips by operation.",
@@ -310,7 +313,7 @@ class Metrics:
     def observe_batch(self, size: int, seconds: float, inline: bool = False) -> None:
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
-        self.inference_calls.labels(on="loop" if inline else "thread").inc()
+        self._calls[inline].inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for GET /metrics."""

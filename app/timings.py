@@ -13,8 +13,9 @@ Stages of a POST /v1/users/{id}/events (each in ms, in order):
   batch_wait   submitted to the batcher -> its batch is handed to the inference thread (queueing for a slot)
   handoff      handed off -> the inference thread starts the call (the thread's wake-up)
   inference    the model call of the batch that served the request, in the inference thread (wall time)
-  infer_cpu    that call's CPU time in the inference thread (inference - infer_cpu: waiting for a core or
-               the GIL)
+  infer_cpu    that call's CPU time in the inference thread (with one ONNX Runtime intra-op thread,
+               inference - infer_cpu is waiting for a core or the GIL; with more, it also holds the pool
+               threads' share of the work, which thread_time does not see)
   return       the call ended -> the event loop has its result (call_soon_threadsafe, loop queueing)
   wakeup       the loop has the result -> the request's coroutine runs again (loop queueing)
   respond      prediction in hand -> the last response byte handed to the server (shape, encode, send)

@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "bench" / "results"
+from bench.harness import RESULTS, write_json
+from bench.repeats import recent_views
+
 GRID = [(round(0.1 * a, 1), round(0.1 * b, 1)) for a in range(11) for b in range(11) if a + b <= 10]
 
 
@@ -40,7 +42,6 @@ def parts(artifact: Path, split: Any, cases: Any, decay: float) -> tuple[np.ndar
     """(p_model, p_knn, p_recent, targets) for `cases`, each (N, V) but targets (N,)."""
     import torch
 
-    from app.manifest import UNK_ID
     from training.checkpoint import load_checkpoint
     from training.dataset import history_arrays
     from training.ensemble import recurrent
@@ -55,11 +56,8 @@ def parts(artifact: Path, split: Any, cases: Any, decay: float) -> tuple[np.ndar
         ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
         pm = model(ids_t, lengths_t).double().numpy()  # (N, V)
         pk = prior(ids_t, lengths_t).double().numpy()  # (N, V)
-    pr = np.zeros_like(pm)  # (N, V)
-    for i, (row, n) in enumerate(zip(ids, lengths, strict=True)):
-        for age, action in enumerate(row[:n][::-1].tolist()):
-            if age and action > UNK_ID:
-                pr[i, action] += decay**age
+    recent = recent_views(vocab_size, window, decay, skip_last=True)
+    pr = recent([row[:n] for row, n in zip(ids, lengths, strict=True)])  # (N, V)
     total = pr.sum(axis=1, keepdims=True)
     pr = np.divide(pr, total, out=np.zeros_like(pr), where=total > 0)
     return pm, pk, pr, cases.targets
@@ -183,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     result = run(args.selected, args.refit, args.data, args.action_col, args.decay, args.threads)
     out = args.out or RESULTS / f"recent_blend_{args.data.stem}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out.with_suffix(".json"), result)
     out.with_suffix(".md").write_text(markdown(result, argv), encoding="utf-8")
     print(json.dumps({k: result[k]["test"] for k in ("chosen", "today")}))
     return 0

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "bench" / "results"
+from bench.harness import RESULTS, write_json
+
 AGES = ((0, 0), (1, 1), (2, 4), (5, 9), (10, 49))  # age buckets of the target's latest occurrence
 RECENT = ((0.5, True), (0.8, True), (0.8, False))  # (decay, leave the last event out)
 
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     result = run(args.data, args.action_col, args.window, args.negatives)
     out = args.out or RESULTS / f"repeats_{args.data.stem}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out.with_suffix(".json"), result)
     out.with_suffix(".md").write_text(markdown(result, argv), encoding="utf-8")
     print(json.dumps({p: result[p]["metrics"]["full"]["item-knn"] for p in ("validation", "test")}))
     return 0

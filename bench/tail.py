@@ -67,6 +67,26 @@ def breakdown(port: int, reset: bool) -> dict[str, Any]:
     return result
 
 
+def model_calls(port: int) -> dict[str, float]:
+    """nextact_inference_calls_total by where the calls ran (thread, loop = inline), from /metrics."""
+    status, body = http("GET", f"http://127.0.0.1:{port}/metrics", timeout=30)
+    if status != 200:
+        raise BenchError(f"GET /metrics answered {status}: {body[:200]!r}")
+    calls = {"thread": 0.0, "loop": 0.0}
+    for line in body.decode().splitlines():
+        for on in calls:
+            if line.startswith(f'nextact_inference_calls_total{{on="{on}"}} '):
+                calls[on] = float(line.split()[-1])
+    return calls
+
+
+def inline_share(ph: dict[str, Any]) -> str:
+    calls = ph.get("model_calls")
+    if not calls or not sum(calls.values()):
+        return "n/a"
+    return f"{calls['loop'] / sum(calls.values()):.0%}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     mach, cfg = res["machine"], res["config"]
     lines = [
@@ -84,8 +104,11 @@ def markdown(res: dict[str, Any]) -> str:
             "scheduled send time):"
         ),
         "",
-        "| phase | offered req/s | answered req/s | p50 | p90 | p99 ms | server CPU ms/req | mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| phase | offered req/s | answered req/s | p50 | p90 | p99 ms | server CPU ms/req | mean batch "
+            "| model calls inline |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ph in res["phases"]:
         c = ph["client"]
@@ -94,7 +117,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {ph['name']} | {fmt(ph.get('offered_rps'), ',.0f')} | {fmt(c['rps'], ',.0f')} | {fmt(lat['p50'])} "
             f"| {fmt(lat['p90'])} | {fmt(lat['p99'])} | {fmt(c['server_cpu_ms_per_request'], '.3f')} "
-            f"| {fmt(batch)} |"
+            f"| {fmt(batch)} | {inline_share(ph)} |"
         )
     lines += [
         "",
@@ -211,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         def phase(name: str, mode: str, rate: float | None = None) -> dict[str, Any]:
             assert server is not None and redis.process is not None
             breakdown(port, reset=True)
+            before = model_calls(port)
             client = measure(
                 "nextact", server, port, redis.process.pid, templates, work, mode, args, len(phases), rate
             )
             ph = {"name": name, "offered_rps": rate, "client": client, "server": breakdown(port, reset=False)}
+            ph["model_calls"] = {
+                on: n - before[on] for on, n in model_calls(port).items()
+            }  # warm-up included
             total = ph["server"]["stages_ms"]["total"]
             print(
                 f"    server total p50 {fmt(total.get('p50'))} p99 {fmt(total.get('p99'))} ms; "
