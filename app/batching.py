@@ -18,6 +18,12 @@ at most inline_max_s. The first call always goes to the inference thread (its co
 and a failed call never makes the next one look cheaper. At light load that saves the two thread hand-offs
 (loop -> inference thread -> loop) and their wake-ups; the loop is blocked for one short model call while
 it runs. Under load the batcher is rarely idle that long, so requests keep going to the inference thread.
+
+On the loop (on_loop=True): every batch runs on the event loop's own thread, never in the inference thread: the
+worker takes what is queued when it gets its turn of the loop (every request that arrived in the loop's
+previous turns) and calls the model there. One thread does everything, so no two threads of the service
+compete for a core or the interpreter lock, and nothing is handed off; a request arriving during a call waits
+for the loop's next turn. For machines whose cores are shared with Redis and other processes.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Batcher(Generic[T, R]):
         name: str = "nextact-infer",
         inline_max_s: float = 0.0,
         gate: InlineGate | None = None,
+        on_loop: bool = False,
     ) -> None:
         if max_size < 1 or max_wait_s < 0 or inline_max_s < 0:
             raise ValueError(
@@ -80,6 +87,7 @@ class Batcher(Generic[T, R]):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.inline_max_s = inline_max_s
+        self.on_loop = on_loop
         self.inlined = 0  # calls made on the loop's thread (counted in batches too)
         self._gate = gate if gate is not None else InlineGate()
         self._gate.members.append(self)
@@ -107,7 +115,7 @@ class Batcher(Generic[T, R]):
             raise BatcherClosed("the inference batcher is shut down")
         if self._inline_now():
             return self._call_inline(item)
-        if self.max_size == 1:
+        if self.max_size == 1 and not self.on_loop:
             results, stamps = await self._call([item])
             return results[0], stamps
         if self._worker is None:
@@ -149,23 +157,26 @@ class Batcher(Generic[T, R]):
 
     def _call_inline(self, item: T) -> tuple[R, Stamps]:
         """One request's model call on the loop's thread (the batchers are idle: see _inline_now)."""
-        start, cpu = time.perf_counter(), time.thread_time()
         try:
-            results = self._run([item])
-        except Exception as e:
-            self._failed(start)
-            error = BatchError(f"inference failed for a batch of 1: {type(e).__name__}: {e}")
-            log.error("%s", error)
-            raise error from e
-        ended = time.perf_counter()
-        stamps = (start, start, ended, ended, time.thread_time() - cpu)
-        try:
-            self._account(1, results, stamps, inline=True)
+            results, stamps = self._call_on_loop([item])
         except BatchError as e:
             log.error("%s", e)
             raise
-        self.inlined += 1
         return results[0], stamps
+
+    def _call_on_loop(self, items: list[T]) -> tuple[Sequence[R], Stamps]:
+        """One model call on the loop's own thread; hand-off and return are zero."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            results = self._run(items)
+        except Exception as e:
+            self._failed(start)
+            raise BatchError(f"inference failed for a batch of {len(items)}: {type(e).__name__}: {e}") from e
+        ended = time.perf_counter()
+        stamps = (start, start, ended, ended, time.thread_time() - cpu)
+        self._account(len(items), results, stamps, inline=True)
+        self.inlined += 1
+        return results, stamps
 
     async def _call(self, items: list[T]) -> tuple[Sequence[R], Stamps]:
         start = time.perf_counter()
@@ -222,8 +233,9 @@ class Batcher(Generic[T, R]):
             if not batch:
                 continue
             futures = [future for _, future, _ in batch]
+            items = [item for item, _, _ in batch]
             try:
-                results, stamps = await self._call([item for item, _, _ in batch])
+                results, stamps = self._call_on_loop(items) if self.on_loop else await self._call(items)
             except BatchError as e:
                 log.error("%s", e)
                 _fail(futures, e)

@@ -134,6 +134,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             on_batch=metrics.observe_batch,
             inline_max_s=settings.batch_inline_max_ms / 1000,
             gate=gate,
+            on_loop=settings.inference_on == "loop",
         )
         stack.push_async_callback(batcher.close)
         step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
@@ -151,6 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 name="nextact-step",
                 inline_max_s=settings.batch_inline_max_ms / 1000,
                 gate=gate,
+                on_loop=settings.inference_on == "loop",
             )
             stack.push_async_callback(step_batcher.close)
             state_saver = StateSaver(store, metrics)

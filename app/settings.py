@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         "thread at once, without the two thread hand-offs, when the latest model call took at most this long "
         "(the first call always goes to the inference thread). 0: always hand off to the inference thread.",
     )
+    inference_on: Literal["thread", "loop"] = Field(
+        "thread",
+        description="Where micro-batches run: thread (a dedicated inference thread, the event loop goes on "
+        "parsing requests and talking to Redis meanwhile) or loop (on the event loop's own thread: one thread "
+        "does everything, nothing is handed off, no two threads of the service compete for a core; for "
+        "machines whose few cores are shared with Redis and other processes).",
+    )
     switch_interval_ms: float | None = Field(
         None,
         gt=0,

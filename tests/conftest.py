@@ -62,6 +62,8 @@ def train_artifact(out: Path, data: Path, *args: str) -> Path:
         "--quiet",
         "--seed",
         "7",
+        "--preset",
+        "none",  # the fixtures are the options they give (a --preset in args comes later and wins)
         *args,
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)

@@ -275,3 +275,30 @@ async def test_a_call_left_by_a_cancelled_caller_still_blocks_inline_calls() -> 
         assert batcher.inlined == 0
     finally:
         await batcher.close()
+
+
+async def test_on_loop_batches_run_on_the_loop_thread_and_coalesce_a_turns_arrivals() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=64, max_wait_s=0.0, on_loop=True)
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(1, 9)))
+        again = await batcher.submit(10)
+        with pytest.raises(BatchError, match="negative item"):
+            await batcher.submit(-1)  # a failing batch fails its callers only; the worker carries on
+        after = await batcher.submit(11)
+    finally:
+        await batcher.close()
+    assert results == [2 * i for i in range(1, 9)] and (again, after) == (20, 22)
+    assert run.threads == {threading.current_thread().name}  # never the inference thread
+    assert run.batches[0] == list(range(1, 9))  # the requests of one loop turn: one call
+    assert batcher.inlined == batcher.batches == 3  # every call counted as on the loop (the failed one not)
+
+
+async def test_on_loop_with_batch_size_one_still_runs_on_the_loop() -> None:
+    run = Recorder()
+    batcher = Batcher(run, max_size=1, on_loop=True)
+    try:
+        assert await asyncio.gather(*(batcher.submit(i) for i in (1, 2, 3))) == [2, 4, 6]
+    finally:
+        await batcher.close()
+    assert run.batches == [[1], [2], [3]] and run.threads == {threading.current_thread().name}

@@ -231,3 +231,60 @@ def test_train_with_a_preset_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
 def test_unknown_preset_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = cli_error(capsys, "train", "--data", "e.csv", "--out", "a", "--preset", "fastest")
     assert "--preset" in err and "full-ranking" in err
+
+
+def test_preset_auto_chooses_by_catalogue_size_and_density() -> None:
+    from training.presets import PRESETS, auto_preset
+
+    assert auto_preset(4, 10_000).name == "defaults"  # behaviour types: the plain defaults
+    assert auto_preset(999, 3_000).values == {}
+    sparse = auto_preset(12_101, 153_776)  # Amazon Beauty's training events: 12.7 per action
+    assert (sparse.name, sparse.values) == ("full-ranking", PRESETS["full-ranking"])
+    dense = auto_preset(1_682, 98_114)  # MovieLens-100k: 58 per action
+    assert (dense.name, dense.values) == ("defaults+blend", {"knn_blend": "auto"})
+    assert "12,101 actions, 12.7 training events per action" in sparse.reason
+
+
+def test_preset_auto_leaves_the_options_the_command_line_gives() -> None:
+    from training.__main__ import given_options
+    from training.config import TrainConfig
+    from training.pipeline import apply_preset
+    from training.presets import PRESETS
+
+    argv = ["train", "--data", "e.csv", "--out", "a", "--emb", "32", "--no-tied", "--lr=0.5"]
+    given = given_options(argv)  # a prefix, --no-x and --x=v all count as given
+    assert {"embedding_dim", "tied", "lr"} <= given and "loss" not in given
+    model_args = {"embedding_dim": 32, "hidden_dim": 256, "tied": False, "history_bias": True}
+    args, config = apply_preset(PRESETS["full-ranking"], given, model_args, TrainConfig(lr=0.5), 5_000)
+    assert (args["embedding_dim"], args["tied"], config.lr) == (32, False, 0.5)  # given: kept
+    assert (args["hidden_dim"], config.loss, config.epochs, config.knn_blend) == (64, "sampled", 40, "auto")
+    no_bias = model_args | {"history_bias": False}  # the blend needs the window: left off, not an error
+    assert apply_preset(PRESETS["full-ranking"], given, no_bias, TrainConfig(), 5_000)[1].knn_blend == "off"
+
+
+def test_train_by_default_gives_a_sparse_catalogue_the_full_ranking_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(3)
+    rows = ["user_id,item_id,timestamp"]
+    for user in range(300):  # 1,200 items, about 4 events each: a sparse catalogue
+        for step in range(int(rng.integers(12, 20))):
+            rows.append(f"u{user},i{int(rng.integers(0, 1200))},{1_700_000_000 + 60 * step}")
+    data = tmp_path / "events.csv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "artifact"
+    trained = cli(
+        capsys, "train", "--data", str(data), "--out", str(out), "--action-col", "item_id",
+        "--epochs", "1", "--window", "8", "--quiet",
+    )  # fmt: skip
+    assert trained["configuration"]["name"] == "full-ranking"
+    model = trained["model"]
+    assert (model["embedding_dim"], model["tied"], model["residual"], model["window"]) == (64, True, True, 8)
+    assert trained["training"]["epochs_run"] == 1 and "knn_blend" in trained  # given: 1 epoch; the blend ran
+    report = (out / REPORT_FILE).read_text(encoding="utf-8")
+    assert "configuration: `full-ranking`, chosen by `--preset auto`" in report
+    plain = cli(
+        capsys, "train", "--data", str(data), "--out", str(tmp_path / "plain"), "--action-col", "item_id",
+        "--epochs", "1", "--window", "8", "--preset", "none", "--quiet",
+    )  # fmt: skip
+    assert "configuration" not in plain and plain["model"]["embedding_dim"] == 256

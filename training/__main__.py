@@ -22,12 +22,28 @@ from training.presets import PRESETS
 _M, _T, _TUNE = ModelConfig(vocab_size=3), TrainConfig(), TuneOptions()
 
 
+PRESET_CHOICES = ["auto", "none", *sorted(PRESETS)]
+
+
 def preset_in(argv: list[str]) -> str | None:
-    """The `--preset` of a `train` command line (None without one); an unknown name stops like any bad option."""
+    """The named preset of a `train` command line whose values become the parser's defaults (None without one,
+    and for auto and none); an unknown name stops like any bad option."""
     pre = argparse.ArgumentParser(prog="python -m training train", add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
+    pre.add_argument("--preset", choices=PRESET_CHOICES)
     known, _ = pre.parse_known_args(argv)
-    return known.preset
+    return known.preset if known.preset in PRESETS else None
+
+
+def given_options(argv: list[str]) -> frozenset[str]:
+    """The `train` options (argparse destinations) the command line gives, whatever their spelling (--opt=v,
+    --no-opt, an unambiguous prefix): the ones `--preset auto` leaves alone."""
+    parser = build_parser(None)
+    unset = object()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # no public accessor
+    train = sub.choices["train"]
+    train.set_defaults(**{a.dest: unset for a in train._actions if a.dest != "help"})
+    args = parser.parse_args(argv)
+    return frozenset(k for k, v in vars(args).items() if v is not unset and k != "command")
 
 
 def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None) -> None:
@@ -176,10 +192,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="artifact directory to write (created if needed)")
     t.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
-        default=None,
+        choices=PRESET_CHOICES,
+        default="auto",
         help="start from a measured configuration (docs/model-quality.md, Presets): full-ranking or "
-        "sampled-protocol; options given beside it still win (default: none, the defaults below)",
+        "sampled-protocol; auto: full-ranking for a catalogue of >= 1,000 actions with < 30 training events "
+        "per action, the defaults below with --knn-blend auto for a denser one of >= 1,000, else the "
+        "defaults below; none: the defaults below. Options given beside it still win (default: auto)",
     )
     _add_data_options(t, action_default="action")
     m = t.add_argument_group("model")
@@ -447,7 +465,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 metric=args.tune_metric,
                 space=parse_space(args.tune_space),
             )
-        return train_command(options, model_args, config, args.out, tune)
+        auto_given = getattr(args, "given", frozenset()) if args.preset == "auto" else None
+        return train_command(options, model_args, config, args.out, tune, auto_given)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns
     options = _data_options(args, action_cols, args.split or manifest.training.split)
@@ -478,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(preset_in(argv) if "train" in argv else None)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        args.given = given_options(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -26,6 +26,7 @@ from training.baselines import ItemKNN, Markov, Popularity
 from training.config import EVAL_SEED, DataOptions, ModelConfig, TrainConfig, TuneOptions, ValProtocol
 from training.errors import TrainingError
 from training.events import EventLog, load_events
+from training.presets import auto_preset
 from training.protocols import EXCLUDE_HISTORY, Protocol, Scorer, evaluate_cases
 from training.splits import Split, make_boundaries
 from training.vocab import Vocabulary
@@ -110,8 +111,13 @@ def train_command(
     config: TrainConfig,
     out_dir: Path,
     tune: TuneOptions | None = None,
+    auto_given: frozenset[str] | None = None,
 ) -> dict[str, Any] | None:
     """Train, evaluate (both protocols, with baselines), export with the parity gate, write the artifact.
+
+    `auto_given`: `--preset auto` - the configuration is chosen by the log's catalogue and density once it is
+    read (training/presets.py, auto_preset), for every option not in this set (the ones given on the command
+    line); None: the configuration as passed.
 
     Under torchrun every process trains its share and only rank 0 returns (the others return None)."""
     from training.device import prepare_device, resolve_device
@@ -123,7 +129,7 @@ def train_command(
     if not world.main:  # one process reports progress
         logging.getLogger("training").setLevel(logging.WARNING)
     try:
-        return _train(options, model_args, config, out_dir, tune)
+        return _train(options, model_args, config, out_dir, tune, auto_given)
     finally:
         distributed.close()
 
@@ -134,6 +140,7 @@ def _train(
     config: TrainConfig,
     out_dir: Path,
     tune: TuneOptions | None = None,
+    auto_given: frozenset[str] | None = None,
 ) -> dict[str, Any] | None:
     from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
     from training.ensemble import recurrent
@@ -143,6 +150,11 @@ def _train(
     from training.report import write_report
 
     events, split, vocabulary = prepare(options, min_count=config.min_count)
+    auto = None
+    if auto_given is not None:
+        auto = auto_preset(events.distinct_actions(), int(split.boundaries.train_end.sum()))
+        model_args, config = apply_preset(auto.values, auto_given, model_args, config, len(vocabulary))
+        log.info("configuration: %s (--preset auto: %s)", auto.name, auto.reason)
     tuning = None
     if tune is not None:
         from training.tune import apply, tune_search
@@ -251,6 +263,7 @@ def _train(
         tuning=tuning,
         blend=blend,
         negatives=config.negatives,
+        configuration=auto,
     )
     write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
     step = None
@@ -288,7 +301,38 @@ def _train(
         **({"ensemble": ensemble_summary(fitted)} if config.ensemble > 1 else {}),
         **({"tuning": tuning.to_json()} if tuning is not None else {}),
         **({"knn_blend": blend} if blend is not None else {}),
+        **({"configuration": {"name": auto.name, "reason": auto.reason}} if auto is not None else {}),
     }
+
+
+def apply_preset(
+    values: dict[str, Any],
+    given: frozenset[str],
+    model_args: dict[str, Any],
+    config: TrainConfig,
+    vocab_size: int,
+) -> tuple[dict[str, Any], TrainConfig]:
+    """`values` (argparse destinations, as in PRESETS) in place of the run's model arguments and training
+    configuration, except the options in `given` (the command line's win). The kNN blend is left off where it
+    cannot be exported: a model without the history bias, or a vocabulary over KNN_BLEND_MAX_VOCAB."""
+    model_args = dict(model_args)
+    changes: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key, value in values.items():
+        if key in given:
+            continue
+        if key == "knn_blend" and (
+            not model_args.get("history_bias", True) or vocab_size > KNN_BLEND_MAX_VOCAB
+        ):
+            continue
+        if key in model_fields:
+            model_args[key] = value
+        elif key in fields:
+            changes[key] = value
+        else:
+            raise ValueError(f"preset option {key!r} is neither a model argument nor a TrainConfig field")
+    return model_args, dataclasses.replace(config, **changes)
 
 
 KNN_BLEND_MAX_VOCAB = 1_000_000  # 0.8 GB of neighbour tables per graph; protobuf's limit is 2 GB

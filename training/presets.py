@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from training.config import ModelConfig, SearchSpace, TrainConfig
@@ -97,3 +98,42 @@ def tune_starts(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     only where it lies in `space` (the searched parameters only: epochs, patience and the blend are the run's)."""
     named = [("default", _as_trial({}))] + [(name, _as_trial(v)) for name, v in PRESETS.items()]
     return [(name, p) for name, p in named if p is not None and in_space(p, space)]
+
+
+#: `--preset auto` (the default of `train`): a log with at least AUTO_MIN_ACTIONS actions gets `full-ranking`
+#: when it has fewer than AUTO_DENSE_EVENTS training events per action (a sparse catalogue: the Amazon sets,
+#: 14 to 16 per action, and the Taobao items, 1.3), and the plain defaults with the kNN blend when it has more
+#: (MovieLens, 60 per action, where the E256 full softmax beats the E64 preset). Smaller catalogues (behaviour
+#: types, categories: Taobao's 4 behaviours) keep the plain defaults. Measured: docs/model-quality.md, "The
+#: default configuration".
+AUTO_MIN_ACTIONS = 1_000
+AUTO_DENSE_EVENTS = 30.0
+AUTO_DENSE: dict[str, Any] = {"knn_blend": "auto"}
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `--preset auto` chose for a log, and why."""
+
+    name: str  # "full-ranking", "defaults+blend" or "defaults"
+    values: dict[str, Any]  # argparse destinations -> values, applied where the command line gave none
+    actions: int
+    events_per_action: float
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"{self.actions:,} actions, {self.events_per_action:,.1f} training events per action "
+            f"(full-ranking below {AUTO_DENSE_EVENTS:g} per action, from {AUTO_MIN_ACTIONS:,} actions)"
+        )
+
+
+def auto_preset(actions: int, train_events: int) -> AutoChoice:
+    """The configuration `--preset auto` gives a log of `actions` distinct actions and `train_events` training
+    events (see AUTO_MIN_ACTIONS)."""
+    density = train_events / max(actions, 1)
+    if actions < AUTO_MIN_ACTIONS:
+        return AutoChoice("defaults", {}, actions, density)
+    if density < AUTO_DENSE_EVENTS:
+        return AutoChoice("full-ranking", PRESETS["full-ranking"], actions, density)
+    return AutoChoice("defaults+blend", AUTO_DENSE, actions, density)

@@ -16,6 +16,7 @@ from training.train import EpochLog
 
 if TYPE_CHECKING:
     from training.members import Fitted
+    from training.presets import AutoChoice
     from training.tune import TuneResult
 
 LOSS_PLOT = "loss.png"
@@ -212,8 +213,11 @@ def write_report(
     tuning: TuneResult | None = None,
     blend: Mapping[str, Any] | None = None,
     negatives: int = 100,
+    configuration: AutoChoice | None = None,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`.
+
+    `configuration`: what `--preset auto` chose (None: the run's options as given).
 
     `negatives`: the sampled protocol's requested negatives per case (`--negatives`), to say when the log has
     too few actions for it.
@@ -245,6 +249,11 @@ def write_report(
         "",
         "## Model and training",
         "",
+        *(
+            [f"- configuration: `{configuration.name}`, chosen by `--preset auto` ({configuration.reason})"]
+            if configuration is not None
+            else []
+        ),
         (
             f"- {manifest.cell} cell, embedding {manifest.embedding_dim}, hidden {manifest.hidden_dim}, layers "
             f"{manifest.num_layers}, dropout {manifest.dropout}, window {manifest.window} (right-padded)"
