@@ -3,7 +3,11 @@ service serving the mixture from model.onnx and step.onnx alike."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from app.manifest import MODEL_FILE, PAD_ID, UNK_ID, read_manifest
 from tests.conftest import EXAMPLES, train_artifact
 from tests.test_incremental_state import _assert_same, _stream, _twins
 from tests.training_cli import cli, cli_error
+from training.__main__ import main
 from training.baselines import ItemKNN
 from training.checkpoint import load_checkpoint
 from training.config import DataOptions, ModelConfig
@@ -66,8 +71,8 @@ def test_choose_beta_scores_every_mixture_on_validation() -> None:
     torch.manual_seed(0)
     model = NextActionModel(ModelConfig(vocab_size=40, embedding_dim=6, hidden_dim=8, window=10)).eval()
     prior = KnnPrior.fit(split.train_sequences(), 40, 10)
-    beta, table = choose_beta(model, prior, split, cases, "ndcg@10")
-    assert [row["beta"] for row in table] == list(BETAS)
+    beta, gamma, table = choose_beta(model, prior, split, cases, "ndcg@10")
+    assert [row["beta"] for row in table] == list(BETAS) and gamma == 0  # no recent views asked for
     _, alone = validate(model, split, cases)  # beta 0: the model's own validation figures
     assert table[0]["hr@10"] == pytest.approx(alone["hr@10"]) and table[0]["ndcg@10"] == pytest.approx(
         alone["ndcg@10"]
@@ -192,3 +197,96 @@ def test_int8_quantizes_the_recurrent_output_layer_of_a_blend(blend_artifact: Pa
         None, {"action_ids": ids, "lengths": np.array([3])}
     )
     assert abs(float(p.sum()) - 1.0) < 1e-5 and p[0, PAD_ID] == p[0, UNK_ID] == 0
+
+
+def test_the_recent_views_are_the_bench_scorer_as_a_distribution() -> None:
+    from bench.repeats import recent_views as bench_recent_views
+    from training.knn_blend import RECENT_DECAY, recent_views
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(UNK_ID, 9, size=(6, 12))  # (B, T): few actions, so they repeat; UNK included
+    lengths = np.array([12, 9, 2, 1, 0, 30])  # full, short, only the last event, empty, beyond T
+    ids[np.arange(12)[None, :] >= np.minimum(lengths, 12)[:, None]] = PAD_ID
+    template = torch.zeros(6, 9, dtype=torch.float64)
+    got = recent_views(torch.from_numpy(ids), torch.from_numpy(lengths), template).numpy()
+    scorer = bench_recent_views(9, 12, RECENT_DECAY, skip_last=True)
+    want = scorer([row[: min(n, 12)] for row, n in zip(ids, lengths, strict=True)])
+    total = want.sum(axis=1, keepdims=True)
+    want = np.divide(want, total, out=np.zeros_like(want), where=total > 0)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert np.allclose(got[[0, 1, 5]].sum(axis=1), 1.0) and not got[[3, 4]].any()  # nothing to score: 0
+
+
+def _repeat_log(path: Path, users: int = 120, items: int = 60, seed: int = 5) -> Path:
+    """Users who come back to what they viewed a few events before (never the last one) half the time."""
+    rng = np.random.default_rng(seed)
+    rows = ["user_id,item_id,timestamp"]
+    for user in range(users):
+        seq: list[int] = []
+        for step in range(int(rng.integers(8, 16))):
+            back = seq[-6:-1]
+            item = int(rng.choice(back)) if back and rng.random() < 0.5 else int(rng.integers(0, items))
+            seq.append(item)
+            rows.append(f"u{user},i{item},{1_700_000_000 + 60 * step}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def recent_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A tiny blend trained with --knn-blend auto on a log of repeated views, and train's JSON answer."""
+    tmp = tmp_path_factory.mktemp("recent-views")
+    out = tmp / "a"
+    argv = [
+        "train", "--data", str(_repeat_log(tmp / "views.csv")), "--action-col", "item_id", "--out", str(out),
+        "--quiet", "--threads", "1", "--epochs", "1", "--window", "10", "--embedding-dim", "8",
+        "--hidden-dim", "8", "--knn-blend", "auto",
+    ]  # fmt: skip
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return out, json.loads(buffer.getvalue())
+
+
+def test_auto_adds_the_recent_views_where_targets_repeat_and_the_graph_is_the_mixture(
+    recent_artifact: tuple[Path, dict[str, Any]],
+) -> None:
+    out, trained = recent_artifact
+    blend = trained["knn_blend"]
+    assert blend["repeats"] > 0.2 and blend["gamma"] > 0 and blend["exported"]  # chosen on validation
+    assert {(row["beta"], row["gamma"]) for row in blend["validation"]} >= {
+        (0.0, 0.0),
+        (0.0, 1.0),
+        (0.5, 0.5),
+    }
+    best = max(row["ndcg@10"] for row in blend["validation"])
+    assert max(r["ndcg@10"] for r in blend["validation"] if r["gamma"] == 0) < best  # the views pay here
+    model, _ = load_checkpoint(out)
+    assert isinstance(model, KnnBlend) and (model.beta, model.gamma) == (blend["beta"], blend["gamma"])
+    manifest = read_manifest(out)
+    assert manifest.step is not None and manifest.step.history == "history"  # both parity gates passed
+    rng = np.random.default_rng(6)
+    ids = rng.integers(2, 12, size=(5, 10))  # a few actions: windows with repeats
+    lengths = np.array([10, 7, 3, 1, 0])
+    ids[np.arange(10)[None, :] >= lengths[:, None]] = PAD_ID
+    (got,) = open_session(out / MODEL_FILE).run(None, {"action_ids": ids, "lengths": lengths})
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)  # renormalised: still probabilities
+    assert (
+        "gamma" in (out / "report.md").read_text()
+        and "| beta | best gamma |" in (out / "report.md").read_text()
+    )
+
+
+@pytest.mark.anyio
+async def test_the_service_serves_the_recent_views_blend_from_either_graph(
+    recent_artifact: tuple[Path, dict[str, Any]], redis_url: str
+) -> None:
+    out, _ = recent_artifact
+    m = read_manifest(out)
+    stream = _stream(m.vocabulary, 14, seed=7)
+    batches = [[e] for e in stream[:-3]] + [stream[-3:]]  # past the window of 10, then a batch of 3
+    for on, off in await _twins(out, redis_url, batches):
+        _assert_same(on, off)

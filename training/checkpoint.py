@@ -38,6 +38,7 @@ def save_checkpoint(path: Path, model: AnyModel, vocabulary: Vocabulary) -> Path
     if isinstance(model, KnnBlend):  # the prior's tables are in the state_dict (prior.neighbours, ...)
         payload["knn_blend"] = {
             "beta": model.beta,
+            "gamma": model.gamma,
             "neighbours": int(model.prior.neighbours.shape[1]),
             "recent": int(model.prior.weights.shape[0]),
         }
@@ -69,7 +70,7 @@ def load_checkpoint(path: Path) -> tuple[AnyModel, Vocabulary]:
         blend = payload.get("knn_blend")
         if blend is not None:
             prior = KnnPrior(config.vocab_size, int(blend["neighbours"]), int(blend["recent"]))
-            model = KnnBlend(model, prior, float(blend["beta"]))
+            model = KnnBlend(model, prior, float(blend["beta"]), float(blend.get("gamma", 0.0)))
         model.load_state_dict(payload["state_dict"])
         vocabulary = Vocabulary(payload["vocabulary"])
     except (KeyError, TypeError, RuntimeError) as e:

@@ -342,15 +342,17 @@ def _blend(
     fitted: Fitted, split: Split, final_split: Split, model_config: ModelConfig, config: TrainConfig
 ) -> tuple[AnyModel, dict[str, Any]]:
     """`--knn-blend`: beta (given, or chosen on the validation split with the models selected before the
-    refit and a kNN fitted on the training events), then the served blend: the final model with a kNN fitted
-    on every event before the test targets. Returns the blend (the final model itself when beta is 0) and its
-    summary (beta, each beta's figures)."""
-    from training.knn_blend import KnnBlend, KnnPrior, choose_beta
+    refit and a kNN fitted on the training events; auto also chooses gamma, the recent views' share, where
+    validation targets repeat an earlier action of their window), then the served blend: the final model
+    with a kNN fitted on every event before the test targets. Returns the blend (the final model itself when
+    beta and gamma are 0) and its summary (beta, gamma, each pair's figures)."""
+    from training.knn_blend import KnnBlend, KnnPrior, choose_beta, repeats
     from training.train import validation_candidates
 
     vocab_size, window = model_config.vocab_size, model_config.window
     table: list[dict[str, float]] = []
     cases = split.cases("validation")
+    gamma, repeated = 0.0, 0.0
     if config.knn_blend == "auto" and (not len(cases) or fitted.selection is None):
         log.warning(
             "--knn-blend auto chooses beta on the validation split, and the log has no validation cases (no "
@@ -360,28 +362,36 @@ def _blend(
     elif config.knn_blend == "auto":
         prior = KnnPrior.fit(split.train_sequences(), vocab_size, window)
         candidates = validation_candidates(split, cases, vocab_size, config)
-        beta, table = choose_beta(fitted.selection, prior, split, cases, config.stop_metric, candidates)
+        repeated = repeats(split, cases, window)
+        beta, gamma, table = choose_beta(
+            fitted.selection, prior, split, cases, config.stop_metric, candidates, recent=repeated > 0
+        )
         log.info(
-            "knn blend: beta %.1f chosen on validation %s (%s protocol)",
+            "knn blend: beta %.1f, recent views %.1f chosen on validation %s (%s protocol; %.1f%% of the "
+            "targets repeat an earlier action of their window)",
             beta,
+            gamma,
             config.stop_metric,
             config.val_protocol,
+            100 * repeated,
         )
     else:
         beta = float(config.knn_blend)
     summary: dict[str, Any] = {
         "beta": beta,
+        "gamma": gamma,
         "chosen": bool(table),  # False: given, or auto without validation cases to choose on
         "mode": config.knn_blend,
-        "exported": beta > 0,
+        "exported": beta > 0 or gamma > 0,
         "metric": config.stop_metric,
         "protocol": config.val_protocol,
+        "repeats": repeated,
         "validation": table,
     }
-    if beta == 0:  # the model alone: nothing of the kNN goes into the graphs
+    if beta == 0 and gamma == 0:  # the model alone: nothing of the kNN goes into the graphs
         return fitted.model, summary
     prior = KnnPrior.fit(final_split.train_sequences(), vocab_size, window)
-    return KnnBlend(fitted.model, prior, beta).eval(), summary
+    return KnnBlend(fitted.model, prior, beta, gamma).eval(), summary
 
 
 def ensemble_summary(fitted: Fitted) -> dict[str, Any]:

@@ -153,16 +153,23 @@ def small_vocabulary_note(
 
 
 def _blend_section(blend: Mapping[str, Any]) -> list[str]:
-    """The `--knn-blend` section: the beta served, how it was chosen, and each beta's validation figures."""
-    beta = blend["beta"]
-    if not beta:
+    """The `--knn-blend` section: the beta (and gamma) served, how they were chosen, and each choice's
+    validation figures."""
+    beta, gamma = blend["beta"], blend.get("gamma", 0.0)
+    if not beta and not gamma:
         served = (
             "beta = 0 was chosen, so the exported graphs are the recurrent model alone (no kNN table in them)"
         )
-    else:
+    elif not gamma:
         served = (
             f"model.onnx returns (1 - beta) x the recurrent model's probabilities + beta x item-kNN's, with "
             f"beta = {beta:g}"
+        )
+    else:
+        served = (
+            "model.onnx returns (1 - beta - gamma) x the recurrent model's probabilities + beta x item-kNN's + "
+            "gamma x the window's recent actions' (0.5 ^ age, the last event left out), renormalised, with "
+            f"beta = {beta:g} and gamma = {gamma:g}"
         )
     how = (
         f"chosen on the validation split ({blend['protocol']} protocol, {blend['metric']}) with the model "
@@ -172,6 +179,8 @@ def _blend_section(blend: Mapping[str, Any]) -> list[str]:
         if blend.get("mode") == "auto"
         else "given on the command line"
     )
+    searched = any(row.get("gamma", 0.0) for row in blend["validation"])
+    repeats = blend.get("repeats", 0.0)
     lines = [
         "## kNN blend",
         "",
@@ -181,17 +190,38 @@ def _blend_section(blend: Mapping[str, Any]) -> list[str]:
                 " The item-kNN inside the graph is fitted on every event before the test targets and keeps "
                 "each action's 100 most similar actions. In the test tables, *model* is the blend and "
                 "*recurrent* the recurrent model alone."
-                if beta
+                if beta or gamma
+                else ""
+            )
+            + (
+                f" {100 * repeats:.1f}% of the validation targets repeat an earlier action of their window, so "
+                "the recent views' share gamma was searched with beta."
+                if searched
+                else " No validation target repeats an earlier action of its window, so the recent views' "
+                "share gamma stayed 0."
+                if blend["chosen"]
                 else ""
             )
         ),
         "",
     ]
     if blend["validation"]:
-        lines += ["| beta | val HR@10 | val NDCG@10 |", "|---:|---:|---:|"]
-        for row in blend["validation"]:
-            mark = "**" if row["beta"] == beta else ""
-            lines.append(f"| {mark}{row['beta']:g}{mark} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} |")
+        rows = blend["validation"]
+        if searched:  # the best gamma per beta, not the whole grid
+            rows = [
+                max((r for r in rows if r["beta"] == b), key=lambda r: (r[blend["metric"]], -r["gamma"]))
+                for b in dict.fromkeys(r["beta"] for r in rows)
+            ]
+        lines += (
+            ["| beta | best gamma | val HR@10 | val NDCG@10 |", "|---:|---:|---:|---:|"]
+            if searched
+            else ["| beta | val HR@10 | val NDCG@10 |", "|---:|---:|---:|"]
+        )
+        for row in rows:
+            chosen = row["beta"] == beta and row.get("gamma", 0.0) == gamma
+            mark = "**" if chosen else ""
+            g = f" {row['gamma']:g} |" if searched else ""
+            lines.append(f"| {mark}{row['beta']:g}{mark} |{g} {row['hr@10']:.4f} | {row['ndcg@10']:.4f} |")
         lines.append("")
     return lines
 

@@ -111,7 +111,7 @@ def step_module(model: AnyModel) -> nn.Module:
     """The step graph's module: a single model's StepModel, or the ensemble's; a blend's mixes in its prior."""
     parts = members(model)
     step = StepModel(parts[0]) if len(parts) == 1 else EnsembleStepModel(parts)
-    return BlendStep(step, model.prior, model.beta) if isinstance(model, KnnBlend) else step
+    return BlendStep(step, model.prior, model.beta, model.gamma) if isinstance(model, KnnBlend) else step
 
 
 def step_spec(model: AnyModel, sha256: str, parity: float) -> StepSpec:
