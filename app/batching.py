@@ -246,6 +246,8 @@ class Batcher(Generic[T, R]):
                 for future, result in zip(futures, results, strict=True):
                     if not future.done():
                         future.set_result((result, stamps))
+            if self.on_loop:
+                await asyncio.sleep(0)  # the answers out and new requests in before the next batch
 
     async def _fill(self, deadline: float) -> None:
         """Wait until max_size are queued or the deadline passes."""

@@ -56,15 +56,15 @@ def run(
     _, split, _ = prepare(DataOptions(path=data, action_cols=(action_col,)), Vocabulary(manifest.vocabulary))
     val = split.cases("validation")
     prior = KnnPrior.fit(split.train_sequences(), vocab_size, window)
-    beta, val_table = choose_beta(model, prior, split, val, "ndcg@10")
+    beta, _, val_table = choose_beta(model, prior, split, val, "ndcg@10")
     if given is not None:
         beta = given
     final = split.with_validation_as_training()
     test = final.cases("test")
     prior = KnnPrior.fit(final.train_sequences(), vocab_size, window)
-    _, full = choose_beta(model, prior, final, test, "ndcg@10")
+    _, _, full = choose_beta(model, prior, final, test, "ndcg@10")
     negatives = sample_negatives(final, test, vocab_size, 100, EVAL_SEED)  # the report's sampled protocol
-    _, sampled = choose_beta(model, prior, final, test, "ndcg@10", negatives)
+    _, _, sampled = choose_beta(model, prior, final, test, "ndcg@10", negatives)
     reported = manifest.metrics
     return {
         "artifact": str(artifact),

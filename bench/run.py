@@ -103,6 +103,8 @@ def ensure_artifact(args: argparse.Namespace) -> Path:
         str(art),
         "--epochs",
         str(args.train_epochs),
+        "--preset",
+        "none",  # the Beauty shape: the plain E256 defaults, whatever --preset auto would choose
         "--quiet",
     ]
     done = subprocess.run(cmd, cwd=ROOT, timeout=1800, check=False)

@@ -256,7 +256,7 @@ def test_auto_adds_the_recent_views_where_targets_repeat_and_the_graph_is_the_mi
     assert blend["repeats"] > 0.2 and blend["gamma"] > 0 and blend["exported"]  # chosen on validation
     assert {(row["beta"], row["gamma"]) for row in blend["validation"]} >= {
         (0.0, 0.0),
-        (0.0, 1.0),
+        (0.0, 0.9),
         (0.5, 0.5),
     }
     best = max(row["ndcg@10"] for row in blend["validation"])
@@ -290,3 +290,54 @@ async def test_the_service_serves_the_recent_views_blend_from_either_graph(
     batches = [[e] for e in stream[:-3]] + [stream[-3:]]  # past the window of 10, then a batch of 3
     for on, off in await _twins(out, redis_url, batches):
         _assert_same(on, off)
+
+
+def test_choose_beta_with_the_recent_views_scores_every_pair_and_keeps_the_two_part_figures() -> None:
+    from training.knn_blend import MIXTURES, repeats
+
+    rng = np.random.default_rng(8)
+    seqs = []
+    for _ in range(80):  # half of each user's events revisit one of the four before the last
+        s = [int(rng.integers(2, 30))]
+        for _ in range(int(rng.integers(6, 12))):
+            back = s[-5:-1]
+            s.append(int(rng.choice(back)) if back and rng.random() < 0.5 else int(rng.integers(2, 30)))
+        seqs.append(s)
+    log = EventLog.from_sequences([[str(a) for a in s] for s in seqs])
+    split = Split(leave_one_out(log), [np.array(s, dtype=np.int64) for s in seqs])
+    cases = split.cases("validation")
+    assert repeats(split, cases, 10) > 0.2
+    torch.manual_seed(0)
+    model = NextActionModel(ModelConfig(vocab_size=30, embedding_dim=6, hidden_dim=8, window=10)).eval()
+    prior = KnnPrior.fit(split.train_sequences(), 30, 10)
+    _, _, two = choose_beta(model, prior, split, cases, "ndcg@10")
+    _, gamma, three = choose_beta(model, prior, split, cases, "ndcg@10", recent=True)
+    assert [(r["beta"], r["gamma"]) for r in three] == list(MIXTURES) and (0.0, 1.0) not in MIXTURES
+    assert [r for r in three if r["gamma"] == 0] == two  # gamma 0: exactly the two-part search
+    assert gamma > 0 and max(r["ndcg@10"] for r in three) > max(r["ndcg@10"] for r in two)
+    with pytest.raises(ValueError, match="gamma"):
+        KnnBlend(model, prior, 0.0, 1.0)  # the recent views alone score nothing on a one-event window
+
+
+def test_a_checkpoint_from_before_the_recent_views_loads_with_gamma_0(
+    blend_artifact: Path, tmp_path: Path
+) -> None:
+    payload = torch.load(blend_artifact / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del payload["knn_blend"]["gamma"]
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    model, _ = load_checkpoint(tmp_path)
+    assert isinstance(model, KnnBlend) and (model.beta, model.gamma) == (BETA, 0.0)
+
+
+def test_the_sampled_protocol_does_not_search_the_recent_views(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = cli(
+        capsys, "train", "--data", str(_repeat_log(tmp_path / "views.csv")), "--action-col", "item_id",
+        "--out", str(tmp_path / "a"), "--quiet", "--threads", "1", "--epochs", "1", "--window", "10",
+        "--embedding-dim", "8", "--hidden-dim", "8", "--knn-blend", "auto", "--protocol", "sampled",
+        "--no-refit", "--no-step",
+    )  # fmt: skip
+    blend = out["knn_blend"]  # its negatives are never in the window: every gamma > 0 would look better
+    assert blend["repeats"] > 0.2 and blend["gamma"] == 0
+    assert {row["gamma"] for row in blend["validation"]} == {0.0}

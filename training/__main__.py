@@ -280,8 +280,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
         default=_T.knn_blend,
         metavar="off|auto|BETA",
         help="mix item-kNN's probabilities into the model's in the exported graph: (1 - beta) * model + beta * "
-        "item-kNN; auto chooses beta in 0, 0.1, .., 1 on the validation split (docs/model-quality.md, kNN "
-        "blend) (default: %(default)s)",
+        "item-kNN; auto chooses beta in 0, 0.1, .., 1 on the validation split, and where validation targets "
+        "repeat an earlier action of their window (under --protocol full) also gamma, the share of the "
+        "window's recent actions (docs/model-quality.md, kNN blend) (default: %(default)s)",
     )
     o.add_argument(
         "--lr-decay",
@@ -465,7 +466,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 metric=args.tune_metric,
                 space=parse_space(args.tune_space),
             )
-        auto_given = getattr(args, "given", frozenset()) if args.preset == "auto" else None
+        auto_given = None
+        if args.preset == "auto":
+            if not hasattr(args, "given"):  # without it, auto would override every option the caller gave
+                raise TrainingError("--preset auto needs args.given, the options given (main() sets it)")
+            auto_given = args.given
         return train_command(options, model_args, config, args.out, tune, auto_given)
     manifest = read_manifest(args.artifact)
     action_cols = _columns(args.action_col) if args.action_col else manifest.data.action_columns

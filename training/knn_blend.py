@@ -39,8 +39,14 @@ from training.splits import EvalCases, Split
 
 NEIGHBOURS = 100  # per action in the graph's table: the most similar ones
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid beta is chosen from: 0, 0.1, ..., 1
-#: (beta, gamma) pairs with beta + gamma <= 1, where the recent views may help
-MIXTURES = tuple((b, round(0.1 * g, 1)) for b in BETAS for g in range(11) if b + 0.1 * g <= 1.0 + 1e-9)
+#: (beta, gamma) pairs with beta + gamma <= 1, where the recent views may help; not (0, 1): the recent views
+#: alone score nothing on a window of one event, and the mixture must stay a distribution
+MIXTURES = tuple(
+    (b, round(0.1 * g, 1))
+    for b in BETAS
+    for g in range(11)
+    if b + 0.1 * g <= 1.0 + 1e-9 and (b, g) != (0.0, 10)
+)
 RECENT_DECAY = 0.5  # p_recent's weight per step of age (bench/recent_blend.py measured it)
 
 
@@ -127,8 +133,8 @@ class KnnBlend(nn.Module):
 
     def __init__(self, model: nn.Module, prior: KnnPrior, beta: float, gamma: float = 0.0) -> None:
         super().__init__()
-        if not (0.0 <= beta <= 1.0 and 0.0 <= gamma <= 1.0 and beta + gamma <= 1.0 + 1e-9):
-            raise ValueError(f"beta and gamma must be within [0, 1] with a sum <= 1, got {beta}, {gamma}")
+        if not (0.0 <= beta <= 1.0 and 0.0 <= gamma < 1.0 and beta + gamma <= 1.0 + 1e-9):
+            raise ValueError(f"beta in [0, 1] and gamma in [0, 1) with a sum <= 1, got {beta}, {gamma}")
         self.model, self.prior, self.beta, self.gamma = model, prior, float(beta), float(gamma)
         self.config: ModelConfig = model.config  # type: ignore[assignment]
 

@@ -325,6 +325,12 @@ def apply_preset(
         if key == "knn_blend" and (
             not model_args.get("history_bias", True) or vocab_size > KNN_BLEND_MAX_VOCAB
         ):
+            log.warning(
+                "the configuration's kNN blend is left off: %s",
+                "--no-history-bias (the blend reads the window the history bias takes)"
+                if not model_args.get("history_bias", True)
+                else f"{vocab_size:,} actions, over the blend's {KNN_BLEND_MAX_VOCAB:,}",
+            )
             continue
         if key in model_fields:
             model_args[key] = value
@@ -363,8 +369,11 @@ def _blend(
         prior = KnnPrior.fit(split.train_sequences(), vocab_size, window)
         candidates = validation_candidates(split, cases, vocab_size, config)
         repeated = repeats(split, cases, window)
+        # gamma only under full ranking: the sampled protocol's negatives are actions the user never touched,
+        # which the recent views score 0, so there every gamma > 0 would look better than the last
+        recent = repeated > 0 and candidates is None
         beta, gamma, table = choose_beta(
-            fitted.selection, prior, split, cases, config.stop_metric, candidates, recent=repeated > 0
+            fitted.selection, prior, split, cases, config.stop_metric, candidates, recent=recent
         )
         log.info(
             "knn blend: beta %.1f, recent views %.1f chosen on validation %s (%s protocol; %.1f%% of the "
