@@ -123,8 +123,8 @@ class AutoChoice:
     @property
     def reason(self) -> str:
         return (
-            f"{self.actions:,} actions, {self.events_per_action:,.1f} training events per action "
-            f"(full-ranking below {AUTO_DENSE_EVENTS:g} per action, from {AUTO_MIN_ACTIONS:,} actions)"
+            f"{self.actions:,} actions, {self.events_per_action:,.1f} training events per action; the rule: "
+            f"full-ranking below {AUTO_DENSE_EVENTS:g} per action, from {AUTO_MIN_ACTIONS:,} actions"
         )
 
 
