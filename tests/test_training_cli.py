@@ -20,6 +20,19 @@ from training.vocab import Vocabulary
 METRICS = {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10, 20)} | {"accuracy", "macro_f1"}
 
 
+def _random_log(
+    path: Path, column: str, users: int, actions: int, events: tuple[int, int], seed: int
+) -> Path:
+    """A CSV of users taking uniformly random actions (`column`), a minute apart, `events` [lo, hi) each."""
+    rng = np.random.default_rng(seed)
+    rows = [f"user_id,{column},timestamp"]
+    for user in range(users):
+        for step in range(int(rng.integers(*events))):
+            rows.append(f"u{user},a{int(rng.integers(0, actions))},{1_700_000_000 + 60 * step}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def test_behavior_artifact_is_complete_and_valid(behavior_artifact: Path) -> None:
     for name in (MODEL_FILE, MANIFEST_FILE, REPORT_FILE, CHECKPOINT_FILE, LOSS_PLOT, HR_PLOT):
         assert (behavior_artifact / name).is_file(), name
@@ -199,13 +212,7 @@ def test_preset_sets_the_defaults_and_options_beside_it_win() -> None:
 
 
 def test_train_with_a_preset_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rng = np.random.default_rng(1)
-    rows = ["user_id,action,timestamp"]
-    for user in range(40):
-        for step in range(int(rng.integers(4, 10))):
-            rows.append(f"u{user},a{int(rng.integers(0, 30))},{1_700_000_000 + 60 * step}")
-    data = tmp_path / "events.csv"
-    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = _random_log(tmp_path / "events.csv", "action", users=40, actions=30, events=(4, 10), seed=1)
     out = tmp_path / "artifact"
     trained = cli(
         capsys, "train", "--data", str(data), "--out", str(out), "--preset", "full-ranking",
@@ -265,13 +272,8 @@ def test_preset_auto_leaves_the_options_the_command_line_gives() -> None:
 def test_train_by_default_gives_a_sparse_catalogue_the_full_ranking_configuration(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rng = np.random.default_rng(3)
-    rows = ["user_id,item_id,timestamp"]
-    for user in range(300):  # 1,200 items, about 4 events each: a sparse catalogue
-        for step in range(int(rng.integers(12, 20))):
-            rows.append(f"u{user},i{int(rng.integers(0, 1200))},{1_700_000_000 + 60 * step}")
-    data = tmp_path / "events.csv"
-    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    # 1,200 items, about 4 events each: a sparse catalogue
+    data = _random_log(tmp_path / "events.csv", "item_id", users=300, actions=1200, events=(12, 20), seed=3)
     out = tmp_path / "artifact"
     trained = cli(
         capsys, "train", "--data", str(data), "--out", str(out), "--action-col", "item_id",

@@ -322,15 +322,8 @@ def apply_preset(
     for key, value in values.items():
         if key in given:
             continue
-        if key == "knn_blend" and (
-            not model_args.get("history_bias", True) or vocab_size > KNN_BLEND_MAX_VOCAB
-        ):
-            log.warning(
-                "the configuration's kNN blend is left off: %s",
-                "--no-history-bias (the blend reads the window the history bias takes)"
-                if not model_args.get("history_bias", True)
-                else f"{vocab_size:,} actions, over the blend's {KNN_BLEND_MAX_VOCAB:,}",
-            )
+        if key == "knn_blend" and (no_blend := _no_blend(model_args, vocab_size)):
+            log.warning("the configuration's kNN blend is left off: %s", no_blend)
             continue
         if key in model_fields:
             model_args[key] = value
@@ -339,6 +332,15 @@ def apply_preset(
         else:
             raise ValueError(f"preset option {key!r} is neither a model argument nor a TrainConfig field")
     return model_args, dataclasses.replace(config, **changes)
+
+
+def _no_blend(model_args: dict[str, Any], vocab_size: int) -> str:
+    """Why the kNN blend cannot be exported for this model ("" when it can)."""
+    if not model_args.get("history_bias", True):
+        return "--no-history-bias (the blend reads the window the history bias takes)"
+    if vocab_size > KNN_BLEND_MAX_VOCAB:
+        return f"{vocab_size:,} actions, over the blend's {KNN_BLEND_MAX_VOCAB:,}"
+    return ""
 
 
 KNN_BLEND_MAX_VOCAB = 1_000_000  # 0.8 GB of neighbour tables per graph; protobuf's limit is 2 GB
