@@ -31,13 +31,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
+
+LOOP_MAX_CPUS = 2.0  # NEXTACT_INFERENCE_ON=auto runs batches on the loop up to this many usable CPUs
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker run --cpus`)."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        cpus = float(os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity stands
+    return cpus
+
+
+def choose_inference_on(setting: str, provider: str, cpus: float) -> tuple[str, str]:
+    """(`thread` or `loop`, why) for NEXTACT_INFERENCE_ON=`setting` with the model on `provider`.
+
+    auto picks `loop` where one inference thread would compete with the event loop, Redis and the rest for
+    a core (at most LOOP_MAX_CPUS usable CPUs, the model on the CPU; measured in docs/performance.md, stages 6
+    and 7), and `thread` where it can run beside the loop (more cores) or waits on a device (a GPU)."""
+    if setting != "auto":
+        return setting, "set by NEXTACT_INFERENCE_ON"
+    if provider != "CPUExecutionProvider":
+        return "thread", f"auto: the model runs on {provider}, the loop goes on while it computes"
+    if cpus <= LOOP_MAX_CPUS:
+        return "loop", f"auto: {cpus:g} usable CPUs (at most {LOOP_MAX_CPUS:g}), the model on the CPU"
+    return "thread", f"auto: {cpus:g} usable CPUs (more than {LOOP_MAX_CPUS:g}), the model on the CPU"
+
 
 T = TypeVar("T")
 R = TypeVar("R")

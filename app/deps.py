@@ -32,6 +32,7 @@ class Services:
     quality: LiveQuality | None = None  # NEXTACT_LIVE_QUALITY on
     prediction_log: PredictionLog | None = None
     state_saver: StateSaver | None = None  # incremental state on: new states are stored behind the answer
+    inference_on: tuple[str, str] = ("thread", "set by NEXTACT_INFERENCE_ON")  # where batches run, and why
 
     @property
     def capacity(self) -> int:

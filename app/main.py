@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
 from app import gctune, routes, timings
-from app.batching import Batcher, InlineGate
+from app.batching import Batcher, InlineGate, choose_inference_on, usable_cpus
 from app.candidate import Models, PredictRequest, predict_mixed
 from app.deps import Services
 from app.docs_ui import install_docs
@@ -126,6 +126,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except StoreUnavailable as e:  # serve anyway: /readyz says 503 and requests 503 until Redis is back
             log.warning("%s; starting without it", e)
 
+        inference_on, inference_why = choose_inference_on(
+            settings.inference_on, holder.current.provider, usable_cpus()
+        )
+        log.info("micro-batches run on the %s (%s)", inference_on, inference_why)
         gate = InlineGate()  # both batchers share the one event loop an inline call blocks
         batcher: Batcher[PredictRequest, Prediction] = Batcher(
             predict_mixed,
@@ -134,7 +138,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             on_batch=metrics.observe_batch,
             inline_max_s=settings.batch_inline_max_ms / 1000,
             gate=gate,
-            on_loop=settings.inference_on == "loop",
+            on_loop=inference_on == "loop",
         )
         stack.push_async_callback(batcher.close)
         step_batcher: Batcher[StepRequest, tuple[Prediction, bytes | None]] | None = None
@@ -152,7 +156,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 name="nextact-step",
                 inline_max_s=settings.batch_inline_max_ms / 1000,
                 gate=gate,
-                on_loop=settings.inference_on == "loop",
+                on_loop=inference_on == "loop",
             )
             stack.push_async_callback(step_batcher.close)
             state_saver = StateSaver(store, metrics)
@@ -208,6 +212,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             quality if settings.live_quality else None,
             prediction_log,
             state_saver,
+            (inference_on, inference_why),
         )
         if settings.gc_tuning:  # last: everything start-up built is in the frozen heap
             stack.enter_context(gctune.frozen_heap())

@@ -353,6 +353,8 @@ async def get_model(svc: ServicesDep) -> Response:
             "execution_provider": model.provider,
             "providers": model.providers,
             "device": model.device,
+            "inference_on": svc.inference_on[0],
+            "inference_on_reason": svc.inference_on[1],
             "artifact_dir": str(model.artifact_dir),
             "embedded_redis": svc.redis.embedded,
             "live_metrics": svc.quality.figures(model.version) if svc.quality is not None else None,

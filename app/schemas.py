@@ -205,6 +205,15 @@ class ModelInfo(BaseModel):
         description="The session's provider list, in priority order.", examples=[["CPUExecutionProvider"]]
     )
     device: Literal["auto", "cpu", "cuda"] = Field(description="NEXTACT_DEVICE.", examples=["auto"])
+    inference_on: Literal["thread", "loop"] = Field(
+        description="Where micro-batches run (NEXTACT_INFERENCE_ON, auto resolved at start-up): the inference "
+        "thread or the event loop's own thread.",
+        examples=["loop"],
+    )
+    inference_on_reason: str = Field(
+        description="Why: set by NEXTACT_INFERENCE_ON, or what auto found.",
+        examples=["auto: 2 usable CPUs (at most 2), the model on the CPU"],
+    )
     artifact_dir: str = Field(description="Where the artifact was loaded from.", examples=["artifacts/demo"])
     embedded_redis: bool = Field(
         description="True when windows live in the embedded development Redis (private to this host).",

@@ -120,12 +120,14 @@ class Settings(BaseSettings):
         "thread at once, without the two thread hand-offs, when the latest model call took at most this long "
         "(the first call always goes to the inference thread). 0: always hand off to the inference thread.",
     )
-    inference_on: Literal["thread", "loop"] = Field(
-        "thread",
+    inference_on: Literal["auto", "thread", "loop"] = Field(
+        "auto",
         description="Where micro-batches run: thread (a dedicated inference thread, the event loop goes on "
         "parsing requests and talking to Redis meanwhile) or loop (on the event loop's own thread: one thread "
         "does everything, nothing is handed off, no two threads of the service compete for a core; for "
-        "machines whose few cores are shared with Redis and other processes).",
+        "machines whose few cores are shared with Redis and other processes). auto: loop when the model runs "
+        "on the CPU and the process may use at most 2 CPUs (its affinity, capped by a cgroup CPU quota such "
+        "as a container's --cpus), thread otherwise; GET /v1/model says which, and why.",
     )
     switch_interval_ms: float | None = Field(
         None,

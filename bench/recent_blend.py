@@ -85,6 +85,45 @@ def score(
     }
 
 
+def sampled_ranks(mixed: np.ndarray, cand: Any) -> np.ndarray:
+    """Each case's target rank among its sampled candidates (0: first); ties count against."""
+    from app.manifest import UNK_ID
+
+    mixed = mixed.copy()
+    mixed[:, : UNK_ID + 1] = -np.inf
+    picked = np.take_along_axis(mixed, cand[0], axis=1)
+    return ((picked >= picked[:, :1]) & cand[1]).sum(axis=1) - 1
+
+
+def sampled_ceiling(
+    pm: np.ndarray, pk: np.ndarray, pr: np.ndarray, targets: np.ndarray, cand: Any, a: float, b: float
+) -> dict[str, Any]:
+    """How far any scorer can get past item-kNN under the sampled protocol on this test split.
+
+    A target `<unk>` (first seen after the training events) is a miss for every scorer. Item-kNN's
+    candidates outside its neighbourhoods all score 0 and tie against it, so every target it scores above 0
+    is at rank 1 of 101: where it hits, nothing can hit higher, and only a known target item-kNN misses can
+    put another scorer ahead of it. Those targets are listed with their rank under each scorer."""
+    from app.manifest import UNK_ID
+
+    known = targets > UNK_ID
+    knn, blend = sampled_ranks(pk, cand), sampled_ranks((1.0 - a - b) * pm + a * pk + b * pr, cand)
+    model, recent = sampled_ranks(pm, cand), sampled_ranks(pr, cand)
+    missed = np.flatnonzero(known & (knn >= 10))
+    n = max(len(targets), 1)
+    return {
+        "cases": len(targets),
+        "known_targets": int(known.sum()),
+        "item_knn_hits": int((known & (knn < 10)).sum()),
+        "item_knn_hits_at_rank_1": int((known & (knn == 0)).sum()),
+        "hr@10_ceiling": float(known.sum()) / n,
+        "item_knn_misses": [
+            {"case": int(i), "model": int(model[i]), "recent": int(recent[i]), "blend": int(blend[i])}
+            for i in missed
+        ],
+    }
+
+
 def run(
     selected: Path, refit: Path, data: Path, action_col: str, decay: float, threads: int
 ) -> dict[str, Any]:
@@ -126,6 +165,7 @@ def run(
         "item_knn": both(1.0, 0.0),
         "recent_alone": both(0.0, 1.0),
         "model_alone": both(0.0, 0.0),
+        "sampled_ceiling": sampled_ceiling(pm, pk, pr, targets, cand, best["a"], best["b"]),
         "validation": validation,
         "test_full": [{"a": a, "b": b, **score(pm, pk, pr, targets, a, b)} for a, b in GRID],
         "seconds": round(time.perf_counter() - started, 1),
@@ -165,6 +205,32 @@ def markdown(result: dict[str, Any], argv: list[str]) -> str:
     for label, v, t in rows:
         lines.append(f"| {label} | {cell(v) if v else '-'} | {cell(t['full'])} | {cell(t['sampled'])} |")
     lines += ["", "HR@10 / NDCG@10; a = item-kNN's share, b = recent views' share; ties count against.", ""]
+    ceiling = result.get("sampled_ceiling")
+    if ceiling:
+        misses = ceiling["item_knn_misses"]
+        lines += [
+            "The sampled protocol's ceiling on this test split (100 uniform negatives; ranks of 101, 1 = first):",
+            "",
+            (
+                f"- test cases {ceiling['cases']}, of which known targets {ceiling['known_targets']} (the rest are "
+                f"`<unk>`, a miss for every scorer): HR@10 can reach {ceiling['hr@10_ceiling']:.4f} at most"
+            ),
+            (
+                f"- item-kNN hits {ceiling['item_knn_hits']}, {ceiling['item_knn_hits_at_rank_1']} of them at "
+                "rank 1: where it hits at rank 1, no scorer can do better on HR@10 or NDCG@10"
+            ),
+            f"- known targets item-kNN misses: {len(misses)}, the only cases where another scorer could get "
+            "ahead of it; their ranks: "
+            + (
+                "; ".join(
+                    f"case {m['case']}: model alone {m['model'] + 1}, recent views {m['recent'] + 1}, "
+                    f"the chosen mixture {m['blend'] + 1}"
+                    for m in misses
+                )
+                or "none"
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ throughput), then open loops with Poisson arrivals (no coordinated omission) at 
 server's breakdown (app/timings.py: stages, GC pauses, loop lag) is fetched and written next to the client's
 latency. The server's samples include the load generator's warm-up requests. `--client c` loads with the
 compiled engine of bench/loadgen.py (less CPU and less delay of its own; docs/performance.md).
+
+Redis runs with `appendfsync everysec` unless `--appendfsync always` (the embedded server's default, the
+durable setting): then every append pipeline waits for a disk flush, and the disk's own flush latency
+(`fsync_probe`: small appends, each followed by fsync, in Redis's directory) is measured before the phases
+and written beside them, so that a tail the disk causes is told apart from the service's.
 """
 
 from __future__ import annotations
@@ -87,6 +92,34 @@ def inline_share(ph: dict[str, Any]) -> str:
     return f"{calls['loop'] / sum(calls.values()):.0%}"
 
 
+def fsync_probe(directory: Path, n: int = 500) -> dict[str, Any]:
+    """The disk's flush latency where Redis writes its append-only file: n 64-byte appends, each fsynced."""
+    path = directory / "fsync-probe.bin"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, b"x" * 64)
+            os.fsync(fd)
+            times.append((time.perf_counter() - t) * 1000.0)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    times.sort()
+
+    def q(f: float) -> float:
+        return round(times[min(len(times) - 1, int(f * len(times)))], 3)
+
+    return {
+        "writes": n,
+        "p50_ms": q(0.50),
+        "p90_ms": q(0.90),
+        "p99_ms": q(0.99),
+        "max_ms": round(times[-1], 3),
+    }
+
+
 def markdown(res: dict[str, Any]) -> str:
     mach, cfg = res["machine"], res["config"]
     lines = [
@@ -98,6 +131,13 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         f"- model: {res['model']}; population {cfg['users']:,} users with full windows",
         f"- {cfg['warmup']} s warm-up + {cfg['duration']} s measured per phase; command: `{cfg['command']}`",
+        f"- Redis `appendfsync {cfg.get('appendfsync', 'everysec')}`"
+        + (
+            "; the disk's own flush latency (write + fsync of 64 bytes, {writes} times, before the phases): "
+            "p50 {p50_ms} / p90 {p90_ms} / p99 {p99_ms} / max {max_ms} ms".format(**res["fsync_probe"])
+            if res.get("fsync_probe")
+            else ""
+        ),
         "",
         (
             f"Client view (loadgen.py, engine {cfg.get('client', 'python')}; open loop counts from the "
@@ -176,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results path without suffix (default bench/results/tail[_quick])"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--appendfsync",
+        choices=["everysec", "always", "no"],
+        default="everysec",
+        help="Redis persistence (always: the embedded server's durable default; the disk's flush latency is probed)",
+    )
     add_client_option(p)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -207,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench/tail.py", *(argv or sys.argv[1:])]),
         },
     }
-    redis = EmbeddedRedis(work / "redis", port=0, appendfsync="everysec")
+    redis = EmbeddedRedis(work / "redis", port=0, appendfsync=args.appendfsync)
+    if args.appendfsync == "always":
+        (work / "redis").mkdir(parents=True, exist_ok=True)
+        result["fsync_probe"] = fsync_probe(work / "redis")
     server: Child | None = None
     phases: list[dict[str, Any]] = []
     try:

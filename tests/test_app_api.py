@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+from app.batching import choose_inference_on, usable_cpus
 from app.manifest import read_manifest
 from tests.app_client import probabilities, running_app
 
@@ -200,6 +201,14 @@ async def test_model_health_and_readiness(behavior_artifact: Path, redis_url: st
         # this build has no usable CUDA: auto falls back and says so
         assert model["execution_provider"] == "CPUExecutionProvider" == model["providers"][0]
         assert model["device"] == "auto"
+        # NEXTACT_INFERENCE_ON=auto resolved for this host, with its reason
+        want = choose_inference_on("auto", "CPUExecutionProvider", usable_cpus())
+        assert (model["inference_on"], model["inference_on_reason"]) == want
+    async with running_app(behavior_artifact, redis_url, inference_on="thread") as (_, client):
+        model = (await client.get("/v1/model")).json()
+        assert model["inference_on"] == "thread"
+        assert model["inference_on_reason"] == "set by NEXTACT_INFERENCE_ON"
+        assert (await client.post("/v1/users/u9/events", json={"action": "pv"})).status_code == 200
 
 
 async def test_openapi_describes_every_field_with_an_example(behavior_artifact: Path, redis_url: str) -> None:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from app.batching import Batcher, BatcherClosed, BatchError, InlineGate
+from app.batching import (
+    Batcher,
+    BatcherClosed,
+    BatchError,
+    InlineGate,
+    choose_inference_on,
+    usable_cpus,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -302,3 +310,31 @@ async def test_on_loop_with_batch_size_one_still_runs_on_the_loop() -> None:
     finally:
         await batcher.close()
     assert run.batches == [[1], [2], [3]] and run.threads == {threading.current_thread().name}
+
+
+def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    affinity = float(len(os.sched_getaffinity(0)))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cpus(cpu_max) == affinity  # no file: the affinity alone
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == affinity  # no quota
+    cpu_max.write_text("50000 100000\n")  # docker run --cpus 0.5
+    assert usable_cpus(cpu_max) == min(affinity, 0.5)
+    cpu_max.write_text("6400000 100000\n")  # a quota above the affinity does not raise it
+    assert usable_cpus(cpu_max) == affinity
+    cpu_max.write_text("garbage\n")
+    assert usable_cpus(cpu_max) == affinity
+
+
+def test_auto_runs_batches_on_the_loop_only_on_small_cpu_hosts() -> None:
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert choose_inference_on("auto", cpu, 2.0)[0] == "loop"
+    assert choose_inference_on("auto", cpu, 0.5)[0] == "loop"
+    on, why = choose_inference_on("auto", cpu, 4.0)
+    assert on == "thread" and "4 usable CPUs" in why
+    on, why = choose_inference_on("auto", cuda, 1.0)
+    assert on == "thread" and cuda in why  # a GPU call waits on the device: the loop goes on meanwhile
+    assert choose_inference_on("thread", cpu, 1.0) == ("thread", "set by NEXTACT_INFERENCE_ON")
+    assert choose_inference_on("loop", cuda, 64.0) == ("loop", "set by NEXTACT_INFERENCE_ON")

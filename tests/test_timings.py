@@ -69,6 +69,7 @@ async def test_inline_calls_serve_the_same_answers_without_thread_hand_offs(
             behavior_artifact,
             redis_url,
             stage_timings=True,
+            inference_on="thread",  # what is measured here is the inference thread's hand-offs
             batch_inline_max_ms=inline_ms,
             switch_interval_ms=interval_ms,
             key_prefix=f"timings-{prefix}",
