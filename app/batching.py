@@ -44,18 +44,28 @@ log = logging.getLogger(__name__)
 LOOP_MAX_CPUS = 2.0  # NEXTACT_INFERENCE_ON=auto runs batches on the loop up to this many usable CPUs
 
 
-def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker run --cpus`)."""
+def usable_cpus(
+    cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max"), cgroup_v1: Path = Path("/sys/fs/cgroup/cpu")
+) -> float:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (`docker run --cpus`, a
+    Kubernetes CPU limit): cgroup v2's cpu.max, else cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us."""
     try:
         cpus = float(len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         cpus = float(os.cpu_count() or 1)
     try:
         quota, period = cgroup_cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, int(quota) / int(period))
     except (OSError, ValueError):
-        pass  # no cgroup v2 quota readable: the affinity stands
+        try:  # cgroup v1: -1 means no quota
+            quota = (cgroup_v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup_v1 / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus  # no quota readable: the affinity stands
+    try:
+        if quota not in ("max", "-1") and int(period) > 0:
+            cpus = min(cpus, int(quota) / int(period))
+    except ValueError:
+        pass
     return cpus
 
 

@@ -317,15 +317,22 @@ def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path: Path) ->
 
     affinity = float(len(os.sched_getaffinity(0)))
     cpu_max = tmp_path / "cpu.max"
-    assert usable_cpus(cpu_max) == affinity  # no file: the affinity alone
+    assert usable_cpus(cpu_max, tmp_path / "no-v1") == affinity  # no file: the affinity alone
     cpu_max.write_text("max 100000\n")
     assert usable_cpus(cpu_max) == affinity  # no quota
     cpu_max.write_text("50000 100000\n")  # docker run --cpus 0.5
     assert usable_cpus(cpu_max) == min(affinity, 0.5)
     cpu_max.write_text("6400000 100000\n")  # a quota above the affinity does not raise it
-    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(cpu_max, tmp_path / "no-v1") == affinity
     cpu_max.write_text("garbage\n")
-    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(cpu_max, tmp_path / "no-v1") == affinity
+    v1 = tmp_path / "v1"  # cgroup v1, read when there is no cpu.max
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(tmp_path / "none", v1) == affinity
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    assert usable_cpus(tmp_path / "none", v1) == min(affinity, 1.5)
 
 
 def test_auto_runs_batches_on_the_loop_only_on_small_cpu_hosts() -> None:
