@@ -41,7 +41,9 @@ from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
-LOOP_MAX_CPUS = 2.0  # NEXTACT_INFERENCE_ON=auto runs batches on the loop up to this many usable CPUs
+LOOP_MAX_CPUS = (
+    2.0  # NEXTACT_INFERENCE_ON=auto runs batches on the loop up to this many usable CPUs per worker
+)
 
 
 def usable_cpus(
@@ -70,7 +72,7 @@ def usable_cpus(
 
 
 def choose_inference_on(setting: str, provider: str, cpus: float) -> tuple[str, str]:
-    """(`thread` or `loop`, why) for NEXTACT_INFERENCE_ON=`setting` with the model on `provider`.
+    """(`thread` or `loop`, why) for NEXTACT_INFERENCE_ON=`setting`, the model on `provider`, `cpus` per worker.
 
     auto picks `loop` where one inference thread would compete with the event loop, Redis and the rest for
     a core (at most LOOP_MAX_CPUS usable CPUs, the model on the CPU; measured in docs/performance.md, stages 6
@@ -80,8 +82,14 @@ def choose_inference_on(setting: str, provider: str, cpus: float) -> tuple[str, 
     if provider != "CPUExecutionProvider":
         return "thread", f"auto: the model runs on {provider}, the loop goes on while it computes"
     if cpus <= LOOP_MAX_CPUS:
-        return "loop", f"auto: {cpus:g} usable CPUs (at most {LOOP_MAX_CPUS:g}), the model on the CPU"
-    return "thread", f"auto: {cpus:g} usable CPUs (more than {LOOP_MAX_CPUS:g}), the model on the CPU"
+        return (
+            "loop",
+            f"auto: {cpus:g} usable CPUs per worker (at most {LOOP_MAX_CPUS:g}), the model on the CPU",
+        )
+    return (
+        "thread",
+        f"auto: {cpus:g} usable CPUs per worker (more than {LOOP_MAX_CPUS:g}), the model on the CPU",
+    )
 
 
 T = TypeVar("T")

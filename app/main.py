@@ -126,8 +126,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except StoreUnavailable as e:  # serve anyway: /readyz says 503 and requests 503 until Redis is back
             log.warning("%s; starting without it", e)
 
+        # resolved once, for the live model at start-up (a reload keeps it); workers share the CPUs
         inference_on, inference_why = choose_inference_on(
-            settings.inference_on, holder.current.provider, usable_cpus()
+            settings.inference_on, holder.current.provider, usable_cpus() / max(1, settings.workers)
         )
         log.info("micro-batches run on the %s (%s)", inference_on, inference_why)
         gate = InlineGate()  # both batchers share the one event loop an inline call blocks

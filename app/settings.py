@@ -126,8 +126,9 @@ class Settings(BaseSettings):
         "parsing requests and talking to Redis meanwhile) or loop (on the event loop's own thread: one thread "
         "does everything, nothing is handed off, no two threads of the service compete for a core; for "
         "machines whose few cores are shared with Redis and other processes). auto: loop when the model runs "
-        "on the CPU and the process may use at most 2 CPUs (its affinity, capped by a cgroup CPU quota such "
-        "as a container's --cpus), thread otherwise; GET /v1/model says which, and why.",
+        "on the CPU and each worker has at most 2 CPUs (the process's affinity, capped by its container's "
+        "cgroup CPU quota such as --cpus, divided by NEXTACT_WORKERS), thread otherwise; resolved at start-up "
+        "(a model reload keeps it); GET /v1/model says which, and why.",
     )
     switch_interval_ms: float | None = Field(
         None,

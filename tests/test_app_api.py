@@ -201,14 +201,22 @@ async def test_model_health_and_readiness(behavior_artifact: Path, redis_url: st
         # this build has no usable CUDA: auto falls back and says so
         assert model["execution_provider"] == "CPUExecutionProvider" == model["providers"][0]
         assert model["device"] == "auto"
-        # NEXTACT_INFERENCE_ON=auto resolved for this host, with its reason
+    async with running_app(behavior_artifact, redis_url, inference_on="auto") as (_, client):
+        model = (await client.get("/v1/model")).json()
+        # NEXTACT_INFERENCE_ON=auto resolved for this host (one worker), with its reason
         want = choose_inference_on("auto", "CPUExecutionProvider", usable_cpus())
         assert (model["inference_on"], model["inference_on_reason"]) == want
-    async with running_app(behavior_artifact, redis_url, inference_on="thread") as (_, client):
-        model = (await client.get("/v1/model")).json()
-        assert model["inference_on"] == "thread"
-        assert model["inference_on_reason"] == "set by NEXTACT_INFERENCE_ON"
-        assert (await client.post("/v1/users/u9/events", json={"action": "pv"})).status_code == 200
+        assert want[1].startswith("auto: ")
+    for on in ("thread", "loop"):  # either, set explicitly, is kept whatever the host
+        async with running_app(behavior_artifact, redis_url, inference_on=on) as (app, client):
+            model = (await client.get("/v1/model")).json()
+            assert (model["inference_on"], model["inference_on_reason"]) == (
+                on,
+                "set by NEXTACT_INFERENCE_ON",
+            )
+            posted = await client.post(f"/v1/users/u9-{on}/events", json={"action": "pv"})
+            assert posted.status_code == 200 and posted.json()["predictions"]
+            assert app.state.services.batcher.on_loop is (on == "loop")
 
 
 async def test_openapi_describes_every_field_with_an_example(behavior_artifact: Path, redis_url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -312,9 +313,8 @@ async def test_on_loop_with_batch_size_one_still_runs_on_the_loop() -> None:
     assert run.batches == [[1], [2], [3]] and run.threads == {threading.current_thread().name}
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only: the CPU affinity")
 def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path: Path) -> None:
-    import os
-
     affinity = float(len(os.sched_getaffinity(0)))
     cpu_max = tmp_path / "cpu.max"
     assert usable_cpus(cpu_max, tmp_path / "no-v1") == affinity  # no file: the affinity alone
@@ -340,7 +340,7 @@ def test_auto_runs_batches_on_the_loop_only_on_small_cpu_hosts() -> None:
     assert choose_inference_on("auto", cpu, 2.0)[0] == "loop"
     assert choose_inference_on("auto", cpu, 0.5)[0] == "loop"
     on, why = choose_inference_on("auto", cpu, 4.0)
-    assert on == "thread" and "4 usable CPUs" in why
+    assert on == "thread" and "4 usable CPUs per worker" in why
     on, why = choose_inference_on("auto", cuda, 1.0)
     assert on == "thread" and cuda in why  # a GPU call waits on the device: the loop goes on meanwhile
     assert choose_inference_on("thread", cpu, 1.0) == ("thread", "set by NEXTACT_INFERENCE_ON")

@@ -51,3 +51,12 @@ def test_recent_blend_reproduces_the_reports_figures_at_its_corners(
     chosen = result["chosen"]
     assert chosen["validation"]["ndcg@10"] >= result["today"]["validation"]["ndcg@10"]  # b = 0 is in the grid
     assert len(result["validation"]) == len(recent_blend.GRID) == 66
+    # the sampled protocol's ceiling: consistent counts, item-kNN's hits those of its corner, no grid unasked
+    ceiling = result["sampled_ceiling"]
+    assert ceiling["item_knn_hits_at_rank_1"] <= ceiling["item_knn_hits"] <= ceiling["known_targets"]
+    assert ceiling["known_targets"] <= ceiling["cases"] == result["test_cases"]
+    assert ceiling["item_knn_hits"] / ceiling["cases"] == pytest.approx(
+        result["item_knn"]["sampled"]["hr@10"]
+    )
+    assert len(ceiling["item_knn_misses"]) == ceiling["known_targets"] - ceiling["item_knn_hits"]
+    assert "grid_mixtures" not in ceiling
