@@ -61,6 +61,14 @@ def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None)
         help="action column, or a comma-separated list joined with ':' into one token, e.g. "
         "behavior,category_id -> pv:4145813 (default: " + (action_default or "the artifact's") + ")",
     )
+    if action_default is not None:  # train only: evaluate reads the artifact, which has no side tables
+        g.add_argument(
+            "--side-col",
+            default=None,
+            help="a column describing the action, e.g. an item's category_id: each action's embedding is "
+            "its own plus its value's, so rarely seen actions share what their category learned "
+            "(folded into one table at export; the service never needs the column)",
+        )
     g.add_argument(
         "--time-col",
         default=None,
@@ -377,6 +385,7 @@ def _data_options(args: argparse.Namespace, action_cols: list[str], split: str) 
         split=split,  # type: ignore[arg-type]
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
+        side_col=getattr(args, "side_col", None),
     )
 
 

@@ -29,6 +29,7 @@ class DataOptions:
     split: SplitName = "leave-one-out"
     val_fraction: float = 0.1  # time split: share of events (latest but test) used for validation
     test_fraction: float = 0.1  # time split: share of the latest events used for testing
+    side_col: str | None = None  # train --side-col: a column describing the action (training/side.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class ModelConfig:
     residual: bool = False  # add a projection of each event's embedding to the recurrent output after it
     input_dropout: float | None = None  # dropout on the input embeddings; None: `dropout` (hidden states)
     feed_forward: bool = False  # LayerNorm and a residual feed-forward block on the recurrent output
+    # Side information (`--side-col`): side_of[id] is the action's side value (1..S; 0 none), e.g. an item's
+    # category. Each action's embedding (and output row) is its own plus its side value's, so actions seen
+    # rarely share what their category learned. Folded into plain tables before export (training/side.py):
+    # the exported graphs, and the config saved with them, never have it.
+    side_of: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

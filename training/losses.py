@@ -82,7 +82,7 @@ def _scores(
     With `shared` = N, ids is (N + K,): the N targets then K negatives shared by every row, and columns is
     (N, 1 + K) = [target, negatives...]; otherwise ids (N,) is one candidate per row (C = 1).
     """
-    w, b = model.head.weight[ids], model.head.bias[ids]  # (M, D), (M,)
+    w, b = model.output_rows(ids), model.head.bias[ids]  # (M, D), (M,)
     if shared:
         pos = (h * w[:shared]).sum(-1, keepdim=True) + b[:shared].unsqueeze(1)  # (N, 1)
         neg = h @ w[shared:].T + b[shared:]  # (N, K)

@@ -85,9 +85,40 @@ class NextActionModel(nn.Module):
         # One learned number added to the score of every action already in the window: data where actions
         # repeat (page views) learn it positive, data where they never do (one review per item) negative.
         self.history_bias = nn.Parameter(torch.zeros(1)) if config.history_bias else None
+        # Side information: one more table over side values (zeros at first: the model starts as the plain
+        # one), added to every action's input embedding and, untied, a second one to its output row.
+        self.side: nn.Embedding | None = None
+        self.side_out: nn.Embedding | None = None
+        if config.side_of is not None:
+            side_of = torch.tensor(config.side_of, dtype=torch.long)  # (V,)
+            if side_of.shape != (config.vocab_size,) or int(side_of.min()) < 0:
+                raise ValueError("side_of must hold one side value >= 0 per action")
+            n_side = int(side_of.max()) + 1
+            self.side = nn.Embedding(n_side, config.embedding_dim, padding_idx=0)
+            nn.init.zeros_(self.side.weight)
+            if not config.tied:
+                self.side_out = nn.Embedding(n_side, self.head.in_features, padding_idx=0)
+                nn.init.zeros_(self.side_out.weight)
+            self.register_buffer("side_of", side_of)
         masked = torch.zeros(config.vocab_size, dtype=torch.bool)
         masked[[PAD_ID, UNK_ID]] = True  # never predicted: probability exactly 0
         self.register_buffer("masked", masked, persistent=False)
+
+    def embed(self, action_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (..., E) of action ids (...): the action's own plus its side value's."""
+        x = self.embedding(action_ids)  # (..., E)
+        if self.side is not None:
+            x = x + self.side(self.side_of[action_ids])  # (..., E)
+        return x
+
+    def output_rows(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The output layer's weight rows (M, D) of action ids (M,), or of every action (V, D) for None."""
+        weight = self.head.weight if ids is None else self.head.weight[ids]  # (M, D)
+        side = self.side if self.config.tied else self.side_out
+        if side is not None:
+            side_ids = self.side_of if ids is None else self.side_of[ids]  # (M,)
+            weight = weight + side(side_ids)  # (M, D)
+        return weight
 
     def head_input(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """What the head reads from recurrent outputs (..., H) and the embeddings they came from (..., E);
@@ -104,14 +135,14 @@ class NextActionModel(nn.Module):
         With right padding the state at position t depends only on events 0..t, so padding never
         leaks into the states that are read.
         """
-        x = self.input_dropout(self.embedding(action_ids))  # (B, T, E)
+        x = self.input_dropout(self.embed(action_ids))  # (B, T, E)
         out, _ = self.rnn(x)  # (B, T, H)
         return self.dropout(self.head_input(out, x))  # (B, T, H)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary from hidden states (..., H) -> (..., V), PAD and UNK at -inf."""
         bias = self.head.bias.masked_fill(self.masked, float("-inf"))  # (V,): cheaper than masking (N, V)
-        return F.linear(self.project(states), self.head.weight, bias)  # (..., V)
+        return F.linear(self.project(states), self.output_rows(), bias)  # (..., V)
 
     def _add_history(self, logits: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """logits (N, V) + history_bias where the action occurs among ids (N, T) at positions `seen` (N, T)."""

@@ -164,6 +164,12 @@ def _train(
         model_args, config = apply(tuning.best.params, model_args, config)
         config = dataclasses.replace(config, stop_metric=tune.metric)  # early stopping as in the trials
         log.info("tuning: best trial %d, %s", tuning.best.number, tuning.best.params)
+    side = None
+    if options.side_col:
+        from training.side import side_info
+
+        side = side_info(options.path, options.action_cols, options.side_col, vocabulary)
+        model_args = model_args | {"side_of": side.side_of}
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     if config.knn_blend != "off" and len(vocabulary) > KNN_BLEND_MAX_VOCAB:
         raise TrainingError(
@@ -174,6 +180,12 @@ def _train(
     # Tested (and served): fitted on every event before the test targets; so are the baselines.
     final_split = split.with_validation_as_training()
     fitted = fit_members(split, final_split, model_config, config)
+    if side is not None:  # from here on a plain model: the side tables added into its own
+        from training.side import fold
+
+        fitted.model = fold(fitted.model)
+        fitted.selection = fold(fitted.selection) if fitted.selection is not None else None
+        model_config = dataclasses.replace(model_config, side_of=None)
     model, seconds, refit_epochs, result = fitted.model, fitted.seconds, fitted.refit_epochs, fitted.first
     if not distributed.current().main:
         return None  # under torchrun every process trains; rank 0 evaluates and writes the artifact
@@ -264,6 +276,7 @@ def _train(
         blend=blend,
         negatives=config.negatives,
         configuration=auto,
+        side=side.summary() if side is not None else None,
     )
     write_manifest(out_dir, manifest)  # a directory with a manifest is a complete artifact
     step = None
@@ -291,6 +304,7 @@ def _train(
         "model_version": manifest.model_version,
         "vocabulary": manifest.vocab_size,
         "model": dataclasses.asdict(model_config),
+        **({"side": side.summary()} if side is not None else {}),
         "training": manifest.training.model_dump(),
         "refit_epochs": refit_epochs,
         "test_cases": len(test),

@@ -244,6 +244,7 @@ def write_report(
     blend: Mapping[str, Any] | None = None,
     negatives: int = 100,
     configuration: AutoChoice | None = None,
+    side: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.md (and the two plots) into `out_dir`.
 
@@ -282,6 +283,17 @@ def write_report(
         *(
             [f"- configuration: `{configuration.name}`, chosen by `--preset auto` ({configuration.reason})"]
             if configuration is not None
+            else []
+        ),
+        *(
+            [
+                (
+                    f"- side information: column `{side['column']}`, {side['values']:,} values over "
+                    f"{side['actions_covered']:,} actions (each action's embedding plus its value's; folded "
+                    "into one table in the exported graphs)"
+                )
+            ]
+            if side is not None
             else []
         ),
         (

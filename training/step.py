@@ -53,7 +53,7 @@ class StepModel(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """rest: c (LSTM only), then history (B, T) (history-bias models only: the window's ids, 0-padded)."""
         m = self.m
-        x = m.embedding(action_ids)  # (B, S, E); dropout is the identity in eval mode
+        x = m.embed(action_ids)  # (B, S, E); dropout is the identity in eval mode
         if self.lstm:
             out, (h_out, c_out) = m.rnn(x, (h, rest[0]))  # (B, S, H), (L, B, H) x2
         else:

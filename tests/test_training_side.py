@@ -1,0 +1,115 @@
+"""Side information (`train --side-col`): the action -> value mapping, training through it, and the fold that
+leaves the exported graphs and the manifest exactly those of a plain model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.manifest import STEP_FILE, read_manifest
+from tests.conftest import EXAMPLES
+from tests.test_training_train import _cyclic_split
+from tests.training_cli import cli, cli_error
+from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from training.config import ModelConfig, TrainConfig
+from training.ensemble import EnsembleModel
+from training.errors import DataError
+from training.model import NextActionModel
+from training.side import fold, side_info
+from training.train import fit
+from training.vocab import Vocabulary
+
+
+def _log(tmp_path: Path) -> Path:
+    rows = [
+        ("u1", "a", "X", 1), ("u1", "b", "Y", 2), ("u1", "a", "X", 3), ("u1", "c", "", 4),
+        ("u2", "a", "Z", 1), ("u2", "b", "Y", 2), ("u2", "d", "Y", 3),
+    ]  # fmt: skip
+    path = tmp_path / "log.csv"
+    path.write_text(
+        "user_id,item_id,category_id,timestamp\n" + "".join(f"{u},{i},{c},{t}\n" for u, i, c, t in rows)
+    )
+    return path
+
+
+def test_each_action_gets_its_most_frequent_value_and_bad_columns_are_named(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    vocab = Vocabulary.build([["a", "b", "a", "c", "a", "b"]])  # d is not in it: unknown
+    info = side_info(path, ("item_id",), "category_id", vocab)
+    side = dict(zip(vocab.tokens, info.side_of, strict=True))
+    assert side["<pad>"] == 0 and side["<unk>"] == 0 and side["c"] == 0  # c has no category
+    assert side["a"] != side["b"] and min(side["a"], side["b"]) >= 1  # a: X (twice) over Z (once); b: Y
+    assert info.values == 2 and info.covered == 2 and info.conflicting == 1  # a was seen with X and Z
+    with pytest.raises(DataError, match="'category'"):
+        side_info(path, ("item_id",), "category", vocab)  # names the missing column (and the ones there)
+    with pytest.raises(DataError, match="also an action column"):
+        side_info(path, ("item_id",), "item_id", vocab)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fold_keeps_every_output_and_drops_the_side_tables(tied: bool) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=9,
+        embedding_dim=4,
+        hidden_dim=6,
+        dropout=0.0,
+        window=5,
+        tied=tied,
+        side_of=(0, 0, 1, 1, 2, 2, 3, 0, 3),
+    )
+    model = NextActionModel(config).eval()
+    with torch.no_grad():  # the side tables start at zero: give them values the fold has to carry
+        model.side.weight.normal_()  # type: ignore[union-attr]
+        if model.side_out is not None:
+            model.side_out.weight.normal_()
+    ids, lengths = torch.tensor([[2, 5, 8, 0], [3, 4, 6, 7]]), torch.tensor([3, 4])
+    before = model(ids, lengths)
+    plain = fold(model)
+    assert isinstance(plain, NextActionModel) and plain.side is None and plain.config.side_of is None
+    assert torch.allclose(plain(ids, lengths), before, atol=1e-6)
+    assert not torch.allclose(NextActionModel(plain.config).eval()(ids, lengths), before)  # not by chance
+    if tied:
+        assert plain.head.weight is plain.embedding.weight  # still one table
+    ensemble = fold(EnsembleModel([model, model]))
+    assert torch.allclose(ensemble(ids, lengths), before, atol=1e-6)
+
+
+def test_training_moves_the_side_table() -> None:
+    split = _cyclic_split()
+    side_of = (0, 0, 1, 1, 1, 1, 2, 2, 2, 2)  # two categories over the cycle's actions 2..9
+    config = ModelConfig(
+        vocab_size=10, embedding_dim=8, hidden_dim=16, dropout=0.0, window=10, side_of=side_of
+    )
+    result = fit(split, config, TrainConfig(epochs=3, lr=0.03, patience=3, quiet=True, seed=3))
+    side = result.model.side
+    assert side is not None and float(side.weight.detach()[1:].abs().sum()) > 0  # learned from zero
+    assert float(side.weight.detach()[0].abs().sum()) == 0  # the "no value" row stays zero
+
+
+def test_train_with_side_col_exports_a_plain_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "side"
+    result = cli(
+        capsys, "train", "--data", str(EXAMPLES / "taobao_sample.csv"), "--out", str(out), "--quiet",
+        "--preset", "none", "--action-col", "item_id", "--side-col", "category_id", "--window", "8",
+        "--epochs", "2", "--embedding-dim", "8", "--hidden-dim", "8", "--tied", "--seed", "1",
+    )  # fmt: skip
+    assert result["side"]["column"] == "category_id" and result["side"]["values"] > 10
+    assert result["model"]["side_of"] is None  # folded: nothing of it in the artifact's description
+    manifest = read_manifest(out)
+    assert manifest.step is not None and (out / STEP_FILE).is_file()
+    assert manifest.step.parity_max_abs_diff <= 1e-5 and result["parity_max_abs_diff"] <= 1e-5
+    model, vocab = load_checkpoint(out / CHECKPOINT_FILE)
+    assert isinstance(model, NextActionModel) and model.side is None and len(vocab) == manifest.vocab_size
+    assert "side information: column `category_id`" in (out / "report.md").read_text()
+    err = cli_error(
+        capsys, "train", "--data", str(EXAMPLES / "taobao_sample.csv"), "--out", str(tmp_path / "bad"),
+        "--quiet", "--action-col", "item_id", "--side-col", "categories",
+    )  # fmt: skip
+    assert "'categories' not found" in err and "category_id" in err
+    assert np.isfinite(result["metrics"]["full"]["model"]["hr@10"])
