@@ -3,6 +3,7 @@ leaves the exported graphs and the manifest exactly those of a plain model."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from tests.conftest import EXAMPLES
 from tests.test_training_train import _cyclic_split
 from tests.training_cli import cli, cli_error
 from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from training.config import ModelConfig, TrainConfig
+from training.config import DataOptions, ModelConfig, TrainConfig
 from training.ensemble import EnsembleModel
 from training.errors import DataError
+from training.knn_blend import KnnBlend, KnnPrior
 from training.model import NextActionModel
 from training.side import fold, side_info
 from training.train import fit
@@ -25,28 +27,40 @@ from training.vocab import Vocabulary
 
 def _log(tmp_path: Path) -> Path:
     rows = [
-        ("u1", "a", "X", 1), ("u1", "b", "Y", 2), ("u1", "a", "X", 3), ("u1", "c", "", 4),
-        ("u2", "a", "Z", 1), ("u2", "b", "Y", 2), ("u2", "d", "Y", 3),
+        ("u1", "a", "pv", "Y", 1), ("u1", "b", "pv", "Y", 2), ("u1", "a", "pv", "Y", 3), ("u1", "c", "pv", "", 4),
+        ("u2", "a", "buy", "X", 1), ("u2", "b", "pv", "Y", 2), ("u2", "d", "pv", "Y", 3),
+        ("u2", "e", "pv", "Z", 4), ("u2", "e", "pv", "W", 5), ("", "a", "pv", "X", 6), ("", "a", "pv", "X", 7),
+        ("u3", "f", "pv", "W", 1), ("u3", "g", "pv", "Z", 2),
     ]  # fmt: skip
     path = tmp_path / "log.csv"
-    path.write_text(
-        "user_id,item_id,category_id,timestamp\n" + "".join(f"{u},{i},{c},{t}\n" for u, i, c, t in rows)
-    )
+    lines = "".join(f"{u},{i},{b},{c},{t}\n" for u, i, b, c, t in rows)
+    path.write_text("user_id,item_id,behavior,category_id,timestamp\n" + lines)
     return path
 
 
 def test_each_action_gets_its_most_frequent_value_and_bad_columns_are_named(tmp_path: Path) -> None:
     path = _log(tmp_path)
-    vocab = Vocabulary.build([["a", "b", "a", "c", "a", "b"]])  # d is not in it: unknown
-    info = side_info(path, ("item_id",), "category_id", vocab)
+    options = DataOptions(path=path, action_cols=("item_id",), side_col="category_id")
+    vocab = Vocabulary.build([["a", "b", "a", "c", "a", "b", "e", "f", "g"]])  # d is not in it: unknown
+    info = side_info(options, vocab)
     side = dict(zip(vocab.tokens, info.side_of, strict=True))
     assert side["<pad>"] == 0 and side["<unk>"] == 0 and side["c"] == 0  # c has no category
-    assert side["a"] != side["b"] and min(side["a"], side["b"]) >= 1  # a: X (twice) over Z (once); b: Y
-    assert info.values == 2 and info.covered == 2 and info.conflicting == 1  # a was seen with X and Z
-    with pytest.raises(DataError, match="'category'"):
-        side_info(path, ("item_id",), "category", vocab)  # names the missing column (and the ones there)
-    with pytest.raises(DataError, match="also an action column"):
-        side_info(path, ("item_id",), "item_id", vocab)
+    # a: Y twice over X once (the two X rows without a user are dropped, as training drops them)
+    assert side["a"] == side["b"] >= 1
+    assert side["e"] == side["g"] != side["f"]  # e: Z and W once each; the tie goes to Z, first in the file
+    assert info.values == 3 and info.covered == 5 and info.conflicting == 2  # a (Y, X) and e (Z, W)
+    # several action columns: the tokens are the training ones ("a:pv", "a:buy")
+    joined = DataOptions(path=path, action_cols=("item_id", "behavior"), side_col="category_id")
+    pairs = side_info(joined, Vocabulary.build([["a:pv", "a:buy", "b:pv"]]))
+    by_token = dict(zip(["<pad>", "<unk>", "a:pv", "a:buy", "b:pv"], pairs.side_of, strict=True))
+    assert by_token["a:pv"] == by_token["b:pv"] != by_token["a:buy"] and min(pairs.side_of[2:]) >= 1
+    for column, what in [("category", "'category' not found"), ("item_id", "an action column"),
+                         ("user_id", "the user column"), ("timestamp", "the time column")]:  # fmt: skip
+        with pytest.raises(DataError, match=what) as e:
+            side_info(dataclasses.replace(options, side_col=column), vocab)
+        assert "--side-col" in str(e.value)
+    with pytest.raises(DataError, match="no value on any row"):
+        side_info(options, Vocabulary.build([["c"]]))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -76,6 +90,11 @@ def test_fold_keeps_every_output_and_drops_the_side_tables(tied: bool) -> None:
         assert plain.head.weight is plain.embedding.weight  # still one table
     ensemble = fold(EnsembleModel([model, model]))
     assert torch.allclose(ensemble(ids, lengths), before, atol=1e-6)
+    prior = KnnPrior.fit([np.array([2, 3, 4, 5]), np.array([5, 6, 7, 8, 3])], 9, 5)
+    blend = KnnBlend(model, prior, 0.3, 0.1).eval()
+    folded = fold(blend)
+    assert isinstance(folded, KnnBlend) and folded.config.side_of is None and folded.model.side is None
+    assert torch.allclose(folded(ids, lengths), blend(ids, lengths), atol=1e-6)
 
 
 def test_training_moves_the_side_table() -> None:

@@ -150,6 +150,12 @@ def _train(
     from training.report import write_report
 
     events, split, vocabulary = prepare(options, min_count=config.min_count)
+    side = None
+    if options.side_col:  # before the search, so that every trial trains with it too
+        from training.side import side_info
+
+        side = side_info(options, vocabulary)
+        model_args = model_args | {"side_of": side.side_of}
     auto = None
     if auto_given is not None:
         auto = auto_preset(events.distinct_actions(), int(split.boundaries.train_end.sum()))
@@ -164,12 +170,6 @@ def _train(
         model_args, config = apply(tuning.best.params, model_args, config)
         config = dataclasses.replace(config, stop_metric=tune.metric)  # early stopping as in the trials
         log.info("tuning: best trial %d, %s", tuning.best.number, tuning.best.params)
-    side = None
-    if options.side_col:
-        from training.side import side_info
-
-        side = side_info(options.path, options.action_cols, options.side_col, vocabulary)
-        model_args = model_args | {"side_of": side.side_of}
     model_config = ModelConfig(vocab_size=len(vocabulary), **model_args)
     if config.knn_blend != "off" and len(vocabulary) > KNN_BLEND_MAX_VOCAB:
         raise TrainingError(

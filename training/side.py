@@ -1,6 +1,7 @@
 """Side information (`train --side-col COLUMN`): a column that describes the action, such as an item's category.
 
-Each action gets one side value (the one it occurs with most often in the file; ties: the first seen), and the
+Each action gets one side value (the one it occurs with most often in the file's rows that have a user; ties:
+the value that appears first in the file), and the
 model learns one more embedding per side value, added to each action's own (training/model.py). Actions seen
 once or twice then share what their category's other actions taught the model.
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from app.manifest import UNK_ID
+from training.config import DataOptions
 from training.errors import DataError
 from training.events import _action_codes, _token_codes
 from training.tables import read_table
@@ -48,17 +49,27 @@ class SideInfo:
         }
 
 
-def side_info(path: Path, action_cols: Sequence[str], column: str, vocabulary: Vocabulary) -> SideInfo:
-    """Read `column` beside the action columns of `path` and give each vocabulary action its side value."""
-    if column in action_cols:
-        raise DataError(f"--side-col {column!r} is also an action column: it would add nothing")
-    table = read_table(Path(path), [*action_cols, column], frozenset())
+def side_info(options: DataOptions, vocabulary: Vocabulary) -> SideInfo:
+    """Read `options.side_col` beside the action columns and give each vocabulary action its side value."""
+    column, path, action_cols = options.side_col, Path(options.path), options.action_cols
+    if not column:
+        raise ValueError("side_info needs options.side_col")
+    roles = {c: "an action column" for c in action_cols} | {options.user_col: "the user column"}
+    if options.time_col:
+        roles[options.time_col] = "the time column"
+    if column in roles:
+        raise DataError(f"--side-col {column!r} is {roles[column]}: name a column that describes the action")
+    try:
+        table = read_table(path, [options.user_col, *action_cols, column], frozenset())
+    except DataError as e:
+        raise DataError(f"--side-col {column!r}: {e}") from e
+    users, _ = _token_codes(table.data.column(options.user_col))
     actions, tokens = _action_codes(table.data, action_cols)  # the same tokens as load_events makes
     side, side_tokens = _token_codes(table.data.column(column))
     if not side_tokens:
         raise DataError(f"{path}: --side-col {column!r} has no values")
     ids = vocabulary.lookup(tokens)  # (A,) action code -> id (UNK for actions outside the vocabulary)
-    keep = (actions >= 0) & (side >= 0)
+    keep = (users >= 0) & (actions >= 0) & (side >= 0)  # the rows load_events keeps, with a side value
     action_ids = ids[actions[keep]]
     known = action_ids > UNK_ID
     pair = action_ids[known].astype(np.int64) * len(side_tokens) + side[keep][known]
@@ -70,6 +81,11 @@ def side_info(path: Path, action_cols: Sequence[str], column: str, vocabulary: V
     first[1:] = pair_action[order][1:] != pair_action[order][:-1]
     best_action, best_side = pair_action[order][first], pair_side[order][first]
     conflicting = int(len(uniq) - len(best_action))
+    if not len(best_action):
+        raise DataError(
+            f"{path}: --side-col {column!r} has no value on any row of the {len(vocabulary) - 2:,} actions the "
+            "model learns: check the column, or train without --side-col"
+        )
     used, compact = np.unique(best_side, return_inverse=True)  # side codes -> 1..S
     side_of = np.zeros(len(vocabulary), dtype=np.int64)
     side_of[best_action] = compact + 1
@@ -100,8 +116,7 @@ def fold(model: torch.nn.Module) -> torch.nn.Module:
     from training.model import NextActionModel
 
     if isinstance(model, KnnBlend):
-        model.model = fold(model.model)
-        return model
+        return KnnBlend(fold(model.model), model.prior, model.beta, model.gamma).train(model.training)
     if isinstance(model, EnsembleModel):
         folded = [fold(m) for m in model.members]
         return EnsembleModel(folded)  # type: ignore[arg-type]
