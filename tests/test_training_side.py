@@ -21,7 +21,7 @@ from training.errors import DataError
 from training.knn_blend import KnnBlend, KnnPrior
 from training.model import NextActionModel
 from training.side import fold, side_info
-from training.train import fit
+from training.train import fit, seed_everything
 from training.vocab import Vocabulary
 
 
@@ -97,16 +97,21 @@ def test_fold_keeps_every_output_and_drops_the_side_tables(tied: bool) -> None:
     assert torch.allclose(folded(ids, lengths), blend(ids, lengths), atol=1e-6)
 
 
-def test_training_moves_the_side_table() -> None:
+def test_each_action_starts_near_its_side_value_and_training_moves_the_side_table() -> None:
     split = _cyclic_split()
     side_of = (0, 0, 1, 1, 1, 1, 2, 2, 2, 2)  # two categories over the cycle's actions 2..9
     config = ModelConfig(
         vocab_size=10, embedding_dim=8, hidden_dim=16, dropout=0.0, window=10, side_of=side_of
     )
+    seed_everything(3)  # as fit() does before it builds the model: the same initial tables
+    start = NextActionModel(config)
+    own, side = start.embedding.weight.detach(), start.side.weight.detach()  # type: ignore[union-attr]
+    assert float(own.norm(dim=1)[2:].mean()) < 0.5 * float(side.norm(dim=1)[1:].mean())  # the category first
+    assert float(side[0].abs().sum()) == 0
     result = fit(split, config, TrainConfig(epochs=3, lr=0.03, patience=3, quiet=True, seed=3))
-    side = result.model.side
-    assert side is not None and float(side.weight.detach()[1:].abs().sum()) > 0  # learned from zero
-    assert float(side.weight.detach()[0].abs().sum()) == 0  # the "no value" row stays zero
+    learned = result.model.side
+    assert learned is not None and not torch.allclose(learned.weight.detach(), side)  # trained
+    assert float(learned.weight.detach()[0].abs().sum()) == 0  # the "no value" row stays zero
 
 
 def test_train_with_side_col_exports_a_plain_model(
@@ -131,4 +136,9 @@ def test_train_with_side_col_exports_a_plain_model(
         "--quiet", "--action-col", "item_id", "--side-col", "categories",
     )  # fmt: skip
     assert "'categories' not found" in err and "category_id" in err
+    err = cli_error(
+        capsys, "train", "--data", str(EXAMPLES / "taobao_sample.csv"), "--out", str(tmp_path / "bad"),
+        "--quiet", "--action-col", "item_id", "--side-own-scale", "0.5",
+    )  # fmt: skip
+    assert "--side-own-scale applies to --side-col" in err
     assert np.isfinite(result["metrics"]["full"]["model"]["hr@10"])

@@ -69,6 +69,13 @@ def _add_data_options(p: argparse.ArgumentParser, *, action_default: str | None)
             "its own plus its value's, so rarely seen actions share what their category learned "
             "(folded into one table at export; the service never needs the column)",
         )
+        g.add_argument(
+            "--side-own-scale",
+            type=float,
+            default=None,
+            help="with --side-col: each action's own embedding starts at this fraction of its side value's, "
+            "so a rarely seen action starts near its category (default: 0.3; 1: both at the same scale)",
+        )
     g.add_argument(
         "--time-col",
         default=None,
@@ -413,6 +420,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             raise TrainingError(
                 "--loss-negatives and --lr-patience must be >= 1 and --input-dropout in [0, 1)"
             )
+        if args.side_own_scale is not None and not args.side_col:
+            raise TrainingError("--side-own-scale applies to --side-col, which is not given")
+        side_own_scale = 0.3 if args.side_own_scale is None else args.side_own_scale
+        if not 0 < side_own_scale <= 10:
+            raise TrainingError(f"--side-own-scale must be in (0, 10], got {side_own_scale}")
         if args.ensemble < 1 or args.tune_trials < 1 or args.tune_budget <= 0:
             raise TrainingError("--ensemble and --tune-trials must be >= 1 and --tune-budget > 0")
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
@@ -428,6 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "history_bias": args.history_bias,
             "input_dropout": args.input_dropout,
             "feed_forward": args.feed_forward,
+            "side_own_scale": side_own_scale,
         }
         config = TrainConfig(
             epochs=args.epochs,

@@ -53,6 +53,9 @@ class ModelConfig:
     # rarely share what their category learned. Folded into plain tables before export (training/side.py):
     # the exported graphs, and the config saved with them, never have it.
     side_of: tuple[int, ...] | None = None
+    side_own_scale: float = (
+        0.3  # with side_of: each action's own embedding starts at this fraction of its side value's
+    )
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,11 @@ class NextActionModel(nn.Module):
         # One learned number added to the score of every action already in the window: data where actions
         # repeat (page views) learn it positive, data where they never do (one review per item) negative.
         self.history_bias = nn.Parameter(torch.zeros(1)) if config.history_bias else None
-        # Side information: one more table over side values (zeros at first: the model starts as the plain
-        # one), added to every action's input embedding and, untied, a second one to its output row.
+        # Side information: one more table over side values, added to every action's input embedding and,
+        # untied, a second one (zeros at first) to its output row. Each action starts near its side value's
+        # vector: that table at nn.Embedding's scale, the action's own at side_own_scale of it, so an action
+        # seen once starts as its category and moves only as far as its own events take it (chosen on the
+        # Taobao sample's validation split, docs/model-quality.md "Side information").
         self.side: nn.Embedding | None = None
         self.side_out: nn.Embedding | None = None
         if config.side_of is not None:
@@ -94,8 +97,9 @@ class NextActionModel(nn.Module):
             if side_of.shape != (config.vocab_size,) or int(side_of.min()) < 0:
                 raise ValueError("side_of must hold one side value >= 0 per action")
             n_side = int(side_of.max()) + 1
-            self.side = nn.Embedding(n_side, config.embedding_dim, padding_idx=0)
-            nn.init.zeros_(self.side.weight)
+            self.side = nn.Embedding(n_side, config.embedding_dim, padding_idx=0)  # N(0, 1), row 0 zero
+            with torch.no_grad():
+                self.embedding.weight.mul_(config.side_own_scale)
             if not config.tied:
                 self.side_out = nn.Embedding(n_side, self.head.in_features, padding_idx=0)
                 nn.init.zeros_(self.side_out.weight)
