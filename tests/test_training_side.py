@@ -107,7 +107,7 @@ def test_each_action_starts_near_its_side_value_and_training_moves_the_side_tabl
     start = NextActionModel(config)
     own, side = start.embedding.weight.detach(), start.side.weight.detach()  # type: ignore[union-attr]
     assert float(own.norm(dim=1)[2:].mean()) < 0.5 * float(side.norm(dim=1)[1:].mean())  # the category first
-    assert float(side[0].abs().sum()) == 0
+    assert float(own[0].abs().sum()) == 0 and float(side[0].abs().sum()) == 0  # padding stays zero
     result = fit(split, config, TrainConfig(epochs=3, lr=0.03, patience=3, quiet=True, seed=3))
     learned = result.model.side
     assert learned is not None and not torch.allclose(learned.weight.detach(), side)  # trained
@@ -141,4 +141,9 @@ def test_train_with_side_col_exports_a_plain_model(
         "--quiet", "--action-col", "item_id", "--side-own-scale", "0.5",
     )  # fmt: skip
     assert "--side-own-scale applies to --side-col" in err
+    err = cli_error(
+        capsys, "train", "--data", str(EXAMPLES / "taobao_sample.csv"), "--out", str(tmp_path / "bad"),
+        "--quiet", "--action-col", "item_id", "--side-col", "category_id", "--side-own-scale", "0",
+    )  # fmt: skip
+    assert "--side-own-scale must be in (0, 10], got 0" in err
     assert np.isfinite(result["metrics"]["full"]["model"]["hr@10"])
