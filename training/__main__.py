@@ -422,9 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             )
         if args.side_own_scale is not None and not args.side_col:
             raise TrainingError("--side-own-scale applies to --side-col, which is not given")
-        side_own_scale = 0.3 if args.side_own_scale is None else args.side_own_scale
-        if not 0 < side_own_scale <= 10:
-            raise TrainingError(f"--side-own-scale must be in (0, 10], got {side_own_scale}")
+        if args.side_own_scale is not None and not 0 < args.side_own_scale <= 10:
+            raise TrainingError(f"--side-own-scale must be in (0, 10], got {args.side_own_scale}")
         if args.ensemble < 1 or args.tune_trials < 1 or args.tune_budget <= 0:
             raise TrainingError("--ensemble and --tune-trials must be >= 1 and --tune-budget > 0")
         options = _data_options(args, _columns(args.action_col), args.split or "leave-one-out")
@@ -440,7 +439,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "history_bias": args.history_bias,
             "input_dropout": args.input_dropout,
             "feed_forward": args.feed_forward,
-            "side_own_scale": side_own_scale,
+            # given only with --side-col; otherwise ModelConfig's default
+            **({"side_own_scale": args.side_own_scale} if args.side_own_scale is not None else {}),
         }
         config = TrainConfig(
             epochs=args.epochs,

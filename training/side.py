@@ -1,9 +1,9 @@
 """Side information (`train --side-col COLUMN`): a column that describes the action, such as an item's category.
 
 Each action gets one side value (the one it occurs with most often in the file's rows that have a user; ties:
-the value that appears first in the file), and the
-model learns one more embedding per side value, added to each action's own (training/model.py). Actions seen
-once or twice then share what their category's other actions taught the model.
+the value that appears first in the file), and the model learns one more embedding per side value, added to
+each action's own (training/model.py). Actions seen once or twice then share what their category's other
+actions taught the model.
 
 The side values are a function of the action, so the sum is a fixed table: `fold` writes it into the plain
 embedding and output layer before export. model.onnx, step.onnx and the manifest are exactly those of a model
@@ -108,9 +108,9 @@ def side_info(options: DataOptions, vocabulary: Vocabulary) -> SideInfo:
 
 
 def fold(model: torch.nn.Module) -> torch.nn.Module:
-    """The same model with its side tables added into the plain ones (in place for the members of an ensemble
-    or a blend): its outputs are unchanged and its config has no side_of, so export, step.onnx, the checkpoint
-    and the manifest are a plain model's. A model without side information is returned as it is."""
+    """The same model with its side tables added into the plain ones (an ensemble or a blend is rebuilt around
+    its folded members): its outputs are unchanged and its config has no side_of, so export, step.onnx, the
+    checkpoint and the manifest are a plain model's. A model without side information is returned as it is."""
     from training.ensemble import EnsembleModel
     from training.knn_blend import KnnBlend
     from training.model import NextActionModel
