@@ -8,7 +8,10 @@ Columns as in the Taobao UserBehavior log: user_id, item_id, category_id (int64)
 - actions: item popularity is Zipf (exponent --zipf) over --items items (default: events / 25);
 - users: activity is long-tailed (log-normal events per user, at least 3), --users users (default: events / 100);
 - sequences: a share of events repeat one of the user's last five items (--repeat), a share follow an
-  item-to-item transition of the previous item (--transition: each item has 4 likely successors);
+  item-to-item transition of the previous item (--transition: each item has 4 likely successors), and with
+  --category-steps a share stay in the previous item's category (its items Zipf-popular, as above): a log where
+  the category says what the sparse items cannot (`train --side-col category_id`, docs/model-quality.md);
+- categories: item i is in category (31 i) mod (items / 200), so each holds about 200 items;
 - time: each user starts at a random moment and waits an exponential gap (mean 20 min, less for the most
   active users so that every history fits in the 9 days) between events;
 - rows are written in time order (as exports are), with --duplicates of them repeated exactly; with --parts
@@ -57,6 +60,7 @@ def generate(
     duplicates: float = 0.001,
     seed: int = 0,
     first_user: int = 0,
+    category_steps: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """The columns of a synthetic log, in time order; user ids start at 100_000 + first_user."""
     rng = np.random.default_rng(seed)
@@ -73,6 +77,20 @@ def generate(
     for _ in range(2):  # two passes: a transition after a transition mostly follows the chain too
         prev = np.roll(item, 1)
         item = np.where(follows, (prev * 7919 + 104_729 * rng.integers(0, 4, events)) % items, item)
+    categories = max(1, items // 200)
+    if category_steps > 0:  # the previous item's category: the items with the same residue mod categories
+        stays = (rng.random(events) < category_steps) & (position > 0)
+        pick = rng.random(events)
+        cdf = np.cumsum(
+            1.0 / np.arange(1, -(-items // categories) + 1) ** zipf
+        )  # popularity within a category
+        for _ in range(
+            4
+        ):  # vectorised passes: a stay after a stay follows the new item's category (0.4^4 off)
+            residue = np.roll(item, 1) % categories
+            slots = (items - 1 - residue) // categories + 1  # (E,) items in that category
+            rank = np.minimum(np.searchsorted(cdf, pick * cdf[slots - 1]), slots - 1)
+            item = np.where(stays, residue + categories * rank, item)
     # repeats: one of the user's last five items again
     lag = rng.integers(1, 6, events)
     repeats = (rng.random(events) < repeat) & (position >= lag)
@@ -93,7 +111,7 @@ def generate(
     return {
         "user_id": 100_000 + first_user + owner[order],
         "item_id": 1_000_000 + item[order],
-        "category_id": 5_000 + (item[order] * 31) % max(1, items // 200),
+        "category_id": 5_000 + (item[order] * 31) % categories,
         "behavior": behavior[order],
         "timestamp": timestamp[order],
     }
@@ -155,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=float, default=0.25, help="share of repeated items (default: 0.25)")
     p.add_argument("--transition", type=float, default=0.3, help="share of item-to-item steps (default: 0.3)")
     p.add_argument("--duplicates", type=float, default=0.001, help="share of exact duplicate rows")
+    p.add_argument(
+        "--category-steps",
+        type=float,
+        default=0.0,
+        help="share of steps to another item of the previous item's category (default: 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -163,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "transition": args.transition,
         "duplicates": args.duplicates,
+        "category_steps": args.category_steps,
     }
     if args.parts > 1:
         paths = write_parts(args.events, args.out, args.parts, args.seed, **skew)

@@ -147,3 +147,52 @@ def test_train_with_side_col_exports_a_plain_model(
     )  # fmt: skip
     assert "--side-own-scale must be in (0, 10], got 0" in err
     assert np.isfinite(result["metrics"]["full"]["model"]["hr@10"])
+
+
+def test_the_generated_log_can_carry_its_signal_in_the_category() -> None:
+    """bench/synth_log.py --category-steps: the log stage 10 measures side information on
+    (docs/model-quality.md). A share of steps stays in the previous item's category; the default log is as
+    before, where consecutive categories match by chance only."""
+    from bench.synth_log import generate
+
+    def same_category_share(columns: dict[str, np.ndarray]) -> float:
+        order = np.lexsort((np.arange(len(columns["user_id"])), columns["user_id"]))  # per user, file order
+        users, category = columns["user_id"][order], columns["category_id"][order]
+        pairs = users[1:] == users[:-1]
+        return float(((category[1:] == category[:-1]) & pairs).sum() / pairs.sum())
+
+    plain = generate(20_000, users=1_000, items=4_000, repeat=0.0, transition=0.0, duplicates=0.0)
+    assert same_category_share(plain) < 0.1  # 20 categories: 1 in 20 by chance
+    steps = generate(20_000, users=1_000, items=4_000, repeat=0.0, transition=0.0, duplicates=0.0,
+                     category_steps=0.5)  # fmt: skip
+    assert 0.45 < same_category_share(steps) < 0.6  # 0.5 of the steps, plus chance
+    by_item: dict[int, set[int]] = {}
+    for item, category in zip(steps["item_id"].tolist(), steps["category_id"].tolist(), strict=True):
+        by_item.setdefault(item, set()).add(category)
+    assert all(len(c) == 1 for c in by_item.values())  # an item's category is fixed: catalogue data
+    again = generate(20_000, users=1_000, items=4_000, repeat=0.0, transition=0.0, duplicates=0.0)
+    assert all(np.array_equal(plain[k], again[k]) for k in plain)  # seeded
+
+
+def test_the_category_is_learned_where_it_carries_the_signal(tmp_path: Path) -> None:
+    """On a generated log where half the steps stay in the previous item's category and items are sparse, the
+    model with the category column predicts the validation targets better (lower cross-entropy) than the same
+    model without it, from the same seed: the side table is trained and used, not just carried."""
+    from bench.synth_log import generate, write
+    from training.pipeline import prepare
+
+    path = tmp_path / "log.parquet"
+    write(generate(20_000, users=1_000, items=6_000, repeat=0.0, transition=0.0, category_steps=0.5), path)
+    options = DataOptions(path=path, action_cols=("item_id",), side_col="category_id")
+    _, split, vocabulary = prepare(options)
+    side = side_info(options, vocabulary)
+    assert side.values == 30 and side.covered == len(vocabulary) - 2
+    losses = {}
+    for name, side_of in [("plain", None), ("side", side.side_of)]:
+        config = ModelConfig(
+            vocab_size=len(vocabulary), embedding_dim=16, hidden_dim=16, window=20, tied=True, side_of=side_of
+        )
+        result = fit(split, config, TrainConfig(epochs=2, patience=2, quiet=True, seed=0, threads=1))
+        losses[name] = min(e.val_loss for e in result.epochs)
+    # knowing the category among 30 is worth about 0.5 x ln(30) = 1.7 nats on the category steps
+    assert losses["side"] < losses["plain"] - 0.2, losses
