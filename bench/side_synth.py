@@ -49,7 +49,7 @@ def train(data: Path, out: Path, seed: int, side: bool, extra: list[str]) -> dic
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout[done.stdout.index("{") :])
-    shown = ["python" if c == sys.executable else c for c in cmd]
+    shown = ["python" if c == sys.executable else c.replace(f"{ROOT}/", "") for c in cmd]
     return {
         "side": side,
         "seed": seed,
