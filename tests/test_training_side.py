@@ -18,6 +18,7 @@ from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from training.config import DataOptions, ModelConfig, TrainConfig
 from training.ensemble import EnsembleModel
 from training.errors import DataError
+from training.events import load_events
 from training.knn_blend import KnnBlend, KnnPrior
 from training.model import NextActionModel
 from training.side import fold, side_info
@@ -30,7 +31,7 @@ def _log(tmp_path: Path) -> Path:
         ("u1", "a", "pv", "Y", 1), ("u1", "b", "pv", "Y", 2), ("u1", "a", "pv", "Y", 3), ("u1", "c", "pv", "", 4),
         ("u2", "a", "buy", "X", 1), ("u2", "b", "pv", "Y", 2), ("u2", "d", "pv", "Y", 3),
         ("u2", "e", "pv", "Z", 4), ("u2", "e", "pv", "W", 5), ("", "a", "pv", "X", 6), ("", "a", "pv", "X", 7),
-        ("u3", "f", "pv", "W", 1), ("u3", "g", "pv", "Z", 2),
+        ("u3", "f", "pv", "W", 1), ("u3", "g", "pv", "Z", 2), ("u3", "g", "pv", "Y", 2),
     ]  # fmt: skip
     path = tmp_path / "log.csv"
     lines = "".join(f"{u},{i},{b},{c},{t}\n" for u, i, b, c, t in rows)
@@ -41,26 +42,38 @@ def _log(tmp_path: Path) -> Path:
 def test_each_action_gets_its_most_frequent_value_and_bad_columns_are_named(tmp_path: Path) -> None:
     path = _log(tmp_path)
     options = DataOptions(path=path, action_cols=("item_id",), side_col="category_id")
+    events = load_events(options)  # the side column is read in the same pass as the events
+    # an exact duplicate is equal in every column, with or without --side-col: u3's two g rows at time 2
+    # differ in their category, so both are events
+    assert events.side is not None and events.rows == 12 and events.dropped_duplicates == 0
+    assert load_events(dataclasses.replace(options, side_col=None)).rows == events.rows
     vocab = Vocabulary.build([["a", "b", "a", "c", "a", "b", "e", "f", "g"]])  # d is not in it: unknown
-    info = side_info(options, vocab)
+    info = side_info(options, vocab, events)
     side = dict(zip(vocab.tokens, info.side_of, strict=True))
     assert side["<pad>"] == 0 and side["<unk>"] == 0 and side["c"] == 0  # c has no category
     # a: Y twice over X once (the two X rows without a user are dropped, as training drops them)
     assert side["a"] == side["b"] >= 1
-    assert side["e"] == side["g"] != side["f"]  # e: Z and W once each; the tie goes to Z, first in the file
-    assert info.values == 3 and info.covered == 5 and info.conflicting == 2  # a (Y, X) and e (Z, W)
+    # e: Z and W once each, the tie goes to Z (first in the file); g: Z and Y once each, Y is (row 1)
+    assert side["f"] != side["e"] not in (side["a"], 0) and side["g"] == side["a"]
+    assert info.values == 3 and info.covered == 5 and info.conflicting == 3  # a (Y, X), e (Z, W), g (Z, Y)
     # several action columns: the tokens are the training ones ("a:pv", "a:buy")
     joined = DataOptions(path=path, action_cols=("item_id", "behavior"), side_col="category_id")
-    pairs = side_info(joined, Vocabulary.build([["a:pv", "a:buy", "b:pv"]]))
+    pairs = side_info(joined, Vocabulary.build([["a:pv", "a:buy", "b:pv"]]), load_events(joined))
     by_token = dict(zip(["<pad>", "<unk>", "a:pv", "a:buy", "b:pv"], pairs.side_of, strict=True))
     assert by_token["a:pv"] == by_token["b:pv"] != by_token["a:buy"] and min(pairs.side_of[2:]) >= 1
     for column, what in [("category", "'category' not found"), ("item_id", "an action column"),
                          ("user_id", "the user column"), ("timestamp", "the time column")]:  # fmt: skip
         with pytest.raises(DataError, match=what) as e:
-            side_info(dataclasses.replace(options, side_col=column), vocab)
+            load_events(dataclasses.replace(options, side_col=column))
         assert "--side-col" in str(e.value)
     with pytest.raises(DataError, match="no value on any row"):
-        side_info(options, Vocabulary.build([["c"]]))
+        side_info(options, Vocabulary.build([["c"]]), events)
+    with pytest.raises(ValueError, match="loaded with options.side_col"):
+        side_info(options, vocab, load_events(dataclasses.replace(options, side_col=None)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("user_id,item_id,category_id\nu1,a,\nu1,b,\n")
+    with pytest.raises(DataError, match="'category_id' has no values"):
+        load_events(dataclasses.replace(options, path=empty, time_col=None))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -184,8 +197,8 @@ def test_the_category_is_learned_where_it_carries_the_signal(tmp_path: Path) -> 
     path = tmp_path / "log.parquet"
     write(generate(20_000, users=1_000, items=6_000, repeat=0.0, transition=0.0, category_steps=0.5), path)
     options = DataOptions(path=path, action_cols=("item_id",), side_col="category_id")
-    _, split, vocabulary = prepare(options)
-    side = side_info(options, vocabulary)
+    events, split, vocabulary = prepare(options)
+    side = side_info(options, vocabulary, events)
     assert side.values == 30 and side.covered == len(vocabulary) - 2
     losses = {}
     for name, side_of in [("plain", None), ("side", side.side_of)]:

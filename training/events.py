@@ -32,6 +32,17 @@ _EPOCH_DISPLAY_FROM = 1e8
 
 
 @dataclass(frozen=True)
+class SideColumn:
+    """What `load_events` read of `--side-col` (training/side.py): per action code, its most frequent value over
+    the rows with a user and an action (ties: the value first in the file)."""
+
+    column: str
+    tokens: list[str]  # side code -> side value
+    best: np.ndarray  # (A,) int64 side code per action code (-1: no value on any of its rows)
+    several: np.ndarray  # (A,) bool: the action was seen with more than one value
+
+
+@dataclass(frozen=True)
 class EventLog:
     """Clean events grouped by user, each user's events in time order (file order breaks ties)."""
 
@@ -46,6 +57,7 @@ class EventLog:
     rows_read: int
     dropped_missing: int
     dropped_duplicates: int
+    side: SideColumn | None = None  # with options.side_col
 
     @classmethod
     def from_sequences(
@@ -264,9 +276,17 @@ def load_events(options: DataOptions) -> EventLog:
     path = Path(options.path)
     time_col = options.time_col
     wanted = [options.user_col, *options.action_cols] + ([time_col] if time_col else [])
+    side_col = options.side_col
+    if side_col:
+        _check_side_col(options)
     # The default time column may be absent (file order is then the time order); a named one may not.
     optional = frozenset([time_col]) if time_col and not options.time_col_required else frozenset()
-    table = read_table(path, wanted, optional)
+    try:
+        table = read_table(path, wanted + ([side_col] if side_col else []), optional)
+    except DataError as e:
+        if side_col and f"column {side_col!r} not found" in str(e):
+            raise DataError(f"--side-col {side_col!r}: {e}") from e
+        raise
     data, n = table.data, table.num_rows
     has_time = bool(time_col) and time_col in data.column_names and data.column(time_col).null_count < n
     if time_col and not has_time:
@@ -277,6 +297,9 @@ def load_events(options: DataOptions) -> EventLog:
     user_codes, user_tokens = _token_codes(data.column(options.user_col))
     action_codes, tokens = _action_codes(data, options.action_cols)
     kept = (user_codes >= 0) & (action_codes >= 0)
+    side = None
+    if side_col:  # the table holds every column of the file: the side column costs no second read
+        side = _side_column(path, data.column(side_col), side_col, action_codes, kept, len(tokens))
     dropped_missing = n - int(kept.sum())
     times = _parse_times(table, time_col, kept) if has_time and time_col else np.arange(n, dtype=np.float64)
     rows = np.flatnonzero(kept)  # ascending: file order
@@ -344,4 +367,36 @@ def load_events(options: DataOptions) -> EventLog:
         rows_read=n,
         dropped_missing=dropped_missing,
         dropped_duplicates=dropped_duplicates,
+        side=side,
     )
+
+
+def _check_side_col(options: DataOptions) -> None:
+    roles = {c: "an action column" for c in options.action_cols} | {options.user_col: "the user column"}
+    if options.time_col:
+        roles[options.time_col] = "the time column"
+    column = str(options.side_col)
+    if column in roles:
+        raise DataError(f"--side-col {column!r} is {roles[column]}: name a column that describes the action")
+
+
+def _side_column(
+    path: Path, column: pa.ChunkedArray, name: str, actions: np.ndarray, kept: np.ndarray, n_actions: int
+) -> SideColumn:
+    """Per action code, its most frequent side value over the kept rows (ties: the value first in the file)."""
+    side, side_tokens = _token_codes(column)
+    if not side_tokens:
+        raise DataError(f"{path}: --side-col {name!r} has no values")
+    rows = kept & (side >= 0)
+    pair = actions[rows].astype(np.int64) * len(side_tokens) + side[rows]
+    uniq, counts = np.unique(pair, return_counts=True)  # (P,) ascending: by action, then side code
+    pair_action, pair_side = uniq // len(side_tokens), uniq % len(side_tokens)
+    order = np.lexsort(
+        (-counts, pair_action)
+    )  # by action, the most frequent first; stable: file order on ties
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = pair_action[order][1:] != pair_action[order][:-1]
+    best = np.full(n_actions, -1, dtype=np.int64)
+    best[pair_action[order][first]] = pair_side[order][first]
+    several = np.bincount(pair_action, minlength=n_actions) > 1
+    return SideColumn(column=name, tokens=side_tokens, best=best, several=several)

@@ -154,7 +154,7 @@ def _train(
     if options.side_col:  # before the search, so that every trial trains with it too
         from training.side import side_info
 
-        side = side_info(options, vocabulary)
+        side = side_info(options, vocabulary, events)
         model_args = model_args | {"side_of": side.side_of}
     auto = None
     if auto_given is not None:

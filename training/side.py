@@ -23,8 +23,7 @@ import torch
 from app.manifest import UNK_ID
 from training.config import DataOptions
 from training.errors import DataError
-from training.events import _action_codes, _token_codes
-from training.tables import read_table
+from training.events import EventLog
 from training.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -49,51 +48,29 @@ class SideInfo:
         }
 
 
-def side_info(options: DataOptions, vocabulary: Vocabulary) -> SideInfo:
-    """Read `options.side_col` beside the action columns and give each vocabulary action its side value."""
-    column, path, action_cols = options.side_col, Path(options.path), options.action_cols
-    if not column:
-        raise ValueError("side_info needs options.side_col")
-    roles = {c: "an action column" for c in action_cols} | {options.user_col: "the user column"}
-    if options.time_col:
-        roles[options.time_col] = "the time column"
-    if column in roles:
-        raise DataError(f"--side-col {column!r} is {roles[column]}: name a column that describes the action")
-    try:
-        table = read_table(path, [options.user_col, *action_cols, column], frozenset())
-    except DataError as e:
-        raise DataError(f"--side-col {column!r}: {e}") from e
-    users, _ = _token_codes(table.data.column(options.user_col))
-    actions, tokens = _action_codes(table.data, action_cols)  # the same tokens as load_events makes
-    side, side_tokens = _token_codes(table.data.column(column))
-    if not side_tokens:
-        raise DataError(f"{path}: --side-col {column!r} has no values")
-    ids = vocabulary.lookup(tokens)  # (A,) action code -> id (UNK for actions outside the vocabulary)
-    keep = (users >= 0) & (actions >= 0) & (side >= 0)  # the rows load_events keeps, with a side value
-    action_ids = ids[actions[keep]]
-    known = action_ids > UNK_ID
-    pair = action_ids[known].astype(np.int64) * len(side_tokens) + side[keep][known]
-    uniq, counts = np.unique(pair, return_counts=True)  # (P,) ascending: by action id, then side code
-    pair_action, pair_side = uniq // len(side_tokens), uniq % len(side_tokens)
-    # the most frequent side value per action: sort by (action, -count), then the first of each action
-    order = np.lexsort((-counts, pair_action))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = pair_action[order][1:] != pair_action[order][:-1]
-    best_action, best_side = pair_action[order][first], pair_side[order][first]
-    conflicting = int(len(uniq) - len(best_action))
-    if not len(best_action):
+def side_info(options: DataOptions, vocabulary: Vocabulary, events: EventLog) -> SideInfo:
+    """Give each vocabulary action its side value, from what `load_events` read of `options.side_col` in the
+    same pass as the events (`events.side`)."""
+    column, path = options.side_col, Path(options.path)
+    if not column or events.side is None or events.side.column != column:
+        raise ValueError("side_info needs the events loaded with options.side_col")
+    ids = vocabulary.lookup(events.tokens)  # (A,) action code -> id (UNK for actions outside the vocabulary)
+    learned = ids > UNK_ID
+    known = learned & (events.side.best >= 0)
+    if not known.any():
         raise DataError(
             f"{path}: --side-col {column!r} has no value on any row of the {len(vocabulary) - 2:,} actions the "
             "model learns: check the column, or train without --side-col"
         )
-    used, compact = np.unique(best_side, return_inverse=True)  # side codes -> 1..S
+    used, compact = np.unique(events.side.best[known], return_inverse=True)  # side codes -> 1..S
     side_of = np.zeros(len(vocabulary), dtype=np.int64)
-    side_of[best_action] = compact + 1
+    side_of[ids[known]] = compact + 1
+    conflicting = int((events.side.several & learned).sum())
     info = SideInfo(
         column=column,
         side_of=tuple(int(v) for v in side_of),
         values=len(used),
-        covered=len(best_action),
+        covered=int(known.sum()),
         conflicting=conflicting,
     )
     log.info(
