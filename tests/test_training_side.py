@@ -141,6 +141,8 @@ def test_train_with_side_col_exports_a_plain_model(
     manifest = read_manifest(out)
     assert manifest.step is not None and (out / STEP_FILE).is_file()
     assert manifest.step.parity_max_abs_diff <= 1e-5 and result["parity_max_abs_diff"] <= 1e-5
+    saved = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["config"]
+    assert "side_of" not in saved and "side_own_scale" not in saved  # as earlier versions wrote and read it
     model, vocab = load_checkpoint(out / CHECKPOINT_FILE)
     assert isinstance(model, NextActionModel) and model.side is None and len(vocab) == manifest.vocab_size
     assert "side information: column `category_id`" in (out / "report.md").read_text()

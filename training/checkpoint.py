@@ -27,9 +27,13 @@ def save_checkpoint(path: Path, model: AnyModel, vocabulary: Vocabulary) -> Path
     then the state_dict is the ensemble's (members.0.embedding.weight, ...) and `config` each member's. A
     `--knn-blend` model adds "knn_blend" (beta and the prior's table sizes); its state_dict holds the inner
     model's (model.embedding.weight, ...) and the prior's tables (prior.neighbours, ...)."""
+    config = dataclasses.asdict(model.config)
+    if config.get("side_of") is None:  # a plain model (`--side-col` folded): the config earlier versions read
+        config.pop("side_of", None)
+        config.pop("side_own_scale", None)
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(model.config),
+        "config": config,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "vocabulary": list(vocabulary.tokens),
     }
