@@ -3,12 +3,13 @@ without and with `--side-col category_id`, on two seeds.
 
     python bench/side_synth.py --out bench/results/side_synth
 
-The log (bench/synth_log.py): 100,000 events, 5,000 users, 20,000 items in 100 categories; 40 % of the steps go
-to another item of the previous item's category (Zipf-popular within it), 20 % follow an item-to-item
-transition, 10 % repeat a recent item, the rest are drawn by global popularity. Most items occur a few times,
-so an item's own embedding learns little and its category's embedding is what the model can share. On the
-Taobao sample (114 users) the categories' effect was within a case or two on validation
-(docs/model-quality.md, "Items: side information"); here there are 5,000 validation and 5,000 test cases.
+The log (bench/synth_log.py --category-steps): 100,000 events, 5,000 users, 20,000 items in 100 categories.
+Each step is one kind, following the item actually before it: 40 % an item of the previous item's category
+(Zipf-popular within it), 20 % one of the previous item's four successors, 10 % a repeat of one of the last
+five items, the rest a draw by global popularity. Most items occur a few times, so an item's own embedding
+learns little and its category's embedding is what the model can share. On the Taobao sample (114 users) the
+categories' effect was within a case or two on validation (docs/model-quality.md, "Items: side
+information"); here there are 5,000 validation and 5,000 test cases.
 
 Each run is the whole `python -m training train` (the default configuration, refit, blend, export, gates)
 as a subprocess, --parallel at a time, one thread each. Writes OUT.json (every run's result JSON, its command,
@@ -48,6 +49,8 @@ def train(data: Path, out: Path, seed: int, side: bool, extra: list[str]) -> dic
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    if "{" not in done.stdout:
+        raise SystemExit(f"{' '.join(cmd)} wrote no result JSON:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     result = json.loads(done.stdout[done.stdout.index("{") :])
     shown = ["python" if c == sys.executable else c.replace(f"{ROOT}/", "") for c in cmd]
     return {
@@ -69,17 +72,41 @@ def selected_epoch(report: Path, best: int) -> dict[str, float]:
     raise SystemExit(f"{report}: no row for the selected epoch {best} in the per-epoch table")
 
 
+def log_stats(columns: dict[str, Any]) -> dict[str, float]:
+    """What the generated log holds: items that occur, events per item, and the shares of each user's
+    consecutive pairs that stay in a category or follow one of the item's four successors."""
+    import numpy as np
+
+    users = columns["user_id"]
+    order = np.lexsort((np.arange(len(users)), users))  # per user, in file (time) order
+    users, item, category = users[order], columns["item_id"][order] - 1_000_000, columns["category_id"][order]
+    pairs = users[1:] == users[:-1]
+    successor = np.zeros(len(pairs), dtype=bool)
+    for k in range(4):
+        successor |= item[1:] == (item[:-1] * 7919 + 104_729 * k) % LOG["items"]
+    _, counts = np.unique(item, return_counts=True)
+    return {
+        "rows": len(users),
+        "items_occurring": len(counts),
+        "median_events_per_item": float(np.median(counts)),
+        "share_of_items_seen_once": round(float((counts == 1).mean()), 4),
+        "same_category_pairs": round(float(((category[1:] == category[:-1]) & pairs).sum() / pairs.sum()), 4),
+        "successor_pairs": round(float((successor & pairs).sum() / pairs.sum()), 4),
+    }
+
+
 def _cell(m: dict[str, float]) -> str:
     return f"{m['hr@10']:.4f} / {m['ndcg@10']:.4f}"
 
 
-def markdown(runs: list[dict[str, Any]], argv: list[str]) -> str:
+def markdown(runs: list[dict[str, Any]], argv: list[str], stats: dict[str, float]) -> str:
     lines = [
         "# Side information on a generated log whose categories carry the signal",
         "",
         f"`python bench/side_synth.py {' '.join(argv)}`".replace(" `", "`"),
         "",
         "Log: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in LOG.items()) + ".",
+        "As generated: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + ".",
         "HR@10 / NDCG@10 on the test split; *model* is the exported blend, *recurrent* the recurrent model alone;",
         "val loss and NDCG@10: the selected epoch of the model before the refit.",
         "",
@@ -115,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.work / "log.parquet"
-    write(generate(**LOG, seed=0), data)  # type: ignore[arg-type]
+    columns = generate(**LOG, seed=0)  # type: ignore[arg-type]
+    write(columns, data)
+    stats = log_stats(columns)
     extra = args.train_args.split()
     jobs = [(seed, side) for seed in args.seeds for side in (False, True)]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -130,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     shown = sys.argv[1:] if argv is None else argv
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
-        json.dumps({"log": LOG, "argv": shown, "runs": runs}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"log": LOG, "log_stats": stats, "argv": shown, "runs": runs}, indent=2) + "\n",
+        encoding="utf-8",
     )
-    args.out.with_suffix(".md").write_text(markdown(runs, shown), encoding="utf-8")
+    args.out.with_suffix(".md").write_text(markdown(runs, shown, stats), encoding="utf-8")
     print(args.out.with_suffix(".md").read_text(encoding="utf-8"))
     return 0
 

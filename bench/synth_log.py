@@ -8,10 +8,14 @@ Columns as in the Taobao UserBehavior log: user_id, item_id, category_id (int64)
 - actions: item popularity is Zipf (exponent --zipf) over --items items (default: events / 25);
 - users: activity is long-tailed (log-normal events per user, at least 3), --users users (default: events / 100);
 - sequences: a share of events repeat one of the user's last five items (--repeat), a share follow an
-  item-to-item transition of the previous item (--transition: each item has 4 likely successors), and with
-  --category-steps a share stay in the previous item's category (its items Zipf-popular, as above): a log where
-  the category says what the sparse items cannot (`train --side-col category_id`, docs/model-quality.md);
-- categories: item i is in category (31 i) mod (items / 200), so each holds about 200 items;
+  item-to-item transition of the previous item (--transition: each item has 4 likely successors);
+- with --category-steps, a share go to an item of the previous item's category (Zipf-popular within it): a
+  log where the category says what the sparse items cannot (`train --side-col category_id`,
+  docs/model-quality.md). Then every step is exactly one kind (the shares add up to at most 1) and follows
+  the item actually before it; without it the log is the original one, where a later kind may overwrite an
+  earlier one;
+- categories: item i is in category (31 i) mod (items / 200), about 200 items each (--category-steps refuses
+  a count that is a multiple of 31, where that formula merges categories);
 - time: each user starts at a random moment and waits an exponential gap (mean 20 min, less for the most
   active users so that every history fits in the 9 days) between events;
 - rows are written in time order (as exports are), with --duplicates of them repeated exactly; with --parts
@@ -22,6 +26,7 @@ Everything is numpy, vectorised: about a second per million events on one core.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +55,58 @@ def zipf_items(rng: np.random.Generator, n: int, items: int, exponent: float) ->
     return rng.permutation(items)[np.minimum(ranks, items - 1)]
 
 
+def _chained(
+    rng: np.random.Generator,
+    popular: np.ndarray,
+    position: np.ndarray,
+    items: int,
+    categories: int,
+    zipf: float,
+    repeat: float,
+    transition: float,
+    category_steps: float,
+) -> np.ndarray:
+    """(E,) items where each step is exactly one kind, drawn once: a repeat of one of the last five items
+    (share `repeat`), a successor of the item before it (`transition`), an item of that item's category,
+    Zipf-popular within it (`category_steps`), or the popularity draw `popular` (the rest). Every kind follows
+    the item actually before it in the final sequence: a vectorised fixed point, each pass settling one more
+    step of every chain (a user's first event is always a popularity draw, so it ends)."""
+    if repeat + transition + category_steps > 1:
+        raise ValueError(
+            f"--repeat {repeat} + --transition {transition} + --category-steps {category_steps} exceed 1"
+        )
+    if math.gcd(31, categories) != 1:
+        raise ValueError(
+            f"{categories} categories (items / 200) is a multiple of 31: category_id (31 i mod it) would merge "
+            "them; choose another --items"
+        )
+    n = len(popular)
+    u, lag = rng.random(n), rng.integers(1, 6, n)
+    successor, pick = rng.integers(0, 4, n), rng.random(n)
+    kind = np.select(
+        [u < repeat, u < repeat + transition, u < repeat + transition + category_steps], [1, 2, 3], 0
+    )
+    kind[(kind == 1) & (position < lag)] = 0  # no earlier item that far back: a popularity draw
+    kind[position == 0] = 0
+    back = np.arange(n) - np.where(kind == 1, lag, 0)
+    # popularity within a category: its k-th item (k = 0, 1, ...) is the (k + 1)-th most popular
+    cdf = np.cumsum(1.0 / np.arange(1, -(-items // categories) + 1) ** zipf)
+    item = popular.copy()
+    while True:
+        prev = np.roll(item, 1)
+        residue = prev % categories  # an item's category is its residue: (31 i) mod categories
+        slots = (items - 1 - residue) // categories + 1  # (E,) items in that category
+        rank = np.minimum(np.searchsorted(cdf, pick * cdf[slots - 1]), slots - 1)
+        settled = np.select(
+            [kind == 1, kind == 2, kind == 3],
+            [item[back], (prev * 7919 + 104_729 * successor) % items, residue + categories * rank],
+            popular,
+        )
+        if np.array_equal(settled, item):
+            return item
+        item = settled
+
+
 def generate(
     events: int,
     users: int | None = None,
@@ -72,30 +129,20 @@ def generate(
     position = np.arange(events) - offsets[owner]  # (E,) index within the user's sequence
 
     item = zipf_items(rng, events, items, zipf)
-    # item-to-item transitions: successor k of item i is (i * 7919 + 104729 * k) % items, k in 0..3
-    follows = (rng.random(events) < transition) & (position > 0)
-    for _ in range(2):  # two passes: a transition after a transition mostly follows the chain too
-        prev = np.roll(item, 1)
-        item = np.where(follows, (prev * 7919 + 104_729 * rng.integers(0, 4, events)) % items, item)
     categories = max(1, items // 200)
-    if category_steps > 0:  # the previous item's category: the items with the same residue mod categories
-        stays = (rng.random(events) < category_steps) & (position > 0)
-        pick = rng.random(events)
-        cdf = np.cumsum(
-            1.0 / np.arange(1, -(-items // categories) + 1) ** zipf
-        )  # popularity within a category
-        for _ in range(
-            4
-        ):  # vectorised passes: a stay after a stay follows the new item's category (0.4^4 off)
-            residue = np.roll(item, 1) % categories
-            slots = (items - 1 - residue) // categories + 1  # (E,) items in that category
-            rank = np.minimum(np.searchsorted(cdf, pick * cdf[slots - 1]), slots - 1)
-            item = np.where(stays, residue + categories * rank, item)
-    # repeats: one of the user's last five items again
-    lag = rng.integers(1, 6, events)
-    repeats = (rng.random(events) < repeat) & (position >= lag)
-    src = np.flatnonzero(repeats)
-    item[src] = item[src - lag[src]]
+    if category_steps > 0:
+        item = _chained(rng, item, position, items, categories, zipf, repeat, transition, category_steps)
+    else:  # the original log, kept draw for draw (every log made without --category-steps is unchanged)
+        # item-to-item transitions: successor k of item i is (i * 7919 + 104729 * k) % items, k in 0..3
+        follows = (rng.random(events) < transition) & (position > 0)
+        for _ in range(2):  # two passes: a transition after a transition mostly follows the chain too
+            prev = np.roll(item, 1)
+            item = np.where(follows, (prev * 7919 + 104_729 * rng.integers(0, 4, events)) % items, item)
+        # repeats: one of the user's last five items again
+        lag = rng.integers(1, 6, events)
+        repeats = (rng.random(events) < repeat) & (position >= lag)
+        src = np.flatnonzero(repeats)
+        item[src] = item[src - lag[src]]
 
     mean_gap = np.minimum(1200.0, 0.5 * SPAN / lengths)  # (U,) heavy users act more often: all fit in 9 days
     gaps = rng.exponential(1.0, events) * mean_gap[owner]
@@ -177,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "--category-steps",
         type=float,
         default=0.0,
-        help="share of steps to another item of the previous item's category (default: 0)",
+        help="share of steps to an item of the previous item's category (default: 0)",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

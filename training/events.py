@@ -281,13 +281,12 @@ def load_events(options: DataOptions) -> EventLog:
         _check_side_col(options)
     # The default time column may be absent (file order is then the time order); a named one may not.
     optional = frozenset([time_col]) if time_col and not options.time_col_required else frozenset()
-    try:
-        table = read_table(path, wanted + ([side_col] if side_col else []), optional)
-    except DataError as e:
-        if side_col and f"column {side_col!r} not found" in str(e):
-            raise DataError(f"--side-col {side_col!r}: {e}") from e
-        raise
+    table = read_table(path, wanted, optional)
     data, n = table.data, table.num_rows
+    if side_col and side_col not in data.column_names:
+        raise DataError(
+            f"{path}: --side-col {side_col!r} not found; available columns: {', '.join(data.column_names)}"
+        )
     has_time = bool(time_col) and time_col in data.column_names and data.column(time_col).null_count < n
     if time_col and not has_time:
         if options.time_col_required:
@@ -391,9 +390,8 @@ def _side_column(
     pair = actions[rows].astype(np.int64) * len(side_tokens) + side[rows]
     uniq, counts = np.unique(pair, return_counts=True)  # (P,) ascending: by action, then side code
     pair_action, pair_side = uniq // len(side_tokens), uniq % len(side_tokens)
-    order = np.lexsort(
-        (-counts, pair_action)
-    )  # by action, the most frequent first; stable: file order on ties
+    # by action, the most frequent value first; ties keep the lower side code: the value seen first in the file
+    order = np.lexsort((-counts, pair_action))
     first = np.ones(len(order), dtype=bool)
     first[1:] = pair_action[order][1:] != pair_action[order][:-1]
     best = np.full(n_actions, -1, dtype=np.int64)
