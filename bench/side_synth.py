@@ -72,29 +72,6 @@ def selected_epoch(report: Path, best: int) -> dict[str, float]:
     raise SystemExit(f"{report}: no row for the selected epoch {best} in the per-epoch table")
 
 
-def log_stats(columns: dict[str, Any]) -> dict[str, float]:
-    """What the generated log holds: items that occur, events per item, and the shares of each user's
-    consecutive pairs that stay in a category or follow one of the item's four successors."""
-    import numpy as np
-
-    users = columns["user_id"]
-    order = np.lexsort((np.arange(len(users)), users))  # per user, in file (time) order
-    users, item, category = users[order], columns["item_id"][order] - 1_000_000, columns["category_id"][order]
-    pairs = users[1:] == users[:-1]
-    successor = np.zeros(len(pairs), dtype=bool)
-    for k in range(4):
-        successor |= item[1:] == (item[:-1] * 7919 + 104_729 * k) % LOG["items"]
-    _, counts = np.unique(item, return_counts=True)
-    return {
-        "rows": len(users),
-        "items_occurring": len(counts),
-        "median_events_per_item": float(np.median(counts)),
-        "share_of_items_seen_once": round(float((counts == 1).mean()), 4),
-        "same_category_pairs": round(float(((category[1:] == category[:-1]) & pairs).sum() / pairs.sum()), 4),
-        "successor_pairs": round(float((successor & pairs).sum() / pairs.sum()), 4),
-    }
-
-
 def _cell(m: dict[str, float]) -> str:
     return f"{m['hr@10']:.4f} / {m['ndcg@10']:.4f}"
 
@@ -131,7 +108,7 @@ def markdown(runs: list[dict[str, Any]], argv: list[str], stats: dict[str, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.synth_log import generate, write
+    from bench.synth_log import generate, log_stats, write
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "side_synth")
@@ -144,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.work / "log.parquet"
     columns = generate(**LOG, seed=0)  # type: ignore[arg-type]
     write(columns, data)
-    stats = log_stats(columns)
+    stats = log_stats(columns, LOG["items"])
     extra = args.train_args.split()
     jobs = [(seed, side) for seed in args.seeds for side in (False, True)]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:

@@ -55,6 +55,32 @@ def zipf_items(rng: np.random.Generator, n: int, items: int, exponent: float) ->
     return rng.permutation(items)[np.minimum(ranks, items - 1)]
 
 
+def successor(item: np.ndarray, k: np.ndarray | int, items: int) -> np.ndarray:
+    """Successor k (0..3) of each item: the item-to-item transitions of the log."""
+    return (item * 7919 + 104_729 * k) % items
+
+
+def log_stats(columns: dict[str, np.ndarray], items: int) -> dict[str, float]:
+    """What a generated log holds: the items that occur, events per item, and the shares of each user's
+    consecutive events that stay in a category or follow one of the item's four successors."""
+    users = columns["user_id"]
+    order = np.lexsort((np.arange(len(users)), users))  # per user, in file (time) order
+    users, item, category = users[order], columns["item_id"][order] - 1_000_000, columns["category_id"][order]
+    pairs = users[1:] == users[:-1]
+    follows = np.zeros(len(pairs), dtype=bool)
+    for k in range(4):
+        follows |= item[1:] == successor(item[:-1], k, items)
+    _, counts = np.unique(item, return_counts=True)
+    return {
+        "rows": len(users),
+        "items_occurring": len(counts),
+        "median_events_per_item": float(np.median(counts)),
+        "share_of_items_seen_once": round(float((counts == 1).mean()), 4),
+        "same_category_pairs": round(float(((category[1:] == category[:-1]) & pairs).sum() / pairs.sum()), 4),
+        "successor_pairs": round(float((follows & pairs).sum() / pairs.sum()), 4),
+    }
+
+
 def _chained(
     rng: np.random.Generator,
     popular: np.ndarray,
@@ -82,7 +108,7 @@ def _chained(
         )
     n = len(popular)
     u, lag = rng.random(n), rng.integers(1, 6, n)
-    successor, pick = rng.integers(0, 4, n), rng.random(n)
+    which, pick = rng.integers(0, 4, n), rng.random(n)
     kind = np.select(
         [u < repeat, u < repeat + transition, u < repeat + transition + category_steps], [1, 2, 3], 0
     )
@@ -99,7 +125,7 @@ def _chained(
         rank = np.minimum(np.searchsorted(cdf, pick * cdf[slots - 1]), slots - 1)
         settled = np.select(
             [kind == 1, kind == 2, kind == 3],
-            [item[back], (prev * 7919 + 104_729 * successor) % items, residue + categories * rank],
+            [item[back], successor(prev, which, items), residue + categories * rank],
             popular,
         )
         if np.array_equal(settled, item):
@@ -133,11 +159,11 @@ def generate(
     if category_steps > 0:
         item = _chained(rng, item, position, items, categories, zipf, repeat, transition, category_steps)
     else:  # the original log, kept draw for draw (every log made without --category-steps is unchanged)
-        # item-to-item transitions: successor k of item i is (i * 7919 + 104729 * k) % items, k in 0..3
+        # item-to-item transitions: successor k of the previous item, k in 0..3
         follows = (rng.random(events) < transition) & (position > 0)
         for _ in range(2):  # two passes: a transition after a transition mostly follows the chain too
             prev = np.roll(item, 1)
-            item = np.where(follows, (prev * 7919 + 104_729 * rng.integers(0, 4, events)) % items, item)
+            item = np.where(follows, successor(prev, rng.integers(0, 4, events), items), item)
         # repeats: one of the user's last five items again
         lag = rng.integers(1, 6, events)
         repeats = (rng.random(events) < repeat) & (position >= lag)

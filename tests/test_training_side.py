@@ -172,21 +172,11 @@ def test_the_generated_log_can_carry_its_signal_in_the_category() -> None:
     option the log is exactly the one earlier versions generated."""
     import hashlib
 
-    from bench.synth_log import generate
-
-    def per_user(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        order = np.lexsort((np.arange(len(columns["user_id"])), columns["user_id"]))  # per user, file order
-        users = columns["user_id"][order]
-        return users[1:] == users[:-1], columns["item_id"][order] - 1_000_000, columns["category_id"][order]
+    from bench.synth_log import generate, log_stats
 
     def shares(columns: dict[str, np.ndarray], items: int) -> tuple[float, float]:
-        """Of consecutive pairs of a user: the same category, and a successor of the item before."""
-        pairs, item, category = per_user(columns)
-        successor = np.zeros(len(pairs), dtype=bool)
-        for k in range(4):
-            successor |= item[1:] == (item[:-1] * 7919 + 104_729 * k) % items
-        same = (category[1:] == category[:-1]) & pairs
-        return float(same.sum() / pairs.sum()), float((successor & pairs).sum() / pairs.sum())
+        stats = log_stats(columns, items)
+        return stats["same_category_pairs"], stats["successor_pairs"]
 
     plain = generate(20_000, users=1_000, items=4_000, repeat=0.0, transition=0.0, duplicates=0.0)
     assert shares(plain, 4_000)[0] < 0.1  # 20 categories: 1 in 20 by chance

@@ -37,7 +37,6 @@ class SideColumn:
     the rows with a user and an action (ties: the value first in the file)."""
 
     column: str
-    tokens: list[str]  # side code -> side value
     best: np.ndarray  # (A,) int64 side code per action code (-1: no value on any of its rows)
     several: np.ndarray  # (A,) bool: the action was seen with more than one value
 
@@ -397,4 +396,4 @@ def _side_column(
     best = np.full(n_actions, -1, dtype=np.int64)
     best[pair_action[order][first]] = pair_side[order][first]
     several = np.bincount(pair_action, minlength=n_actions) > 1
-    return SideColumn(column=name, tokens=side_tokens, best=best, several=several)
+    return SideColumn(column=name, best=best, several=several)
